@@ -1,0 +1,250 @@
+"""One batch of model outputs to annotation rows: choose classes, box their CAMs, map boxes to the original image.
+
+Pure numpy on whole batches: all chosen maps of a batch are normalised and labelled together (see boxes.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import boxes as boxlib
+from .cam import CamOutputs
+
+CLASS_MODES = ("predicted", "labels", "both")
+BOX_MODES = ("largest", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxOptions:
+    """How classes are chosen and maps become boxes (validated once, when the pipeline is built).
+
+    classes: "predicted" (top_k classes with probability >= min_score), "labels" (the image's own labels), "both".
+    default_threshold: tau for classes without their own; per_class: class id -> tau.
+    mode: "largest" component or "all" components covering >= min_area of the map.
+    """
+
+    classes: str = "predicted"
+    top_k: int = 1
+    min_score: float = 0.0
+    default_threshold: float = 0.2
+    per_class: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    mode: str = "largest"
+    min_area: float = 0.01
+    emit_cams: bool = False
+
+    def __post_init__(self):
+        if self.classes not in CLASS_MODES:
+            raise ValueError(f"classes must be one of {CLASS_MODES}, got {self.classes!r}")
+        if self.mode not in BOX_MODES:
+            raise ValueError(f"boxes must be one of {BOX_MODES}, got {self.mode!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        for name, val in (("min_score", self.min_score), ("cam_threshold", self.default_threshold),
+                          ("min_box_area", self.min_area)):
+            if not 0.0 <= float(val) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {val}")
+        for cid, tau in self.per_class.items():
+            if not 0.0 <= float(tau) <= 1.0:
+                raise ValueError(f"threshold for class {cid} must be within [0, 1], got {tau}")
+
+    def threshold(self, class_id: int) -> float:
+        return float(self.per_class.get(int(class_id), self.default_threshold))
+
+
+class ThresholdsError(ValueError):
+    """A --thresholds file that does not fit the model."""
+
+
+def parse_thresholds(doc, class_names: Sequence[str]) -> tuple[float | None, dict[int, float]]:
+    """`{"default": t, "per_class": {"name": t}}` -> (default or None, {class id: t}).
+
+    Raises:
+      ThresholdsError: malformed document, a value outside [0, 1], or a class name the model does not have.
+    """
+    if isinstance(doc, (str, bytes)):
+        doc = json.loads(doc)
+    if not isinstance(doc, dict):
+        raise ThresholdsError(f"thresholds: expected a JSON object, got {type(doc).__name__}")
+    # Other keys (a calibration curve, metadata) are allowed and ignored here.
+    default = doc.get("default")
+    per = doc.get("per_class", {}) or {}
+    if not isinstance(per, dict):
+        raise ThresholdsError(f"thresholds: per_class must be an object of name -> value, got {per!r}")
+
+    def check(name, val):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
+            raise ThresholdsError(f"thresholds: {name} must be a number within [0, 1], got {val!r}")
+        return float(val)
+
+    if default is not None:
+        default = check("default", default)
+    index = {n: i for i, n in enumerate(class_names)}
+    missing = sorted(set(per) - set(index))
+    if missing:
+        raise ThresholdsError(f"thresholds: per_class names {missing} are not classes of the model {list(class_names)}")
+    per_ids = {index[n]: check(f"per_class[{n!r}]", v) for n, v in per.items()}
+    return default, per_ids
+
+
+@dataclasses.dataclass
+class ImageMeta:
+    """Everything about one input image except its pixels.
+
+    label_ids: model class ids of the image-level labels (-1 for a label the model does not know);
+    label_texts: their names. gt_boxes: normalised x0y0x1y1 as read (carried for evaluation).
+    """
+
+    image_id: str
+    source: str
+    width: int
+    height: int
+    label_ids: list[int] = dataclasses.field(default_factory=list)
+    label_texts: list[str] = dataclasses.field(default_factory=list)
+    gt_boxes: list[list[float]] = dataclasses.field(default_factory=list)
+    gt_ids: list[int] = dataclasses.field(default_factory=list)
+    gt_texts: list[str] = dataclasses.field(default_factory=list)
+
+
+def extra_classes(metas: Sequence[ImageMeta], opts: BoxOptions) -> np.ndarray:
+    """int32 (B, M) label class ids to request CAMs for, -1 padded; M = 0 unless labels are used."""
+    if opts.classes == "predicted":
+        return np.zeros((len(metas), 0), np.int32)
+    ids = [[c for c in dict.fromkeys(m.label_ids) if c >= 0] for m in metas]
+    width = max((len(x) for x in ids), default=0)
+    out = np.full((len(metas), width), -1, np.int32)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = x
+    return out
+
+
+def annotate_batch(
+    out: CamOutputs,
+    metas: Sequence[ImageMeta],
+    class_names: Sequence[str],
+    opts: BoxOptions,
+    model_name: str,
+    extra: np.ndarray,
+) -> list[dict]:
+    """Rows of the annotation table (schema.ANNOTATION_SCHEMA) for one batch.
+
+    Args:
+      out: model outputs for the batch; out.cam_classes is (B, k + M): top-k, then `extra`.
+      metas: per image, in batch order.
+      extra: the int32 (B, M) array passed to the model (-1 = padding).
+    """
+    b_count = len(metas)
+    k = out.top_classes.shape[1]
+    # (image, map index, class id) for every CAM that becomes boxes.
+    picks: list[tuple[int, int, int]] = []
+    for b in range(b_count):
+        seen = set()
+        if opts.classes in ("predicted", "both"):
+            for m in range(k):
+                if out.top_scores[b, m] >= opts.min_score:
+                    c = int(out.top_classes[b, m])
+                    seen.add(c)
+                    picks.append((b, m, c))
+        if opts.classes in ("labels", "both"):
+            for j in range(extra.shape[1]):
+                c = int(extra[b, j])
+                if c >= 0 and c not in seen:
+                    seen.add(c)
+                    picks.append((b, k + j, c))
+    h_in, w_in = out.cams.shape[2:]
+    boxes_per_image: list[list[dict]] = [[] for _ in range(b_count)]
+    if picks:
+        pick_b = np.array([p[0] for p in picks])
+        pick_m = np.array([p[1] for p in picks])
+        stack = out.cams[pick_b, pick_m]
+        normed, valid = boxlib.normalize_cams(stack)
+        taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
+        for i, map_i in enumerate(found.map_index):
+            b, _, c = picks[map_i]
+            meta = metas[b]
+            x0, y0, x1, y1 = boxlib.scale_boxes(found.xyxy[i], (h_in, w_in), (meta.height, meta.width))[0]
+            boxes_per_image[b].append(
+                {
+                    "class_id": c,
+                    "label": class_names[c],
+                    "score": float(out.scores[b, c]),
+                    "cam_score": float(found.cam_score[i]),
+                    "xmin": float(x0),
+                    "ymin": float(y0),
+                    "xmax": float(x1),
+                    "ymax": float(y1),
+                }
+            )
+    rows = []
+    for b, meta in enumerate(metas):
+        row = {
+            "image_id": meta.image_id,
+            "source": meta.source,
+            "width": int(meta.width),
+            "height": int(meta.height),
+            "classes": [
+                {"class_id": int(c), "label": class_names[int(c)], "score": float(s)}
+                for c, s in zip(out.top_classes[b], out.top_scores[b])
+            ],
+            "boxes": boxes_per_image[b],
+            "labels": [{"class_id": int(c), "label": t} for c, t in zip(meta.label_ids, meta.label_texts)],
+            "gt_boxes": gt_rows(meta),
+            "model": model_name,
+        }
+        if opts.emit_cams:
+            row["cams"] = [
+                {
+                    "class_id": int(out.cam_classes[b, m]),
+                    "height": int(out.low_res.shape[2]),
+                    "width": int(out.low_res.shape[3]),
+                    "values": out.low_res[b, m].astype(np.float32).ravel().tolist(),
+                }
+                for m in range(out.cam_classes.shape[1])
+                if m < k or extra[b, m - k] >= 0
+            ]
+        rows.append(row)
+    return rows
+
+
+def gt_rows(meta: ImageMeta) -> list[dict]:
+    """Ground-truth boxes of an image in original pixels."""
+    out = []
+    for j, (x0, y0, x1, y1) in enumerate(meta.gt_boxes):
+        out.append(
+            {
+                "class_id": int(meta.gt_ids[j]) if j < len(meta.gt_ids) else -1,
+                "label": meta.gt_texts[j] if j < len(meta.gt_texts) else "",
+                "xmin": float(x0) * meta.width,
+                "ymin": float(y0) * meta.height,
+                "xmax": float(x1) * meta.width,
+                "ymax": float(y1) * meta.height,
+            }
+        )
+    return out
+
+
+def resolve_labels(
+    ids: Sequence[int], texts: Sequence[str], class_names: Sequence[str], *, id_offset: int = 0
+) -> tuple[list[int], list[str]]:
+    """Image-level labels to model class ids.
+
+    A text that names a model class wins; otherwise the integer, minus `id_offset` (1 for the TF Object
+    Detection API's 1-based label maps), if it indexes a class. Unknown labels keep class id -1.
+    """
+    index = {n: i for i, n in enumerate(class_names)}
+    n = max(len(ids), len(texts))
+    out_ids, out_texts = [], []
+    for j in range(n):
+        text = texts[j] if j < len(texts) else None
+        cid = -1
+        if text is not None and text in index:
+            cid = index[text]
+        elif j < len(ids) and 0 <= ids[j] - id_offset < len(class_names):
+            cid = ids[j] - id_offset
+            text = text or class_names[cid]
+        out_ids.append(cid)
+        out_texts.append(text if text is not None else str(ids[j]))
+    return out_ids, out_texts

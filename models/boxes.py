@@ -1,0 +1,139 @@
+"""From class activation maps to boxes: normalise, threshold, connected components, bounding boxes.
+
+The recipe is the CAM paper's as clovaai/wsolevaluation evaluates it: min-max normalise each map to [0, 1], keep
+pixels >= tau, take the bounding box of the largest 8-connected component. Box convention everywhere in weakloc:
+x0y0x1y1 in continuous pixel coordinates, pixel (i, j) covering [j, j+1) x [i, i+1), so the max edge is exclusive
+and a one-pixel box is (j, i, j+1, i+1). The whole batch is labelled by one `scipy.ndimage.label` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+# 8-connectivity inside each map and none across maps, so a stack of N maps is labelled in one call.
+_STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE_8[1] = True
+
+
+def normalize_cams(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max normalise each map independently.
+
+    Args:
+      cams: float (N, H, W), any range; NaN and +-inf are treated as the map's minimum.
+
+    Returns:
+      (normed, valid): float32 (N, H, W) in [0, 1] with max 1 where valid, zeros elsewhere; bool (N,) False
+      for maps that carry no spatial evidence (constant, or no finite value at all).
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"expected cams of shape (N, H, W), got {cams.shape}")
+    finite = np.isfinite(cams)
+    big = np.finfo(np.float32).max
+    lo = np.where(finite, cams, big).min(axis=(1, 2))
+    hi = np.where(finite, cams, -big).max(axis=(1, 2))
+    valid = finite.any(axis=(1, 2)) & (hi > lo)
+    span = np.where(valid, hi - lo, 1.0).astype(np.float32)
+    base = np.where(valid, lo, 0.0).astype(np.float32)
+    normed = (np.where(finite, cams, base[:, None, None]) - base[:, None, None]) / span[:, None, None]
+    normed = np.where(valid[:, None, None], np.clip(normed, 0.0, 1.0), 0.0).astype(np.float32)
+    return normed, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Boxes:
+    """Boxes found in a stack of maps, as flat arrays (one entry a box).
+
+    map_index: int64 (n,) which map each box came from.
+    xyxy: float32 (n, 4) x0, y0, x1, y1 in the maps' pixel coordinates, max edge exclusive.
+    cam_score: float32 (n,) mean normalised CAM inside the box.
+    area: int64 (n,) pixels in the component (not the box).
+    """
+
+    map_index: np.ndarray
+    xyxy: np.ndarray
+    cam_score: np.ndarray
+    area: np.ndarray
+
+
+def boxes_from_cams(
+    normed: np.ndarray,
+    thresholds: np.ndarray | float,
+    *,
+    valid: np.ndarray | None = None,
+    mode: str = "largest",
+    min_area: float = 0.0,
+) -> Boxes:
+    """Threshold normalised maps and box their connected components.
+
+    Args:
+      normed: float (N, H, W) in [0, 1], e.g. from `normalize_cams`.
+      thresholds: tau, scalar or (N,): a pixel is foreground when normed >= tau.
+      valid: bool (N,); maps marked False get no box. Default: all valid.
+      mode: "largest": one box per map, around its largest 8-connected component (ties: first in raster
+        order); "all": every component covering at least `min_area` of the map, and always the largest.
+      min_area: fraction of H*W, used by mode "all".
+
+    Returns:
+      Boxes, ordered by map index, then (mode "all") by decreasing component area. A map with no foreground
+      pixel (every value below tau) gets no box.
+    """
+    normed = np.asarray(normed, dtype=np.float32)
+    if normed.ndim != 3:
+        raise ValueError(f"expected normalised maps of shape (N, H, W), got {normed.shape}")
+    if mode not in ("largest", "all"):
+        raise ValueError(f"mode must be 'largest' or 'all', got {mode!r}")
+    n, h, w = normed.shape
+    tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
+    mask = normed >= tau[:, None, None]
+    if valid is not None:
+        mask &= np.asarray(valid, dtype=bool)[:, None, None]
+    empty = Boxes(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    if n == 0 or not mask.any():
+        return empty
+    labels, count = ndimage.label(mask, structure=_STRUCTURE_8)
+    slices = ndimage.find_objects(labels)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    map_of = np.fromiter((s[0].start for s in slices), dtype=np.int64, count=count)
+    # Sort components by map, then by decreasing size, then by label (raster order) for deterministic ties.
+    order = np.lexsort((np.arange(count), -sizes, map_of))
+    if mode == "largest":
+        _, first = np.unique(map_of[order], return_index=True)
+        keep = order[first]
+    else:
+        is_largest = np.zeros(count, dtype=bool)
+        _, first = np.unique(map_of[order], return_index=True)
+        is_largest[order[first]] = True
+        big_enough = sizes >= min_area * h * w
+        keep = order[(big_enough | is_largest)[order]]
+    xyxy = np.empty((len(keep), 4), np.float32)
+    score = np.empty(len(keep), np.float32)
+    for i, lab in enumerate(keep):
+        z, ys, xs = slices[lab]
+        xyxy[i] = (xs.start, ys.start, xs.stop, ys.stop)
+        score[i] = normed[z.start, ys, xs].mean()
+    return Boxes(map_of[keep], xyxy, score, sizes[keep].astype(np.int64))
+
+
+def scale_boxes(xyxy: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Map boxes between two pixel grids of the same picture (sizes as (H, W)); continuous coordinates."""
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    sx = to_size[1] / from_size[1]
+    sy = to_size[0] / from_size[0]
+    return (xyxy * np.array([sx, sy, sx, sy])).astype(np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between every box of a (n, 4) and every box of b (m, 4), x0y0x1y1 continuous; returns float (n, m).
+
+    Keras's own `compute_iou` does the work; this wrapper fixes the format and hands back numpy.
+    """
+    from keras.utils import bounding_boxes
+
+    a = np.asarray(a, dtype=np.float32).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float32)
+    return np.asarray(bounding_boxes.compute_iou(a, b, bounding_box_format="xyxy"), dtype=np.float32)

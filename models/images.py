@@ -1,0 +1,146 @@
+"""Image bytes to the model's input: decode any common format, apply EXIF orientation, resize.
+
+Everything here is plain Pillow and numpy. A failure raises `ImageDecodeError` with a reason a person can act
+on; the Beam layer turns it into a failure row, so no exception from here may escape as anything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# A decompression bomb (a few KB of PNG that claims 50,000 x 50,000 pixels) must be refused before Pillow
+# allocates it. 100 MP covers every camera and scanner we expect (a 108 MP phone sensor is the outlier,
+# documented); at 3 bytes a pixel the worst accepted image costs 300 MB while it is being decoded.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes cannot become an RGB image; `reason` is a short machine-friendly tag."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image ready for the model.
+
+    pixels: numpy.ndarray(dtype=uint8, shape=(H_in, W_in, 3)), RGB at the model input size.
+    width, height: the original size in pixels as a viewer shows it (after EXIF orientation).
+    format: the container format Pillow recognised ("JPEG", "PNG", ...).
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    format: str
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, compositing transparency over white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale the full range to 8 bits rather than clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+        arr8 = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = np.nanmin(arr), np.nanmax(arr)
+        arr8 = np.zeros(arr.shape, np.uint8) if hi <= lo else ((arr - lo) / (hi - lo) * 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    input_size: tuple[int, int],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+) -> DecodedImage:
+    """Decode image bytes and resize (bilinear) to the model input size.
+
+    Args:
+      data: the encoded file (JPEG, PNG, BMP, GIF (first frame), WebP, TIFF, ...).
+      input_size: (H, W) of the model input.
+      max_pixels: images with more pixels than this are refused before they are decoded.
+      draft: let Pillow decode JPEGs at a reduced scale (1/2, 1/4, 1/8) when the target is much smaller;
+        the result is then resized as usual. It changes pixel values slightly, never the reported size.
+
+    Returns:
+      DecodedImage whose width/height are those a viewer shows (EXIF orientation applied).
+
+    Raises:
+      ImageDecodeError: empty, unrecognised, too large, truncated or otherwise undecodable bytes.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "image bytes are empty (0 bytes)")
+    h_in, w_in = int(input_size[0]), int(input_size[1])
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) between 1x and 2x its own limit; we decide ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("unrecognised", f"not a recognised image format ({len(data)} bytes)") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from exc
+    except Exception as exc:  # Pillow raises a zoo of types on hostile headers
+        raise ImageDecodeError("unreadable", f"cannot open image: {type(exc).__name__}: {exc}") from exc
+
+    fmt = img.format or "unknown"
+    w_raw, h_raw = img.size
+    if w_raw <= 0 or h_raw <= 0:
+        raise ImageDecodeError("empty", f"image has no pixels ({w_raw}x{h_raw})")
+    if w_raw * h_raw > max_pixels:
+        raise ImageDecodeError(
+            "too_large",
+            f"image is {w_raw}x{h_raw} = {w_raw * h_raw} pixels, above the limit of {max_pixels} "
+            "(set --max_pixels to raise it)",
+        )
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not cost the picture
+        orientation = 1
+    transposed = orientation in (5, 6, 7, 8)
+    width, height = (h_raw, w_raw) if transposed else (w_raw, h_raw)
+
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        if draft and fmt == "JPEG":
+            # Ask the JPEG decoder for the smallest DCT scale still >= the target in both axes.
+            target = (h_in, w_in) if transposed else (w_in, h_in)
+            img.draft("RGB", target)
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+        if rgb.size != (w_in, h_in):
+            rgb = rgb.resize((w_in, h_in), Image.Resampling.BILINEAR)
+        pixels = np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated files surface as OSError("image file is truncated ...") or "broken data stream".
+        raise ImageDecodeError("corrupt", f"cannot decode {fmt} image: {exc}") from exc
+    except Exception as exc:
+        raise ImageDecodeError("corrupt", f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from exc
+    if pixels.shape != (h_in, w_in, 3):
+        raise ImageDecodeError("corrupt", f"decoded to unexpected shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt)

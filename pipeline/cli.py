@@ -1,0 +1,56 @@
+"""The `weakloc` command: `weakloc label ...`, `weakloc demo ...`.
+
+Errors a user can fix (bad flags, a model without a GAP head, a sidecar that does not match) end the command
+with exit code 2 and one line that says what was expected, before any worker starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = """usage: weakloc <command> [flags]
+
+commands:
+  label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
+  demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
+
+`weakloc <command> --help` lists a command's flags."""
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter (CUDA probes, CPU feature notes) drowns the messages users need.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    # Our own progress at INFO; Beam's and TensorFlow's internals only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("weakloc").setLevel(logging.INFO)
+    _quiet_tensorflow()
+    from weakloc.models.annotate import ThresholdsError
+    from weakloc.models.cam import ModelStructureError
+    from weakloc.models.sidecar import SidecarError
+
+    from . import demo, label
+    from .options import OptionsError
+
+    commands = {"label": label.run, "demo": demo.run}
+    if command not in commands:
+        print(f"weakloc: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        commands[command](rest)
+    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError) as exc:
+        print(f"weakloc {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""`weakloc label` options: parsed once, validated once at launch, before any worker starts.
+
+Everything a user can get wrong (model structure, sidecar, thresholds, inputs, output) is checked here with an
+error that says what was expected and what was given. Flags that are not weakloc's pass through to Beam.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import posixpath
+import re
+from typing import Any, Optional
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options import pipeline_options as beam_options
+
+from weakloc.models import annotate, cam, images, sidecar
+from weakloc.transforms.inference import ModelSpec, fetch_to_local
+
+logger = logging.getLogger(__name__)
+
+_TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(\.gz)?$|-of-\d+(\.gz)?$|\.gz$", re.IGNORECASE)
+_IMAGE_RE = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+OUTPUT_GLOBS = ("annotations-*", "failures-*", "summary.json")
+
+
+class OptionsError(ValueError):
+    """A flag or a file named by a flag that cannot work; the message says what was expected."""
+
+
+def add_label_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `weakloc label` (documented in the README)."""
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--input", action="append", required=True, metavar="PATTERN",
+                    help="file glob of TFRecord shards or image files (local, gs://, s3://); repeatable")
+    io.add_argument("--input_format", choices=("tfrecord", "images"),
+                    help="default: inferred from the pattern's extension")
+    io.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto",
+                    help="images: the parent folder names the image-level label (auto: when the folder part of "
+                         "the pattern has a wildcard, as in root/*/*.jpg)")
+    io.add_argument("--label_offset", type=int, default=0,
+                    help="subtract from integer image/class/label values to get model class ids "
+                         "(1 for 1-based TF Object Detection label maps); texts that name a class win")
+    io.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
+    io.add_argument("--overwrite", action="store_true", help="replace weakloc files already in --output")
+    io.add_argument("--num_shards", type=int, default=0, help="Parquet files per table (0: the runner decides)")
+    io.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                    help="refuse images with more pixels than this (decompression bombs)")
+
+    mdl = parser.add_argument_group("model")
+    mdl.add_argument("--model", required=True, help=".keras or .h5 GAP classifier (local, gs://, s3://)")
+    mdl.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
+    mdl.add_argument("--dense_layer", help="name of the Dense layer whose kernel weighs the features")
+    mdl.add_argument("--input_size", help="H,W; overrides the sidecar")
+    mdl.add_argument("--scale", type=float, help="model input = pixels * scale + offset; overrides the sidecar")
+    mdl.add_argument("--offset", type=float, help="see --scale; overrides the sidecar")
+    mdl.add_argument("--class_names", help="comma-separated names in output order; overrides the sidecar")
+    mdl.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
+    mdl.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    mdl.add_argument("--unsafe_load", action="store_true",
+                     help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
+
+    box = parser.add_argument_group("CAM to boxes")
+    box.add_argument("--classes", choices=annotate.CLASS_MODES, default="predicted",
+                     help="which classes get boxes: the top predictions, the image's own labels, or both")
+    box.add_argument("--top_k", type=int, default=1, help="predicted classes per image")
+    box.add_argument("--min_score", type=float, default=0.0, help="predicted classes below this get no box")
+    box.add_argument("--cam_threshold", type=float,
+                     help="tau: keep pixels >= tau of the normalised CAM (default: the thresholds file's "
+                          "default, else 0.2)")
+    box.add_argument("--thresholds",
+                     help='JSON {"default": t, "per_class": {"name": t}} (default: <model>.thresholds.json '
+                          "beside the model, if present)")
+    box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
+                     help="one box per class around the largest component, or every component")
+    box.add_argument("--min_box_area", type=float, default=0.01,
+                     help="--boxes all: smallest component kept, as a fraction of the image")
+    box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
+
+
+@dataclasses.dataclass
+class LabelConfig:
+    """The validated configuration of one `weakloc label` run."""
+
+    inputs: list[str]
+    input_format: str
+    folder_labels: bool
+    label_offset: int
+    output: str
+    overwrite: bool
+    num_shards: int
+    max_pixels: int
+    spec: ModelSpec
+    box: annotate.BoxOptions
+    batch_size: int
+    model_fingerprint: str
+    sidecar_used: Optional[str]
+    thresholds_used: Optional[str]
+
+    def header(self) -> dict[str, Any]:
+        """The JSON-safe part of summary.json that is known before the run."""
+        return {
+            "weakloc_version": _version(),
+            "inputs": self.inputs,
+            "input_format": self.input_format,
+            "output": self.output,
+            "model": {
+                "path": self.spec.path,
+                "name": self.spec.name,
+                "sha256_16": self.model_fingerprint,
+                "sidecar": self.sidecar_used,
+                "input_size": list(self.spec.input_size),
+                "scale": self.spec.scale,
+                "offset": self.spec.offset,
+                "class_names": list(self.spec.class_names),
+            },
+            "options": {
+                "classes": self.box.classes,
+                "top_k": self.box.top_k,
+                "min_score": self.box.min_score,
+                "cam_threshold": self.box.default_threshold,
+                "per_class_thresholds": {self.spec.class_names[c]: t for c, t in sorted(self.box.per_class.items())},
+                "thresholds_file": self.thresholds_used,
+                "boxes": self.box.mode,
+                "min_box_area": self.box.min_area,
+                "batch_size": self.batch_size,
+                "emit_cams": self.box.emit_cams,
+                "max_pixels": self.max_pixels,
+                "label_offset": self.label_offset,
+                "folder_labels": self.folder_labels,
+            },
+        }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("weakloc")
+    except Exception:
+        return "unknown"
+
+
+def infer_input_format(pattern: str) -> str:
+    if _TFRECORD_RE.search(pattern):
+        return "tfrecord"
+    if _IMAGE_RE.search(pattern):
+        return "images"
+    raise OptionsError(
+        f"cannot tell the input format of {pattern!r} from its extension; pass --input_format tfrecord|images"
+    )
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with FileSystems.open(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise OptionsError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def _parse_size(value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise OptionsError(f"--input_size expects H,W (e.g. 224,224), got {value!r}") from None
+    return [h, w]
+
+
+def check_beam_args(beam_args: list[str]) -> None:
+    """Refuse flags that neither weakloc nor any Beam PipelineOptions class knows (Beam would drop them)."""
+    parser = beam_options._BeamArgumentParser(allow_abbrev=False)  # the parser Beam itself builds
+    seen = set()
+    for cls in beam_options.PipelineOptions.__subclasses__():
+        if str(cls) not in seen:
+            seen.add(str(cls))
+            cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(beam_args)
+    unknown = [u for u in unknown if u.startswith("-")]
+    if unknown:
+        raise OptionsError(f"unrecognised options {unknown}: neither a weakloc flag nor a Beam pipeline option")
+
+
+def _existing_outputs(output: str) -> list[str]:
+    found = []
+    for pat in OUTPUT_GLOBS:
+        try:
+            result = FileSystems.match([FileSystems.join(output, pat)])[0]
+        except Exception:
+            continue
+        found.extend(m.path for m in result.metadata_list)
+    return found
+
+
+def validate(args: argparse.Namespace) -> LabelConfig:
+    """Check every flag and the files they name; load the model once to read its structure.
+
+    Raises:
+      OptionsError, cam.ModelStructureError, sidecar.SidecarError, annotate.ThresholdsError.
+    """
+    for name in ("batch_size", "top_k"):
+        if getattr(args, name) < 1:
+            raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_pixels < 1:
+        raise OptionsError(f"--max_pixels must be >= 1, got {args.max_pixels}")
+    for name in ("min_score", "cam_threshold", "min_box_area"):
+        val = getattr(args, name)
+        if val is not None and not 0.0 <= val <= 1.0:
+            raise OptionsError(f"--{name} must be within [0, 1], got {val}")
+
+    # Inputs: every pattern must match something now, so an empty nightly drop fails at once, not on a worker.
+    formats = set()
+    for pattern in args.input:
+        matched = FileSystems.match([pattern])[0].metadata_list
+        if not matched:
+            raise OptionsError(f"--input {pattern!r} matches no file")
+        formats.add(args.input_format or infer_input_format(pattern))
+    if len(formats) != 1:
+        raise OptionsError(f"--input patterns mix formats {sorted(formats)}; run them separately")
+    input_format = formats.pop()
+    if args.labels_from_folder == "auto":
+        folder_labels = input_format == "images" and all(
+            _GLOB_CHARS.search(posixpath.basename(posixpath.dirname(p))) for p in args.input
+        )
+    else:
+        folder_labels = args.labels_from_folder == "yes"
+
+    # Output: never mix a new run's files with an old one's.
+    existing = _existing_outputs(args.output)
+    if existing and not args.overwrite:
+        raise OptionsError(
+            f"--output {args.output} already holds weakloc output ({len(existing)} files, e.g. {existing[0]}); "
+            "pass --overwrite to replace it or choose a new directory"
+        )
+
+    # Model: fingerprint the bytes, load once, find the GAP head, reconcile with the sidecar.
+    if not FileSystems.exists(args.model):
+        raise OptionsError(f"--model {args.model} does not exist")
+    local = fetch_to_local(args.model)
+    with open(local, "rb") as f:
+        fingerprint = cam.file_fingerprint(f.read())
+    keras_model = cam.load_keras_model(local, safe_mode=not args.unsafe_load)
+    head = cam.find_gap_head(keras_model, feature_layer=args.feature_layer, dense_layer=args.dense_layer)
+    logger.info("GAP head: %s", head.description)
+    num_classes = int(head.dense.kernel.shape[1])
+    side_path = args.sidecar or sidecar.sidecar_path(args.model)
+    side_doc = None
+    if FileSystems.exists(side_path):
+        side_doc = _read_json(side_path, "sidecar")
+    elif args.sidecar:
+        raise OptionsError(f"--sidecar {args.sidecar} does not exist")
+    else:
+        logger.warning("no sidecar at %s; preprocessing comes from flags and defaults", side_path)
+        side_path = None
+    overrides = {
+        "input_size": _parse_size(args.input_size),
+        "scale": args.scale,
+        "offset": args.offset,
+        "class_names": sidecar.class_names_from_flag(args.class_names),
+    }
+    prep = sidecar.resolve_preprocessing(
+        side_doc, overrides=overrides, model_input_size=cam.model_input_size(keras_model), num_classes=num_classes
+    )
+
+    # Thresholds: flag > thresholds file > 0.2.
+    thr_path = args.thresholds
+    if thr_path is None:
+        beside = posixpath.splitext(args.model)[0] + ".thresholds.json"
+        if FileSystems.exists(beside):
+            thr_path = beside
+            logger.warning("using calibrated thresholds found beside the model: %s", beside)
+    file_default, per_class = None, {}
+    if thr_path is not None:
+        if not FileSystems.exists(thr_path):
+            raise OptionsError(f"--thresholds {thr_path} does not exist")
+        file_default, per_class = annotate.parse_thresholds(_read_json(thr_path, "thresholds"), prep.class_names)
+    tau = args.cam_threshold if args.cam_threshold is not None else file_default
+    if tau is None:
+        tau = 0.2
+    box = annotate.BoxOptions(
+        classes=args.classes,
+        top_k=args.top_k,
+        min_score=args.min_score,
+        default_threshold=tau,
+        per_class=per_class,
+        mode=args.boxes,
+        min_area=args.min_box_area,
+        emit_cams=args.emit_cams,
+    )
+    if args.top_k > num_classes:
+        raise OptionsError(f"--top_k {args.top_k} is larger than the model's {num_classes} classes")
+    spec = ModelSpec(
+        path=args.model,
+        name=f"{posixpath.basename(args.model)}@sha256:{fingerprint}",
+        input_size=prep.input_size,
+        scale=prep.scale,
+        offset=prep.offset,
+        class_names=prep.class_names,
+        feature_layer=args.feature_layer,
+        dense_layer=args.dense_layer,
+        safe_mode=not args.unsafe_load,
+    )
+    return LabelConfig(
+        inputs=list(args.input),
+        input_format=input_format,
+        folder_labels=folder_labels,
+        label_offset=args.label_offset,
+        output=args.output,
+        overwrite=args.overwrite,
+        num_shards=args.num_shards,
+        max_pixels=args.max_pixels,
+        spec=spec,
+        box=box,
+        batch_size=args.batch_size,
+        model_fingerprint=fingerprint,
+        sidecar_used=side_path,
+        thresholds_used=thr_path,
+    )
+
+
+def remove_previous_outputs(output: str) -> None:
+    """With --overwrite: delete only weakloc's own files in `output`, so no stale shard survives."""
+    stale = _existing_outputs(output)
+    if stale:
+        logger.warning("--overwrite: deleting %d files of a previous run in %s", len(stale), output)
+        FileSystems.delete(stale)

@@ -1,0 +1,46 @@
+"""weakloc: weakly supervised object localization as a Beam pipeline.
+
+This file is both the package definition (`pip install .` gives the `weakloc` command) and the
+`--setup_file` that Beam ships to remote workers (Dataflow, Spark, Flink) so they import the same code.
+
+The repository keeps the designed top level (`pipeline/`, `transforms/`, `models/`); they install as
+`weakloc.pipeline`, `weakloc.transforms` and `weakloc.models` so that generic names such as `models`
+never land at the top of a user's site-packages.
+"""
+import setuptools
+
+PACKAGES = {
+    "weakloc.pipeline": "pipeline",
+    "weakloc.transforms": "transforms",
+    "weakloc.models": "models",
+}
+
+setuptools.setup(
+    name="weakloc",
+    version="0.1.0",
+    description="Class Activation Map boxes from image-level labels, at scale, with Apache Beam.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        # Beam IO, RunInference and the portable runners; <3 because we lean on the 2.x ML API.
+        "apache-beam>=2.60,<3",
+        # Keras 3 is what TensorFlow ships from 2.16 on; weakloc needs its functional API and safe_mode.
+        "tensorflow>=2.16",
+        "keras>=3.0",
+        "pillow>=10.0",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        # Connected components (scipy.ndimage.label); never hand-written.
+        "scipy>=1.10",
+        # CRC32C of TFRecord frames, in C; we read frames ourselves to survive damaged shards.
+        "google-crc32c>=1.5",
+    ],
+    extras_require={
+        "gcp": ["apache-beam[gcp]>=2.60,<3"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Thin Beam adapters: reading shards and image files, decoding, batched CAM inference, writing Parquet."""

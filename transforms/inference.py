@@ -1,0 +1,96 @@
+"""Batched CAM inference as a Beam RunInference ModelHandler.
+
+RunInference loads the model once per process (shared.Shared), batches with BatchElements and times each batch
+under the `weakloc` metrics namespace; this handler stacks a batch once, runs the one compiled forward pass that
+returns scores and CAMs together, and turns the whole batch into annotation rows with numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler
+
+from weakloc.models import annotate
+from weakloc.models.cam import CamModel, load_keras_model
+
+from .read import NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to rebuild the CAM model (picklable, no TensorFlow objects)."""
+
+    path: str
+    name: str  # file name and content hash, written into every row
+    input_size: tuple[int, int]
+    scale: float
+    offset: float
+    class_names: tuple[str, ...]
+    feature_layer: Optional[str] = None
+    dense_layer: Optional[str] = None
+    safe_mode: bool = True
+
+
+def fetch_to_local(path: str) -> str:
+    """Copy a model from any Beam filesystem (gs://, s3://, local) to a local temp file; Keras needs one."""
+    if os.path.exists(path):
+        return path
+    suffix = os.path.splitext(path)[1] or ".keras"
+    fd, local = tempfile.mkstemp(suffix=suffix, prefix="weakloc-model-")
+    with os.fdopen(fd, "wb") as out, FileSystems.open(path) as src:
+        while chunk := src.read(1 << 24):
+            out.write(chunk)
+    return local
+
+
+def load_cam_model(spec: ModelSpec, top_k: int) -> CamModel:
+    model = load_keras_model(fetch_to_local(spec.path), safe_mode=spec.safe_mode)
+    return CamModel(
+        model,
+        input_size=spec.input_size,
+        scale=spec.scale,
+        offset=spec.offset,
+        top_k=top_k,
+        feature_layer=spec.feature_layer,
+        dense_layer=spec.dense_layer,
+    )
+
+
+class CamModelHandler(ModelHandler):
+    """ModelHandler[DecodedInput, dict (annotation row), CamModel]."""
+
+    def __init__(self, spec: ModelSpec, opts: annotate.BoxOptions, *, batch_size: int = 32):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.spec = spec
+        self.opts = opts
+        self.batch_size = int(batch_size)
+
+    def load_model(self) -> CamModel:
+        return load_cam_model(self.spec, self.opts.top_k)
+
+    def run_inference(self, batch: Sequence[Any], model: CamModel, inference_args=None) -> Iterable[dict]:
+        metas = [item.meta for item in batch]
+        pixels = np.stack([item.pixels for item in batch])
+        extra = annotate.extra_classes(metas, self.opts)
+        out = model(pixels, extra)
+        return annotate.annotate_batch(out, metas, self.spec.class_names, self.opts, self.spec.name, extra)
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return sum(item.pixels.nbytes for item in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def batch_elements_kwargs(self):
+        # A fixed size: the graph has a None batch dimension, so the short last batch of a bundle is fine.
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}

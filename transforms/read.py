@@ -1,0 +1,132 @@
+"""Beam sources for weakloc: TFRecord shards and image files by glob, through Beam's FileSystems.
+
+Both produce `RawInput` elements; anything that cannot be read becomes a failure row on the `failures` output
+instead of failing the bundle. Files are reshuffled before they are opened so that shards spread over workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from weakloc.models import records
+from weakloc.models.schema import failure_row
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "weakloc"
+FAILURES = "failures"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclasses.dataclass
+class RawInput:
+    """One input before decoding.
+
+    source: where it came from (`shard:index` for TFRecord records, the path for image files).
+    kind: "example" (payload is a serialized tf.train.Example) or "image" (payload is the file's bytes).
+    image_id: known before parsing (image files: the path), else None.
+    folder_label: the class-per-folder label of an image file, else None.
+    """
+
+    source: str
+    kind: str
+    payload: bytes
+    image_id: Optional[str] = None
+    folder_label: Optional[str] = None
+
+
+def open_maybe_gzip(path: str):
+    """Open a file for reading, decompressing gzip whether or not its name ends in .gz."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        magic = f.read(2)
+    compression = CompressionTypes.GZIP if magic == _GZIP_MAGIC else CompressionTypes.UNCOMPRESSED
+    return FileSystems.open(path, compression_type=compression)
+
+
+class _ReadShardDoFn(beam.DoFn):
+    """A TFRecord shard path -> one RawInput per record, and a failure row where the shard is damaged."""
+
+    def __init__(self):
+        self.records_read = Metrics.counter(NAMESPACE, "records_read")
+        self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
+
+    def process(self, path: str):
+        index = 0
+        try:
+            with open_maybe_gzip(path) as stream:
+                for _, payload in records.iter_records(stream):
+                    self.records_read.inc()
+                    yield RawInput(source=f"{path}:{index}", kind="example", payload=payload)
+                    index += 1
+        except records.RecordError as exc:
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(
+                FAILURES,
+                failure_row(path, "read", exc, f"shard damaged after {index} good records, {exc}; "
+                                                "the rest of the shard was not read"),
+            )
+        except Exception as exc:  # unreadable file, bad gzip stream, permission, ...
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(
+                FAILURES,
+                failure_row(path, "read", exc, f"cannot read shard after {index} records: {exc}"),
+            )
+
+
+class _ReadImageFileDoFn(beam.DoFn):
+    """An image file path -> RawInput with its bytes (and its folder label in a class-per-folder layout)."""
+
+    def __init__(self, folder_labels: bool):
+        self.folder_labels = folder_labels
+        self.records_read = Metrics.counter(NAMESPACE, "records_read")
+        self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
+
+    def process(self, path: str):
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                data = f.read()
+        except Exception as exc:
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(path, "read", exc, image_id=path))
+            return
+        self.records_read.inc()
+        label = posixpath.basename(posixpath.dirname(path)) if self.folder_labels else None
+        yield RawInput(source=path, kind="image", payload=data, image_id=path, folder_label=label or None)
+
+
+class ReadInputs(beam.PTransform):
+    """File patterns -> PCollection[RawInput], with a `failures` output of failure rows.
+
+    Args:
+      patterns: file globs (local, gs://, s3://, ...).
+      input_format: "tfrecord" or "images".
+      folder_labels: for images, take the parent folder's name as the image-level label.
+    """
+
+    def __init__(self, patterns, input_format: str, *, folder_labels: bool = False):
+        super().__init__()
+        if input_format not in ("tfrecord", "images"):
+            raise ValueError(f"input_format must be 'tfrecord' or 'images', got {input_format!r}")
+        self.patterns = list(patterns)
+        self.input_format = input_format
+        self.folder_labels = folder_labels
+
+    def expand(self, pbegin):
+        paths = (
+            pbegin
+            | "Patterns" >> beam.Create(self.patterns)
+            | "Match" >> fileio.MatchAll()
+            | "Paths" >> beam.Map(lambda meta: meta.path)
+            # Without this a runner reads every file on the worker that matched the pattern.
+            | "SpreadFiles" >> beam.Reshuffle()
+        )
+        fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(self.folder_labels)
+        return paths | "Open" >> beam.ParDo(fn).with_outputs(FAILURES, main="inputs")

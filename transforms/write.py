@@ -1,0 +1,143 @@
+"""Write step: annotation and failure rows to Parquet (Beam's temp-then-rename), then `summary.json`.
+
+The summary is written only after both Parquet writes have finalised (their file lists are side inputs), so a
+run that dies half-way never leaves a summary that claims a complete output.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from weakloc.models import schema
+
+from .read import NAMESPACE
+
+
+class _CountRows(beam.CombineFn):
+    """Counts rows, boxes per class and failures per stage in one pass."""
+
+    def create_accumulator(self):
+        return {"rows": 0, "boxes": collections.Counter(), "stages": collections.Counter()}
+
+    def add_input(self, acc, row):
+        acc["rows"] += 1
+        for box in row.get("boxes") or ():
+            acc["boxes"][box["label"]] += 1
+        if "stage" in row:
+            acc["stages"][row["stage"]] += 1
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            out["rows"] += acc["rows"]
+            out["boxes"].update(acc["boxes"])
+            out["stages"].update(acc["stages"])
+        return out
+
+    def extract_output(self, acc):
+        return {"rows": acc["rows"], "boxes": dict(sorted(acc["boxes"].items())), "stages": dict(acc["stages"])}
+
+
+def _write_json_atomically(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp) as f:
+        f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def _write_summary(_, path, annotations, failures, annotation_files, failure_files, header, started):
+    doc = dict(header)
+    doc.update(
+        {
+            "counts": {
+                "read": annotations["rows"] + failures["rows"],
+                "annotated": annotations["rows"],
+                "failed": failures["rows"],
+                "failed_by_stage": failures["stages"],
+                "boxes": sum(annotations["boxes"].values()),
+                "boxes_per_class": annotations["boxes"],
+            },
+            "files": {"annotations": sorted(annotation_files), "failures": sorted(failure_files)},
+            "wall_time_s": round(time.time() - started, 3),
+        }
+    )
+    _write_json_atomically(path, doc)
+    yield path
+
+
+class _CountOut(beam.DoFn):
+    def __init__(self, name):
+        self.name = name
+        self.counter = Metrics.counter(NAMESPACE, name)
+        self.boxes = Metrics.counter(NAMESPACE, "boxes_written")
+
+    def process(self, row):
+        self.counter.inc()
+        if self.name == "annotations_written":
+            self.boxes.inc(len(row["boxes"]))
+        yield row
+
+
+class WriteOutputs(beam.PTransform):
+    """(annotations, failures) -> files under `output`: annotations-*.parquet, failures-*.parquet, summary.json.
+
+    Args:
+      output: a directory path on any Beam filesystem.
+      header: JSON-safe dict written at the top of summary.json (model fingerprint, options, ...).
+      emit_cams: whether annotation rows carry the `cams` column.
+      num_shards: 0 lets the runner decide.
+    """
+
+    def __init__(self, output: str, header: dict[str, Any], *, emit_cams: bool = False, num_shards: int = 0):
+        super().__init__()
+        self.output = output.rstrip("/")
+        self.header = header
+        self.emit_cams = emit_cams
+        self.num_shards = num_shards
+        self.started = time.time()
+
+    def expand(self, pcolls):
+        annotations, failures = pcolls
+        join = FileSystems.join
+        annotations = annotations | "CountAnnotations" >> beam.ParDo(_CountOut("annotations_written"))
+        failures = failures | "CountFailures" >> beam.ParDo(_CountOut("failures_written"))
+        ann_files = annotations | "WriteAnnotations" >> beam.io.WriteToParquet(
+            join(self.output, "annotations"),
+            schema.annotation_schema(self.emit_cams),
+            file_name_suffix=".parquet",
+            num_shards=self.num_shards,
+            codec="snappy",
+        )
+        fail_files = failures | "WriteFailures" >> beam.io.WriteToParquet(
+            join(self.output, "failures"),
+            schema.FAILURE_SCHEMA,
+            file_name_suffix=".parquet",
+            num_shards=self.num_shards,
+            codec="snappy",
+        )
+        ann_counts = annotations | "SummariseAnnotations" >> beam.CombineGlobally(_CountRows())
+        fail_counts = failures | "SummariseFailures" >> beam.CombineGlobally(_CountRows())
+        return (
+            annotations.pipeline
+            | "SummaryTrigger" >> beam.Create([None])
+            | "WriteSummary"
+            >> beam.FlatMap(
+                _write_summary,
+                join(self.output, "summary.json"),
+                beam.pvalue.AsSingleton(ann_counts),
+                beam.pvalue.AsSingleton(fail_counts),
+                beam.pvalue.AsList(ann_files),
+                beam.pvalue.AsList(fail_files),
+                self.header,
+                self.started,
+            )
+        )
