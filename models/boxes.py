@@ -35,8 +35,8 @@ def normalize_cams(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = np.where(finite, cams, big).min(axis=(1, 2))
     hi = np.where(finite, cams, -big).max(axis=(1, 2))
     valid = finite.any(axis=(1, 2)) & (hi > lo)
-    span = np.where(valid, hi - lo, 1.0).astype(np.float32)
     base = np.where(valid, lo, 0.0).astype(np.float32)
+    span = np.where(valid, np.where(valid, hi, 1.0) - base, 1.0).astype(np.float32)
     normed = (np.where(finite, cams, base[:, None, None]) - base[:, None, None]) / span[:, None, None]
     normed = np.where(valid[:, None, None], np.clip(normed, 0.0, 1.0), 0.0).astype(np.float32)
     return normed, valid

@@ -1,0 +1,156 @@
+"""Boxes from hand-drawn maps with exact expected boxes, degenerate maps, IoU and calibration on known maps."""
+import numpy as np
+import pytest
+
+from weakloc.models import boxes, metrics
+
+
+def _map(rows):
+    return np.array(rows, dtype=np.float32)[None]
+
+
+# A 4x5 map in the spirit of wsolevaluation's tests: two blobs, the left one larger.
+M = _map(
+    [
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.9, 1.0, 0.0, 0.0, 0.6],
+        [0.8, 0.7, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.3, 0.0],
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "tau, expected",
+    [
+        (0.5, [0, 1, 2, 3]),  # left blob: rows 1-2, cols 0-1; max edge exclusive
+        (0.85, [0, 1, 2, 2]),  # only 0.9 and 1.0 survive
+        (1.0, [1, 1, 2, 2]),  # the single max pixel
+        (0.2, [0, 1, 2, 3]),  # 0.3 and 0.6 are separate, smaller components
+    ],
+)
+def test_largest_component_box_at_each_threshold(tau, expected):
+    normed, valid = boxes.normalize_cams(M)
+    found = boxes.boxes_from_cams(normed, tau, valid=valid)
+    assert found.xyxy.tolist() == [expected]
+    assert found.map_index.tolist() == [0]
+
+
+def test_zero_threshold_covers_whole_map():
+    normed, valid = boxes.normalize_cams(M)
+    assert boxes.boxes_from_cams(normed, 0.0, valid=valid).xyxy.tolist() == [[0, 0, 5, 4]]
+
+
+def test_eight_connectivity_joins_diagonal_pixels():
+    m = _map([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    found = boxes.boxes_from_cams(m, 0.5)
+    assert found.xyxy.tolist() == [[0, 0, 3, 3]]
+    assert found.area.tolist() == [3]
+
+
+def test_all_mode_keeps_components_above_area_and_always_the_largest():
+    normed, valid = boxes.normalize_cams(M)
+    # components at tau 0.2: left blob (4 px), (1,4) 0.6 (1 px), (3,3) 0.3 (1 px); 20 px in the map
+    found = boxes.boxes_from_cams(normed, 0.2, valid=valid, mode="all", min_area=0.05)
+    assert sorted(found.xyxy.tolist()) == sorted([[0, 1, 2, 3], [4, 1, 5, 2], [3, 3, 4, 4]])
+    found = boxes.boxes_from_cams(normed, 0.2, valid=valid, mode="all", min_area=0.5)
+    assert found.xyxy.tolist() == [[0, 1, 2, 3]]
+
+
+def test_cam_score_is_mean_normalised_value_inside_box():
+    normed, valid = boxes.normalize_cams(M)
+    found = boxes.boxes_from_cams(normed, 0.5, valid=valid)
+    assert found.cam_score[0] == pytest.approx((0.9 + 1.0 + 0.8 + 0.7) / 4)
+
+
+def test_normalisation_is_min_max_per_map():
+    cams = np.stack([M[0] * 5 + 2, M[0] - 7])
+    normed, valid = boxes.normalize_cams(cams)
+    assert valid.tolist() == [True, True]
+    np.testing.assert_allclose(normed[0], M[0], atol=1e-6)
+    np.testing.assert_allclose(normed[1], M[0], atol=1e-6)
+
+
+def test_degenerate_maps_get_no_box():
+    flat = np.full((1, 4, 5), 3.0, np.float32)
+    nan = np.full((1, 4, 5), np.nan, np.float32)
+    stack = np.concatenate([flat, nan, M])
+    normed, valid = boxes.normalize_cams(stack)
+    assert valid.tolist() == [False, False, True]
+    assert np.all(normed[:2] == 0)
+    found = boxes.boxes_from_cams(normed, 0.0, valid=valid)
+    assert found.map_index.tolist() == [2]  # only the real map, even at tau 0
+
+
+def test_nan_pixels_count_as_minimum():
+    m = M.copy()
+    m[0, 0, 0] = np.nan
+    m[0, 3, 0] = np.inf
+    normed, valid = boxes.normalize_cams(m)
+    assert valid[0] and normed[0, 0, 0] == 0.0 and normed[0, 3, 0] == 0.0
+    assert boxes.boxes_from_cams(normed, 0.5, valid=valid).xyxy.tolist() == [[0, 1, 2, 3]]
+
+
+def test_all_below_threshold_gives_no_box():
+    # Unnormalised input below tau everywhere: nothing is foreground.
+    found = boxes.boxes_from_cams(np.full((2, 3, 3), 0.1, np.float32), 0.5)
+    assert len(found.map_index) == 0 and found.xyxy.shape == (0, 4)
+
+
+def test_batch_of_maps_labelled_together_keeps_maps_apart():
+    a = np.zeros((6, 6), np.float32)
+    a[1:3, 1:4] = 1
+    b = np.zeros((6, 6), np.float32)
+    b[4:6, 0:2] = 1
+    b[0, 5] = 1
+    stack = np.stack([a, b, a])
+    found = boxes.boxes_from_cams(stack, np.array([0.5, 0.5, 0.5]))
+    assert found.map_index.tolist() == [0, 1, 2]
+    assert found.xyxy.tolist() == [[1, 1, 4, 3], [0, 4, 2, 6], [1, 1, 4, 3]]
+
+
+def test_per_map_thresholds():
+    stack = np.concatenate([M, M])
+    normed, valid = boxes.normalize_cams(stack)
+    found = boxes.boxes_from_cams(normed, np.array([0.5, 1.0]), valid=valid)
+    assert found.xyxy.tolist() == [[0, 1, 2, 3], [1, 1, 2, 2]]
+
+
+def test_scale_boxes_maps_continuous_coordinates():
+    # 64x64 model input to a 480x640 (H, W) photo: x scales by 10, y by 7.5
+    out = boxes.scale_boxes(np.array([[0, 0, 64, 64], [8, 16, 9, 17]]), (64, 64), (480, 640))
+    np.testing.assert_allclose(out, [[0, 0, 640, 480], [80, 120, 90, 127.5]])
+
+
+@pytest.mark.parametrize(
+    "a, b, iou",
+    [
+        ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7),  # overlap 1, union 4 + 4 - 1
+        ([0, 0, 2, 2], [0, 0, 2, 2], 1.0),
+        ([0, 0, 2, 2], [2, 0, 4, 2], 0.0),  # touching edges share no area (max edge exclusive)
+        ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16),
+        ([0, 0, 10, 1], [0, 0, 5, 1], 0.5),
+    ],
+)
+def test_box_iou_against_hand_computed(a, b, iou):
+    assert boxes.box_iou(np.array([a]), np.array([b]))[0, 0] == pytest.approx(iou, abs=1e-6)
+
+
+def test_calibration_finds_the_threshold_that_fits_known_truth():
+    # Maps are a bright core (value 1) in a dimmer halo (value 0.4) on 0.1; the truth is the core, so any
+    # tau in (0.4, 1] recovers it exactly and tau <= 0.4 gives the halo (IoU 4/36 < 0.3).
+    n = 5
+    maps = np.full((n, 12, 12), 0.1, np.float32)
+    truths = []
+    for i in range(n):
+        y, x = i, 2 * i % 6
+        maps[i, y : y + 6, x : x + 6] = 0.4
+        maps[i, y + 2 : y + 4, x + 2 : x + 4] = 1.0
+        truths.append(np.array([[x + 2, y + 2, x + 4, y + 4]], np.float32))
+    normed, valid = boxes.normalize_cams(maps)
+    sweep = metrics.sweep_thresholds(normed, truths, valid=valid)
+    # normalised halo = (0.4 - 0.1) / 0.9 = 1/3: thresholds above it isolate the core.
+    assert sweep.best_threshold == pytest.approx(0.34)
+    assert sweep.accuracy[sweep.best_index].tolist() == [1.0, 1.0, 1.0]
+    assert sweep.accuracy[0].tolist() == [0.0, 0.0, 0.0]  # tau 0: the whole map
+    assert sweep.max_box_acc_v2 == pytest.approx(100.0)
