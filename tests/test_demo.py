@@ -1,0 +1,37 @@
+"""The README's first command, end to end but smaller: synthetic data -> train -> calibrate -> Beam -> score."""
+import json
+import os
+
+import pytest
+
+from weakloc.pipeline import cli, demo, results
+
+
+@pytest.mark.slow
+def test_demo_trains_labels_and_localizes(tmp_path):
+    out = demo.run(["--output", str(tmp_path / "demo"), "--train_images", "1200", "--eval_images", "120",
+                    "--calibration_images", "24", "--epochs", "3", "--image_size", "48", "--runner=FnApiRunner"])
+    labels = tmp_path / "demo" / "labels"
+    summary = results.read_summary(str(labels))
+    assert summary["counts"] == {**summary["counts"], "read": 120, "annotated": 120, "failed": 0}
+    # The calibrated threshold was found beside the model and used, not the 0.2 default.
+    assert summary["options"]["thresholds_file"].endswith("shapes.thresholds.json")
+    assert summary["options"]["cam_threshold"] == out["threshold"]
+    with open(tmp_path / "demo" / "model" / "shapes.json") as f:
+        assert json.load(f)["class_names"] == ["circle", "square", "triangle", "cross"]
+    # Shapes on clutter are easy: a working pipeline classifies nearly all and boxes most of them well.
+    assert out["top1"] >= 0.9
+    assert out["gt_known_loc_50"] >= 0.6
+    assert len(results.read_table(str(labels))) == 120
+
+
+def test_cli_usage_and_user_errors_exit_2(tmp_path, capsys, tiny_model_path):
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["frobnicate"]) == 2
+    code = cli.main(["label", "--input", str(tmp_path / "nothing-*.tfrecord"), "--model", tiny_model_path,
+                     "--output", str(tmp_path / "out"), "--runner=FnApiRunner"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "matches no file" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
