@@ -23,6 +23,14 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _DropKnownNoise(logging.Filter):
+    """Beam's RunInference warns once per model load that it cannot read memory use when torch is absent
+    (its memory probe is imported together with a torch-only module); it is not actionable for our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resource module is not available" not in record.getMessage()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -32,6 +40,8 @@ def main(argv=None) -> int:
     # Our own progress at INFO; Beam's and TensorFlow's internals only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("weakloc").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKnownNoise())
     _quiet_tensorflow()
     from weakloc.models.annotate import ThresholdsError
     from weakloc.models.cam import ModelStructureError

@@ -147,6 +147,17 @@ def test_save_reload_parity_and_safe_mode(tmp_path, rng):
     np.testing.assert_allclose(a.cams, b.cams, rtol=1e-5, atol=1e-6)
 
 
+def test_legacy_h5_model_loads_and_gives_the_same_cams(tmp_path, rng):
+    model = tiny_gap_model(seed=9)
+    path = tmp_path / "m.h5"
+    model.save(path)
+    reloaded = cam.load_keras_model(str(path))
+    imgs = _images(rng, 2)
+    a = cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0)(imgs)
+    b = cam.CamModel(reloaded, input_size=(32, 32), scale=1 / 255, offset=0.0)(imgs)
+    np.testing.assert_allclose(a.cams, b.cams, rtol=1e-5, atol=1e-6)
+
+
 def test_lambda_model_refused_with_safe_mode(tmp_path):
     inp = keras.Input((16, 16, 3))
     x = layers.Lambda(lambda t: t * 2.0)(inp)
