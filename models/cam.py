@@ -76,11 +76,15 @@ def _producer(tensor):
     return history.operation
 
 
-def _layer_input(layer):
-    """The single symbolic input of a layer called exactly once in the graph."""
-    if len(getattr(layer, "_inbound_nodes", [])) != 1:
-        raise ModelStructureError(f"layer {layer.name!r} is used {len(layer._inbound_nodes)} times; cannot trace")
-    inputs = layer._inbound_nodes[0].input_tensors
+def _input_of(tensor):
+    """The single symbolic input of the layer call that produced `tensor`.
+
+    Follows the call's own node (not the layer's first), since a layer may be called more than once, as in a
+    Sequential model that was built and then reloaded.
+    """
+    history = tensor._keras_history
+    layer = history.operation
+    inputs = layer._inbound_nodes[history.node_index].input_tensors
     if len(inputs) != 1:
         raise ModelStructureError(f"layer {layer.name!r} has {len(inputs)} inputs, expected 1")
     return inputs[0]
@@ -110,15 +114,16 @@ def find_gap_head(model, *, feature_layer: str | None = None, dense_layer: str |
     if feature_layer or dense_layer:
         return _named_head(model, feature_layer, dense_layer)
 
-    out = model.outputs[0]
-    layer = _producer(out)
+    tensor = model.outputs[0]
+    layer = _producer(tensor)
     steps = []
     output_activation = None
     cls = type(layer).__name__ if layer is not None else "the model input"
     if cls in ("Activation", "Softmax"):
         output_activation = "softmax" if cls == "Softmax" else _activation_name(layer)
         steps.append(f"{layer.name} ({cls})")
-        layer = _producer(_layer_input(layer))
+        tensor = _input_of(tensor)
+        layer = _producer(tensor)
         cls = type(layer).__name__ if layer is not None else "the model input"
     if cls != "Dense":
         raise ModelStructureError(
@@ -138,10 +143,12 @@ def find_gap_head(model, *, feature_layer: str | None = None, dense_layer: str |
             "from pooled features to class scores"
         )
     steps.append(f"{dense.name} (Dense)")
-    layer = _producer(_layer_input(dense))
+    tensor = _input_of(tensor)
+    layer = _producer(tensor)
     while layer is not None and type(layer).__name__ in _PASS_THROUGH:
         steps.append(f"{layer.name} ({type(layer).__name__})")
-        layer = _producer(_layer_input(layer))
+        tensor = _input_of(tensor)
+        layer = _producer(tensor)
     cls = type(layer).__name__ if layer is not None else "the model input"
     if cls != "GlobalAveragePooling2D":
         raise ModelStructureError(
@@ -153,7 +160,7 @@ def find_gap_head(model, *, feature_layer: str | None = None, dense_layer: str |
     if getattr(gap, "data_format", "channels_last") != "channels_last" or getattr(gap, "keepdims", False):
         raise ModelStructureError(f"{gap.name!r}: only channels_last GlobalAveragePooling2D without keepdims is supported")
     steps.append(f"{gap.name} (GlobalAveragePooling2D)")
-    feature = _layer_input(gap)
+    feature = _input_of(tensor)
     producer = _producer(feature)
     steps.append(f"{producer.name if producer is not None else 'input'} ({type(producer).__name__})")
     _check_shapes(feature, dense)

@@ -64,7 +64,7 @@ def test_separate_softmax_layer_after_linear_dense_is_found():
     assert head.dense.name == "logits" and head.output_activation == "softmax"
 
 
-def test_nested_backbone_sequential_and_functional():
+def test_nested_backbone_sequential_and_functional(tmp_path):
     backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3), alpha=0.35)
     seq = keras.Sequential([keras.Input((64, 64, 3)), backbone, layers.GlobalAveragePooling2D(),
                             layers.Dropout(0.3), layers.Dense(5, activation="softmax")])
@@ -77,6 +77,16 @@ def test_nested_backbone_sequential_and_functional():
     f = backbone.predict(np.zeros((1, 64, 64, 3), np.float32) - 1.0, verbose=0)[0]
     w = seq.layers[-1].get_weights()[0]
     np.testing.assert_allclose(out.low_res[0], np.einsum("hwk,kc->chw", f, w)[out.cam_classes[0]], rtol=1e-3, atol=1e-4)
+    # A reloaded Sequential calls its layers twice (build, then the rebuilt graph): still found, same maps.
+    seq.save(tmp_path / "seq.keras")
+    again = cam.CamModel(cam.load_keras_model(str(tmp_path / "seq.keras")), input_size=(64, 64), scale=1 / 127.5,
+                         offset=-1.0, top_k=5)
+    np.testing.assert_allclose(again(np.zeros((2, 64, 64, 3), np.uint8)).cams, out.cams, rtol=1e-4, atol=1e-5)
+    # The same backbone in a functional model.
+    inp = keras.Input((64, 64, 3))
+    x = layers.GlobalAveragePooling2D()(backbone(inp))
+    func = keras.Model(inp, layers.Dense(3, activation="softmax")(x))
+    assert tuple(cam.find_gap_head(func).feature.shape[1:]) == (2, 2, 1280)
 
 
 def test_refuses_a_model_without_gap_head():
