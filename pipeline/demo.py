@@ -70,25 +70,6 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> metrics.Sweep:
     return metrics.sweep_thresholds(normed, [b[None] for b in data.boxes], valid=valid)
 
 
-def score_annotations(table, class_names) -> dict:
-    """Top-1 accuracy and GT-known / Top-1 localization at IoU 0.5 from annotation rows with gt_boxes."""
-    rows = table.to_pylist()
-    top1 = gt_known = top1_loc = 0
-    for row in rows:
-        truth = row["gt_boxes"][0]
-        tbox = np.array([[truth["xmin"], truth["ymin"], truth["xmax"], truth["ymax"]]], np.float32)
-        correct = row["classes"][0]["class_id"] == truth["class_id"]
-        top1 += correct
-        mine = [b for b in row["boxes"] if b["class_id"] == truth["class_id"]]
-        if mine:
-            b = mine[0]
-            iou = boxlib.box_iou(np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]]]), tbox)[0, 0]
-            gt_known += iou >= 0.5
-            top1_loc += (iou >= 0.5) and correct
-    n = max(len(rows), 1)
-    return {"images": len(rows), "top1": top1 / n, "gt_known_loc_50": gt_known / n, "top1_loc_50": top1_loc / n}
-
-
 def run(argv=None) -> dict:
     args, beam_args = parser().parse_known_args(argv)
     from . import label, results
@@ -136,7 +117,9 @@ def run(argv=None) -> dict:
     )
 
     print("[5/5] scoring the boxes against the held-out truth", flush=True)
-    score = score_annotations(results.read_table(labels_dir, "annotations"), names)
+    ev = metrics.evaluate_rows(results.read_table(labels_dir, "annotations").to_pylist(), names)
+    score = {"images": ev["images"], "top1": ev["top1"], "gt_known_loc_50": ev["gt_known"][0.5],
+             "top1_loc_50": ev["top1_loc"][0.5], "full_image_baseline_50": ev["baselines"]["full_image"]["gt_known"][0.5]}
     counts = summary.get("counts", {})
     result = {
         "annotations": os.path.join(labels_dir, "annotations-*.parquet"),
@@ -156,6 +139,7 @@ def run(argv=None) -> dict:
         f"Top-1 accuracy:      {score['top1']:.1%}\n"
         f"Boxes with IoU>=0.5: {score['gt_known_loc_50']:.1%} (box of the true class; "
         f"{score['top1_loc_50']:.1%} also classified right)\n"
+        f"Full-image baseline: {score['full_image_baseline_50']:.1%} at IoU>=0.5\n"
         f"CAM threshold:       {sweep.best_threshold:.2f}, chosen on {args.calibration_images} boxed images\n"
         f"Wall time:           {result['seconds']} s",
         flush=True,

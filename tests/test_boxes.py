@@ -154,3 +154,32 @@ def test_calibration_finds_the_threshold_that_fits_known_truth():
     assert sweep.accuracy[sweep.best_index].tolist() == [1.0, 1.0, 1.0]
     assert sweep.accuracy[0].tolist() == [0.0, 0.0, 0.0]  # tau 0: the whole map
     assert sweep.max_box_acc_v2 == pytest.approx(100.0)
+
+
+def _row(top1, boxes_, truths, w=100, h=50):
+    box = lambda c, b: dict(class_id=c, label=str(c), score=0.9, cam_score=0.5, xmin=b[0], ymin=b[1], xmax=b[2], ymax=b[3])
+    gt = lambda c, b: dict(class_id=c, label=str(c), xmin=b[0], ymin=b[1], xmax=b[2], ymax=b[3])
+    return {"classes": [dict(class_id=top1, label=str(top1), score=0.9)], "width": w, "height": h,
+            "boxes": [box(c, b) for c, b in boxes_], "gt_boxes": [gt(c, b) for c, b in truths]}
+
+
+def test_evaluate_rows_against_hand_computed_scores():
+    rows = [
+        _row(0, [(0, [0, 0, 10, 10])], [(0, [0, 0, 10, 10])]),  # exact: IoU 1, top-1 right
+        _row(1, [(0, [0, 0, 10, 10])], [(0, [0, 0, 20, 10])]),  # IoU 0.5, top-1 wrong
+        _row(1, [(1, [0, 0, 10, 10])], [(0, [50, 0, 60, 10])]),  # no box for true class 0: IoU 0
+        _row(2, [], []),  # no ground truth: not scored
+    ]
+    ev = metrics.evaluate_rows(rows, ["a", "b", "c"])
+    assert ev["images"] == 3 and ev["pairs"] == 3
+    assert ev["top1"] == pytest.approx(1 / 3)
+    assert ev["gt_known"] == {0.3: pytest.approx(2 / 3), 0.5: pytest.approx(2 / 3), 0.7: pytest.approx(1 / 3)}
+    assert ev["top1_loc"][0.5] == pytest.approx(1 / 3)
+    assert ev["mean_iou"] == pytest.approx(0.5)
+    assert ev["per_class"]["a"]["corloc"][0.5] == pytest.approx(2 / 3)
+    # Full image 100x50 against 10x10, 20x10 and 10x10 true boxes: IoU 0.02, 0.04, 0.02.
+    assert ev["baselines"]["full_image"]["mean_iou"] == pytest.approx(0.08 / 3, rel=1e-4)
+    # Median relative size 0.1 x 0.2 centred: box [45, 20, 55, 30]; IoU with [50, 0, 60, 10] is 0.
+    assert ev["baselines"]["centred_median"]["gt_known"][0.3] == 0.0
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        metrics.evaluate_rows([_row(0, [], [])], ["a"])
