@@ -46,11 +46,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale the full range to 8 bits rather than clipping at 255.
+        # 16-bit grey (Pillow also opens some 16-bit files as 32-bit "I"): map 0..65535 to 0..255 by the
+        # bit depth, never by the content, so a dark image stays dark.
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0.0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
-        arr8 = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        arr8 = np.clip(arr * (255.0 / 65535.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -118,7 +117,6 @@ def decode_image(
     except Exception:  # a broken EXIF block must not cost the picture
         orientation = 1
     transposed = orientation in (5, 6, 7, 8)
-    width, height = (h_raw, w_raw) if transposed else (w_raw, h_raw)
 
     try:
         if getattr(img, "is_animated", False):
@@ -131,6 +129,12 @@ def decode_image(
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
+        if fmt == "JPEG":
+            # Draft mode may have decoded at 1/2..1/8 scale: the true size is the header's, rotated as shown.
+            width, height = (h_raw, w_raw) if transposed else (w_raw, h_raw)
+        else:
+            # Some decoders (TIFF) already rotate at open; the transposed picture's own size is the truth.
+            width, height = rgb.size
         if rgb.size != (w_in, h_in):
             rgb = rgb.resize((w_in, h_in), Image.Resampling.BILINEAR)
         pixels = np.asarray(rgb, dtype=np.uint8)

@@ -87,6 +87,20 @@ _TRANSPOSE = {
 }
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_rotated_size_is_the_viewers_in_every_format(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = images.decode_image(_encode(_left_red_half(40, 20), fmt, exif=exif.tobytes()), (8, 8))
+    assert (out.width, out.height) == (20, 40)
+
+
+def test_dark_sixteen_bit_stays_dark():
+    arr = np.full((4, 4), 256 * 50, np.uint16)  # about 20% grey in 16 bits
+    out = images.decode_image(_encode(Image.fromarray(arr, mode="I;16"), "PNG"), (4, 4), draft=False)
+    assert abs(int(out.pixels.mean()) - 50) <= 1
+
+
 def test_jpeg_draft_keeps_true_size_and_content():
     big = _left_red_half(800, 600)
     out = images.decode_image(_encode(big, "JPEG", quality=90), (32, 32), draft=True)
