@@ -61,6 +61,8 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="weakloc label",
+        # No prefix matching: Beam's --labels would be taken for --labels_from_folder, --top for --top_k.
+        allow_abbrev=False,
         description="Label images with CAM boxes. Flags not listed here are Beam pipeline options "
         "(--runner, --direct_num_workers, --project, --region, --temp_location, --setup_file, ...).",
     )

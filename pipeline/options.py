@@ -181,9 +181,15 @@ def check_beam_args(beam_args: list[str]) -> None:
             seen.add(str(cls))
             cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(beam_args)
-    unknown = [u for u in unknown if u.startswith("-")]
+    flags = [u for u in unknown if u.startswith("-")]
+    if flags:
+        raise OptionsError(f"unrecognised options {flags}: neither a weakloc flag nor a Beam pipeline option")
     if unknown:
-        raise OptionsError(f"unrecognised options {unknown}: neither a weakloc flag nor a Beam pipeline option")
+        # Typically an unquoted glob the shell expanded: only its first file would reach --input.
+        raise OptionsError(
+            f"unexpected arguments {unknown}: every value must follow its flag; quote glob patterns "
+            "(--input 'dir/*.tfrecord') and repeat --input for several patterns"
+        )
 
 
 def _existing_outputs(output: str) -> list[str]:
