@@ -6,6 +6,7 @@ instead of failing the bundle. Files are reshuffled before they are opened so th
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
 import posixpath
 from typing import Optional
@@ -43,12 +44,30 @@ class RawInput:
     folder_label: Optional[str] = None
 
 
+class _GzipStream(gzip.GzipFile):
+    """Python's gzip reader over a Beam file, closing both.
+
+    Unlike Beam's CompressedFile it raises EOFError when the stream stops before gzip's end-of-stream marker,
+    so a shard cut between two records (a partial copy) is reported instead of being read as complete.
+    """
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
 def open_maybe_gzip(path: str):
     """Open a file for reading, decompressing gzip whether or not its name ends in .gz."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         magic = f.read(2)
-    compression = CompressionTypes.GZIP if magic == _GZIP_MAGIC else CompressionTypes.UNCOMPRESSED
-    return FileSystems.open(path, compression_type=compression)
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return _GzipStream(raw) if magic == _GZIP_MAGIC else raw
 
 
 class _ReadShardDoFn(beam.DoFn):
