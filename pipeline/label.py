@@ -29,10 +29,17 @@ logger = logging.getLogger(__name__)
 
 
 def _failed_batch_rows(failed):
-    """RunInference's dead letter (batch, exception) -> one failure row per image of the batch."""
-    batch, exc = failed
+    """RunInference's dead letter -> one failure row per image of the batch.
+
+    Beam hands (batch, (exception type, repr, traceback lines)); an exception object is accepted too.
+    """
+    batch, err = failed
+    if isinstance(err, BaseException):
+        name, message = type(err).__name__, str(err)
+    else:
+        name, message = getattr(err[0], "__name__", str(err[0])), str(err[1])
     for item in batch:
-        yield failure_row(item.meta.source, "inference", exc, image_id=item.meta.image_id)
+        yield failure_row(item.meta.source, "inference", name, message, image_id=item.meta.image_id)
 
 
 def build(p: beam.Pipeline, config: options.LabelConfig):
@@ -53,7 +60,7 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
         decoded[FAILURES],
         dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
     ) | "AllFailures" >> beam.Flatten()
-    return (annotated, failures) | "Write" >> WriteOutputs(
+    return (annotated, failures, read.inputs) | "Write" >> WriteOutputs(
         config.output, config.header(), emit_cams=config.box.emit_cams, num_shards=config.num_shards
     )
 

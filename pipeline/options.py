@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 _TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(\.gz)?$|-of-\d+(\.gz)?$|\.gz$", re.IGNORECASE)
 _IMAGE_RE = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-OUTPUT_GLOBS = ("annotations-*", "failures-*", "summary.json")
+OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json")
 
 
 class OptionsError(ValueError):
@@ -303,6 +303,7 @@ def validate(args: argparse.Namespace) -> LabelConfig:
     spec = ModelSpec(
         path=args.model,
         name=f"{posixpath.basename(args.model)}@sha256:{fingerprint}",
+        fingerprint=fingerprint,
         input_size=prep.input_size,
         scale=prep.scale,
         offset=prep.offset,

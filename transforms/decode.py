@@ -41,6 +41,13 @@ class DecodeDoFn(beam.DoFn):
         self.decoded = Metrics.counter(NAMESPACE, "images_decoded")
         self.failed = Metrics.counter(NAMESPACE, "decode_failures")
 
+    def setup(self):
+        from PIL import Image
+
+        # Pillow refuses images above 2x its own limit at open; let --max_pixels be the only limit.
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
+
     def process(self, raw):
         image_id = raw.image_id
         stage = "parse"

@@ -17,7 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
 from weakloc.models import annotate
-from weakloc.models.cam import CamModel, load_keras_model
+from weakloc.models.cam import CamModel, file_fingerprint, load_keras_model
 
 from .read import NAMESPACE
 
@@ -37,6 +37,7 @@ class ModelSpec:
     feature_layer: Optional[str] = None
     dense_layer: Optional[str] = None
     safe_mode: bool = True
+    fingerprint: str = ""  # content hash checked on every worker; "" skips the check
 
 
 def fetch_to_local(path: str) -> str:
@@ -52,7 +53,16 @@ def fetch_to_local(path: str) -> str:
 
 
 def load_cam_model(spec: ModelSpec, top_k: int) -> CamModel:
-    model = load_keras_model(fetch_to_local(spec.path), safe_mode=spec.safe_mode)
+    local = fetch_to_local(spec.path)
+    if spec.fingerprint:
+        with open(local, "rb") as f:
+            found = file_fingerprint(f.read())
+        if found != spec.fingerprint:
+            # Replaced between launch and this worker (a retrain mid-run): rows would name the wrong model.
+            raise RuntimeError(
+                f"model {spec.path} changed since the job started: sha256 {found}, expected {spec.fingerprint}"
+            )
+    model = load_keras_model(local, safe_mode=spec.safe_mode)
     return CamModel(
         model,
         input_size=spec.input_size,

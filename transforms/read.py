@@ -144,6 +144,8 @@ class ReadInputs(beam.PTransform):
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> fileio.MatchAll()
             | "Paths" >> beam.Map(lambda meta: meta.path)
+            # Overlapping patterns must not label (and count) a file twice.
+            | "UniquePaths" >> beam.Distinct()
             # Without this a runner reads every file on the worker that matched the pattern.
             | "SpreadFiles" >> beam.Reshuffle()
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import time
 from typing import Any
 
@@ -54,12 +55,21 @@ def _write_json_atomically(path: str, doc: dict) -> None:
     FileSystems.rename([tmp], [path])
 
 
-def _write_summary(_, path, annotations, failures, annotation_files, failure_files, header, started):
+def _write_summary(_, path, annotations, failures, records, annotation_files, failure_files, header, started):
+    # `read` is counted where inputs enter (records emitted + inputs that could not be read at all), so the
+    # balance below is a check, not a definition. A damaged shard's unread tail is one read failure.
+    read = records + failures["stages"].get("read", 0)
+    balanced = read == annotations["rows"] + failures["rows"]
+    if not balanced:
+        logging.getLogger(__name__).error(
+            "accounting mismatch: %d inputs read but %d annotated + %d failed", read, annotations["rows"],
+            failures["rows"])
     doc = dict(header)
     doc.update(
         {
             "counts": {
-                "read": annotations["rows"] + failures["rows"],
+                "read": read,
+                "balanced": balanced,
                 "annotated": annotations["rows"],
                 "failed": failures["rows"],
                 "failed_by_stage": failures["stages"],
@@ -88,7 +98,7 @@ class _CountOut(beam.DoFn):
 
 
 class WriteOutputs(beam.PTransform):
-    """(annotations, failures) -> files under `output`: annotations-*.parquet, failures-*.parquet, summary.json.
+    """(annotations, failures, raw inputs) -> files under `output`: annotations-*.parquet, failures-*.parquet, summary.json.
 
     Args:
       output: a directory path on any Beam filesystem.
@@ -106,7 +116,7 @@ class WriteOutputs(beam.PTransform):
         self.started = time.time()
 
     def expand(self, pcolls):
-        annotations, failures = pcolls
+        annotations, failures, inputs = pcolls
         join = FileSystems.join
         annotations = annotations | "CountAnnotations" >> beam.ParDo(_CountOut("annotations_written"))
         failures = failures | "CountFailures" >> beam.ParDo(_CountOut("failures_written"))
@@ -126,6 +136,7 @@ class WriteOutputs(beam.PTransform):
         )
         ann_counts = annotations | "SummariseAnnotations" >> beam.CombineGlobally(_CountRows())
         fail_counts = failures | "SummariseFailures" >> beam.CombineGlobally(_CountRows())
+        input_count = inputs | "CountInputs" >> beam.combiners.Count.Globally()
         return (
             annotations.pipeline
             | "SummaryTrigger" >> beam.Create([None])
@@ -135,6 +146,7 @@ class WriteOutputs(beam.PTransform):
                 join(self.output, "summary.json"),
                 beam.pvalue.AsSingleton(ann_counts),
                 beam.pvalue.AsSingleton(fail_counts),
+                beam.pvalue.AsSingleton(input_count),
                 beam.pvalue.AsList(ann_files),
                 beam.pvalue.AsList(fail_files),
                 self.header,

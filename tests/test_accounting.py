@@ -1,0 +1,44 @@
+"""Accounting: overlapping patterns count a file once, inference failures become well-formed rows, the summary's
+balance is checked against an independent count, and a model replaced mid-run is refused on the worker."""
+import pytest
+
+from weakloc.models.annotate import ImageMeta
+from weakloc.pipeline import label, results
+from weakloc.transforms import inference
+from weakloc.transforms.decode import DecodedInput
+from tests.conftest import RUNNER
+from tests.test_pipeline import folder_tree  # noqa: F401  (module-scoped fixture reused)
+
+
+def test_overlapping_patterns_label_each_file_once(folder_tree, tiny_model_path, tmp_path):  # noqa: F811
+    root, truth = folder_tree
+    out = tmp_path / "out"
+    summary = label.run(["--input", str(root / "*" / "*.png"), "--input", str(root / "cat" / "*.png"),
+                         "--labels_from_folder", "yes", "--model", tiny_model_path, "--output", str(out),
+                         f"--runner={RUNNER}"])
+    assert summary["counts"]["read"] == summary["counts"]["annotated"] == len(truth)
+    assert summary["counts"]["balanced"] is True
+    assert len(results.read_table(str(out))) == len(truth)
+
+
+def test_failed_batch_becomes_one_row_per_image_with_class_and_message():
+    metas = [ImageMeta(image_id=f"id{i}", source=f"s{i}", width=4, height=4) for i in range(2)]
+    batch = [DecodedInput(meta=m, pixels=None) for m in metas]
+    exc = MemoryError("OOM on batch")
+    # Beam's dead letter: (batch, (type, repr, formatted traceback)).
+    rows = list(label._failed_batch_rows((batch, (type(exc), repr(exc), ["Traceback ..."]))))
+    assert [(r["source"], r["image_id"], r["stage"], r["error"]) for r in rows] == [
+        ("s0", "id0", "inference", "MemoryError"), ("s1", "id1", "inference", "MemoryError")]
+    assert "OOM on batch" in rows[0]["message"]
+
+
+def test_worker_refuses_a_model_that_changed_since_launch(tiny_model_path):
+    spec = inference.ModelSpec(path=tiny_model_path, name="tiny", input_size=(32, 32), scale=1 / 255, offset=0.0,
+                               class_names=("cat", "dog", "bird"), fingerprint="0" * 16)
+    with pytest.raises(RuntimeError, match="changed since the job started"):
+        inference.load_cam_model(spec, top_k=1)
+    with open(tiny_model_path, "rb") as f:
+        from weakloc.models.cam import file_fingerprint
+
+        good = inference.ModelSpec(**{**spec.__dict__, "fingerprint": file_fingerprint(f.read())})
+    assert inference.load_cam_model(good, top_k=1).num_classes == 3
