@@ -90,6 +90,17 @@ def _input_of(tensor):
     return inputs[0]
 
 
+def _kind(layer) -> str:
+    return type(layer).__name__ if layer is not None else "the model input"
+
+
+def _step_back(tensor):
+    """One layer towards the input: (its input tensor, the layer producing that, that layer's class name)."""
+    tensor = _input_of(tensor)
+    layer = _producer(tensor)
+    return tensor, layer, _kind(layer)
+
+
 def _activation_name(layer) -> str:
     act = getattr(layer, "activation", None)
     return getattr(act, "__name__", str(act)) if act is not None else "linear"
@@ -118,13 +129,11 @@ def find_gap_head(model, *, feature_layer: str | None = None, dense_layer: str |
     layer = _producer(tensor)
     steps = []
     output_activation = None
-    cls = type(layer).__name__ if layer is not None else "the model input"
+    cls = _kind(layer)
     if cls in ("Activation", "Softmax"):
         output_activation = "softmax" if cls == "Softmax" else _activation_name(layer)
         steps.append(f"{layer.name} ({cls})")
-        tensor = _input_of(tensor)
-        layer = _producer(tensor)
-        cls = type(layer).__name__ if layer is not None else "the model input"
+        tensor, layer, cls = _step_back(tensor)
     if cls != "Dense":
         raise ModelStructureError(
             f"no GAP classifier head: expected the output to come from a Dense layer, found {cls}"
@@ -143,13 +152,10 @@ def find_gap_head(model, *, feature_layer: str | None = None, dense_layer: str |
             "from pooled features to class scores"
         )
     steps.append(f"{dense.name} (Dense)")
-    tensor = _input_of(tensor)
-    layer = _producer(tensor)
-    while layer is not None and type(layer).__name__ in _PASS_THROUGH:
-        steps.append(f"{layer.name} ({type(layer).__name__})")
-        tensor = _input_of(tensor)
-        layer = _producer(tensor)
-    cls = type(layer).__name__ if layer is not None else "the model input"
+    tensor, layer, cls = _step_back(tensor)
+    while cls in _PASS_THROUGH:
+        steps.append(f"{layer.name} ({cls})")
+        tensor, layer, cls = _step_back(tensor)
     if cls != "GlobalAveragePooling2D":
         raise ModelStructureError(
             f"no GAP classifier head: Dense {dense.name!r} is fed by {cls}"

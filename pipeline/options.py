@@ -96,7 +96,6 @@ class LabelConfig:
     spec: ModelSpec
     box: annotate.BoxOptions
     batch_size: int
-    model_fingerprint: str
     sidecar_used: Optional[str]
     thresholds_used: Optional[str]
 
@@ -110,7 +109,7 @@ class LabelConfig:
             "model": {
                 "path": self.spec.path,
                 "name": self.spec.name,
-                "sha256_16": self.model_fingerprint,
+                "sha256_16": self.spec.fingerprint,
                 "sidecar": self.sidecar_used,
                 "input_size": list(self.spec.input_size),
                 "scale": self.spec.scale,
@@ -324,7 +323,6 @@ def validate(args: argparse.Namespace) -> LabelConfig:
         spec=spec,
         box=box,
         batch_size=args.batch_size,
-        model_fingerprint=fingerprint,
         sidecar_used=side_path,
         thresholds_used=thr_path,
     )
