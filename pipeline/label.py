@@ -14,7 +14,7 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models.schema import failure_row
@@ -86,10 +86,10 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     """
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
-    config = options.validate(args)
+    pipeline_options = PipelineOptions(beam_args)
+    config = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
     if config.overwrite:
         options.remove_previous_outputs(config.output)
-    pipeline_options = PipelineOptions(beam_args)
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=pipeline_options)
     build(p, config)

@@ -202,8 +202,14 @@ def _existing_outputs(output: str) -> list[str]:
     return found
 
 
-def validate(args: argparse.Namespace) -> LabelConfig:
+# Runners whose workers run on other machines and cannot see the launcher's local files.
+REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+
+
+def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> LabelConfig:
     """Check every flag and the files they name; load the model once to read its structure.
+
+    `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
 
     Raises:
       OptionsError, cam.ModelStructureError, sidecar.SidecarError, annotate.ThresholdsError.
@@ -217,6 +223,13 @@ def validate(args: argparse.Namespace) -> LabelConfig:
         val = getattr(args, name)
         if val is not None and not 0.0 <= val <= 1.0:
             raise OptionsError(f"--{name} must be within [0, 1], got {val}")
+
+    if runner and runner.split(".")[-1] in REMOTE_RUNNERS:
+        local = [f"--{k} {v}" for k, v in [("model", args.model), ("output", args.output)]
+                 + [("input", i) for i in args.input] if "://" not in v]
+        if local:
+            raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
+                               "shared filesystem) for the model, inputs and output")
 
     # Inputs: every pattern must match something now, so an empty nightly drop fails at once, not on a worker.
     formats = set()

@@ -42,3 +42,14 @@ def test_worker_refuses_a_model_that_changed_since_launch(tiny_model_path):
 
         good = inference.ModelSpec(**{**spec.__dict__, "fingerprint": file_fingerprint(f.read())})
     assert inference.load_cam_model(good, top_k=1).num_classes == 3
+
+
+def test_dataflow_refuses_local_paths_before_launch(tiny_model_path, tmp_path):
+    from weakloc.pipeline.options import OptionsError
+
+    shard = tmp_path / "a.tfrecord"
+    shard.write_bytes(b"")
+    with pytest.raises(OptionsError, match="DataflowRunner workers cannot read local paths"):
+        label.run(["--input", str(shard), "--model", tiny_model_path, "--output", str(tmp_path / "out"),
+                   "--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"])
+    assert not (tmp_path / "out").exists()
