@@ -44,7 +44,9 @@ def _failed_batch_rows(failed):
 
 def build(p: beam.Pipeline, config: options.LabelConfig):
     """Add the labeling steps to `p`; returns the PCollection holding the summary path once written."""
-    read = p | "Read" >> ReadInputs(config.inputs, config.input_format, folder_labels=config.folder_labels)
+    read = p | "Read" >> ReadInputs(
+        config.inputs, config.input_format, folder_labels=config.folder_labels, max_file_bytes=config.max_file_bytes
+    )
     decoded = read.inputs | "Decode" >> beam.ParDo(
         DecodeDoFn(
             config.spec.input_size,

@@ -18,6 +18,7 @@ from apache_beam.options import pipeline_options as beam_options
 
 from weakloc.models import annotate, cam, images, sidecar
 from weakloc.transforms.inference import ModelSpec, fetch_to_local
+from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
     io.add_argument("--overwrite", action="store_true", help="replace weakloc files already in --output")
     io.add_argument("--num_shards", type=int, default=0, help="Parquet files per table (0: the runner decides)")
+    io.add_argument("--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                    help="refuse image files larger than this, from their listed size, before reading them")
     io.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                     help="refuse images with more pixels than this (decompression bombs)")
 
@@ -93,6 +96,7 @@ class LabelConfig:
     overwrite: bool
     num_shards: int
     max_pixels: int
+    max_file_bytes: int
     spec: ModelSpec
     box: annotate.BoxOptions
     batch_size: int
@@ -128,6 +132,7 @@ class LabelConfig:
                 "batch_size": self.batch_size,
                 "emit_cams": self.box.emit_cams,
                 "max_pixels": self.max_pixels,
+                "max_file_bytes": self.max_file_bytes,
                 "label_offset": self.label_offset,
                 "folder_labels": self.folder_labels,
             },
@@ -217,8 +222,9 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
     for name in ("batch_size", "top_k"):
         if getattr(args, name) < 1:
             raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_pixels < 1:
-        raise OptionsError(f"--max_pixels must be >= 1, got {args.max_pixels}")
+    for name in ("max_pixels", "max_file_bytes"):
+        if getattr(args, name) < 1:
+            raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("min_score", "cam_threshold", "min_box_area"):
         val = getattr(args, name)
         if val is not None and not 0.0 <= val <= 1.0:
@@ -333,6 +339,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         overwrite=args.overwrite,
         num_shards=args.num_shards,
         max_pixels=args.max_pixels,
+        max_file_bytes=args.max_file_bytes,
         spec=spec,
         box=box,
         batch_size=args.batch_size,

@@ -53,3 +53,17 @@ def test_dataflow_refuses_local_paths_before_launch(tiny_model_path, tmp_path):
         label.run(["--input", str(shard), "--model", tiny_model_path, "--output", str(tmp_path / "out"),
                    "--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"])
     assert not (tmp_path / "out").exists()
+
+
+def test_image_file_over_byte_limit_is_refused_unread(folder_tree, tiny_model_path, tmp_path):  # noqa: F811
+    root, truth = folder_tree
+    sizes = {p: __import__("os").path.getsize(p) for p in truth}
+    limit = sorted(sizes.values())[len(sizes) // 2]  # about half the files are larger
+    out = tmp_path / "out"
+    summary = label.run(["--input", str(root / "*" / "*.png"), "--model", tiny_model_path, "--output", str(out),
+                         "--max_file_bytes", str(limit), f"--runner={RUNNER}"])
+    failures = results.read_table(str(out), "failures").to_pylist()
+    too_big = {p for p, n in sizes.items() if n > limit}
+    assert too_big and {f["source"] for f in failures} == too_big
+    assert {f["error"] for f in failures} == {"FileTooLarge"} and {f["stage"] for f in failures} == {"read"}
+    assert summary["counts"]["read"] == len(truth) and summary["counts"]["balanced"] is True

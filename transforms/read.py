@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "weakloc"
 FAILURES = "failures"
 _GZIP_MAGIC = b"\x1f\x8b"
+# An image file larger than this is refused from its listed size; the biggest real photos (100 MP TIFF, 16-bit)
+# stay below it, and a worker can afford to hold one such file while it decodes.
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -77,7 +80,8 @@ class _ReadShardDoFn(beam.DoFn):
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
         self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
 
-    def process(self, path: str):
+    def process(self, item):
+        path, _ = item
         index = 0
         try:
             with open_maybe_gzip(path) as stream:
@@ -103,12 +107,22 @@ class _ReadShardDoFn(beam.DoFn):
 class _ReadImageFileDoFn(beam.DoFn):
     """An image file path -> RawInput with its bytes (and its folder label in a class-per-folder layout)."""
 
-    def __init__(self, folder_labels: bool):
+    def __init__(self, folder_labels: bool, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.folder_labels = folder_labels
+        self.max_file_bytes = max_file_bytes
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
         self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
 
-    def process(self, path: str):
+    def process(self, item):
+        path, size = item
+        if size is not None and size > self.max_file_bytes:
+            # Refused from the listing, before a byte is read: a stray huge file must not exhaust a worker.
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(
+                path, "read", "FileTooLarge",
+                f"file is {size} bytes, above the limit of {self.max_file_bytes} (set --max_file_bytes)",
+                image_id=path))
+            return
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
@@ -128,26 +142,30 @@ class ReadInputs(beam.PTransform):
       patterns: file globs (local, gs://, s3://, ...).
       input_format: "tfrecord" or "images".
       folder_labels: for images, take the parent folder's name as the image-level label.
+      max_file_bytes: image files listed as larger become failure rows without being read.
     """
 
-    def __init__(self, patterns, input_format: str, *, folder_labels: bool = False):
+    def __init__(self, patterns, input_format: str, *, folder_labels: bool = False,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         super().__init__()
         if input_format not in ("tfrecord", "images"):
             raise ValueError(f"input_format must be 'tfrecord' or 'images', got {input_format!r}")
         self.patterns = list(patterns)
         self.input_format = input_format
         self.folder_labels = folder_labels
+        self.max_file_bytes = max_file_bytes
 
     def expand(self, pbegin):
         paths = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> fileio.MatchAll()
-            | "Paths" >> beam.Map(lambda meta: meta.path)
+            | "Paths" >> beam.Map(lambda meta: (meta.path, meta.size_in_bytes))
             # Overlapping patterns must not label (and count) a file twice.
             | "UniquePaths" >> beam.Distinct()
             # Without this a runner reads every file on the worker that matched the pattern.
             | "SpreadFiles" >> beam.Reshuffle()
         )
-        fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(self.folder_labels)
+        fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(
+            self.folder_labels, self.max_file_bytes)
         return paths | "Open" >> beam.ParDo(fn).with_outputs(FAILURES, main="inputs")
