@@ -41,6 +41,8 @@ setuptools.setup(
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "test": ["pytest>=7"],
+        # tests/benchmarks/throughput.py compares against per-image Grad-CAM from tf-keras-vis.
+        "bench": ["tf-keras-vis>=0.8.7", "tensorflow-hub"],  # hub: imported by Beam's TF model handler
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )

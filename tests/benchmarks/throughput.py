@@ -1,0 +1,311 @@
+"""Throughput benchmark: how close weakloc runs to the speed of the model's own forward pass.
+
+    python -m tests.benchmarks.throughput [--images 1024] [--batch_size 32] [--configs mobilenetv2,small]
+
+For each configuration (model + images), everything is measured in one run so the ratios hold on a noisy machine:
+  1. the limit: the model's compiled forward pass on preprocessed uint8 batches already in memory;
+  2. weakloc end to end on the local runner (FnApiRunner), TFRecord shards in, Parquet out;
+  3. the same with --direct_num_workers=2 --direct_running_mode=multi_processing;
+  4. Beam's stock RunInference + TFModelHandlerNumpy (classification only) through the same read and decode;
+  5. per-image Grad-CAM from tf-keras-vis for the top class (what users of CAM libraries do today);
+  6. the share of time in each stage, measured stage by stage in-process, and peak memory.
+Needs the `bench` extra (tf-keras-vis). Prints a table and writes JSON (--out). Timings never go into tests.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CONFIGS = {
+    # name: (model builder, input size, image size (W, H), image format, classes)
+    "mobilenetv2": ("mobilenetv2", (224, 224), (640, 480), "JPEG", 1000),
+    "small": ("small", (96, 96), (96, 96), "PNG", 10),
+}
+
+
+def build_model(kind: str, input_size, num_classes: int):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if kind == "mobilenetv2":
+        # Random weights: speed does not depend on them, and nothing may be downloaded here.
+        return keras.applications.MobileNetV2(weights=None, input_shape=(*input_size, 3), classes=num_classes)
+    from weakloc.models.train import small_gap_cnn
+
+    return small_gap_cnn(input_size, num_classes, width=16)
+
+
+def make_images(n: int, size, fmt: str, seed: int = 0) -> list[bytes]:
+    """Smooth random pictures (upsampled noise) so JPEG sizes and decode costs resemble photos."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
+def write_shards(images: list[bytes], directory: str, shards: int = 4) -> str:
+    from weakloc.models import records
+
+    os.makedirs(directory, exist_ok=True)
+    files = [open(os.path.join(directory, f"bench-{s:05d}-of-{shards:05d}.tfrecord"), "wb") for s in range(shards)]
+    for i, data in enumerate(images):
+        files[i % shards].write(records.frame_record(records.make_example(data, source_id=f"img{i:06d}")))
+    for f in files:
+        f.close()
+    return os.path.join(directory, "bench-*.tfrecord")
+
+
+def timed(fn, *args, repeat: int = 1):
+    best = float("inf")
+    result = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
+def stage_times(model_path, prep, shard_glob, batch_size, tmp):
+    """Each stage alone, in-process, over the same images: read, decode/resize, forward, CAM, boxes, write."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from weakloc.models import annotate, images, records, schema
+    from weakloc.models.cam import CamModel, load_keras_model
+
+    def read():
+        out = []
+        for path in sorted(glob.glob(shard_glob)):
+            with open(path, "rb") as f:
+                out.extend(records.parse_example(d).encoded for _, d in records.iter_records(f))
+        return out
+
+    t_read, encoded = timed(read)
+    t_decode, decoded = timed(lambda: [images.decode_image(e, prep["input_size"]) for e in encoded])
+    pixels = np.stack([d.pixels for d in decoded])
+    model = load_keras_model(model_path)
+    scale, offset = prep["scale"], prep["offset"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *prep["input_size"], 3], tf.uint8)])
+    def forward(x):
+        return model(tf.cast(x, tf.float32) * scale + offset, training=False)
+
+    batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+    forward(batches[0])
+    cam = CamModel(model, input_size=prep["input_size"], scale=scale, offset=offset)
+    cam(batches[0])
+    # Interleaved and best-of-3, so a burst of load on a shared machine does not land on one side only.
+    t_forward = t_fwd_cam = float("inf")
+    for _ in range(3):
+        t_forward = min(t_forward, timed(lambda: [forward(b).numpy() for b in batches])[0])
+        t, outs = timed(lambda: [cam(b) for b in batches])
+        t_fwd_cam = min(t_fwd_cam, t)
+    opts = annotate.BoxOptions()
+    metas = [annotate.ImageMeta(f"img{i}", "s", d.width, d.height) for i, d in enumerate(decoded)]
+    names = tuple(prep["class_names"])
+
+    def boxes():
+        rows, i = [], 0
+        for o in outs:
+            n = len(o.scores)
+            extra = np.zeros((n, 0), np.int32)
+            rows += annotate.annotate_batch(o, metas[i : i + n], names, opts, "m", extra)
+            i += n
+        return rows
+
+    t_boxes, rows = timed(boxes, repeat=2)
+    t_write, _ = timed(lambda: pq.write_table(pa.Table.from_pylist(rows, schema.ANNOTATION_SCHEMA),
+                                              os.path.join(tmp, "stage.parquet"), compression="snappy"))
+    return {
+        "read": t_read,
+        "decode_resize": t_decode,
+        "forward": t_forward,
+        "cam": max(t_fwd_cam - t_forward, 0.0),
+        "boxes": t_boxes,
+        "write": t_write,
+        "forward_limit_img_s": len(pixels) / t_forward,
+        "forward_plus_cam_img_s": len(pixels) / t_fwd_cam,
+    }
+
+
+def run_weakloc(shard_glob, model_path, out, batch_size, extra=()):
+    from weakloc.pipeline import label
+
+    t = time.perf_counter()
+    summary = label.run(["--input", shard_glob, "--model", model_path, "--output", out, "--batch_size",
+                         str(batch_size), "--overwrite", *extra])
+    return time.perf_counter() - t, summary
+
+
+def run_stock(shard_glob, model_path, prep, out, batch_size):
+    """What a user would otherwise build: same read + decode, then stock RunInference for classes only."""
+    import apache_beam as beam
+    import pyarrow as pa
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
+
+    from weakloc.transforms.decode import DecodeDoFn
+    from weakloc.transforms.read import ReadInputs
+
+    scale, offset = prep["scale"], prep["offset"]
+    handler = TFModelHandlerNumpy(model_path, min_batch_size=batch_size, max_batch_size=batch_size)
+    schema = pa.schema([("image_id", pa.string()), ("class_id", pa.int32()), ("score", pa.float32())])
+
+    def to_row(pair):
+        meta, pred = pair
+        c = int(np.argmax(pred.inference))
+        return {"image_id": meta.image_id, "class_id": c, "score": float(pred.inference[c])}
+
+    t = time.perf_counter()
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        raw = (p | ReadInputs([shard_glob], "tfrecord")).inputs
+        decoded = raw | beam.ParDo(DecodeDoFn(prep["input_size"], prep["class_names"]))
+        keyed = decoded | beam.Map(lambda d: (d.meta, d.pixels.astype(np.float32) * scale + offset))
+        from apache_beam.ml.inference.base import KeyedModelHandler
+
+        preds = keyed | RunInference(KeyedModelHandler(handler))
+        preds | beam.Map(to_row) | beam.io.WriteToParquet(os.path.join(out, "stock"), schema,
+                                                          file_name_suffix=".parquet")
+    return time.perf_counter() - t
+
+
+def run_tf_keras_vis(model_path, prep, encoded, n):
+    """Per-image Grad-CAM of the top class with tf-keras-vis, decode included (as its users do)."""
+    from tf_keras_vis.gradcam import Gradcam
+    from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    from weakloc.models import images
+    from weakloc.models.cam import load_keras_model
+
+    model = load_keras_model(model_path)
+    gradcam = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)
+
+    def one(data):
+        x = images.decode_image(data, prep["input_size"]).pixels[None].astype(np.float32)
+        x = x * prep["scale"] + prep["offset"]
+        top = int(np.argmax(model(x, training=False)[0]))
+        return gradcam(CategoricalScore([top]), x)
+
+    one(encoded[0])  # warm-up (graph building) is not counted
+    t = time.perf_counter()
+    for data in encoded[1 : n + 1]:
+        one(data)
+    return n / (time.perf_counter() - t)
+
+
+def bench_config(name, n, batch_size, n_gradcam, workdir):
+    kind, input_size, image_size, fmt, classes = CONFIGS[name]
+    d = os.path.join(workdir, name)
+    os.makedirs(d, exist_ok=True)
+    model = build_model(kind, input_size, classes)
+    model_path = os.path.join(d, "model.keras")
+    model.save(model_path)
+    prep = {"input_size": list(input_size), "scale": 1 / 127.5, "offset": -1.0,
+            "class_names": [f"c{i}" for i in range(classes)]}
+    with open(os.path.join(d, "model.json"), "w") as f:
+        json.dump(prep, f)
+    prep["input_size"] = tuple(input_size)
+    encoded = make_images(n, image_size, fmt)
+    shard_glob = write_shards(encoded, os.path.join(d, "shards"))
+    mean_bytes = sum(map(len, encoded)) / n
+
+    stages = stage_times(model_path, prep, shard_glob, batch_size, d)
+    t_local, summary = run_weakloc(shard_glob, model_path, os.path.join(d, "out_local"), batch_size,
+                                   ["--runner=FnApiRunner"])
+    assert summary["counts"]["annotated"] == n, summary["counts"]
+    t_mp, _ = run_weakloc(shard_glob, model_path, os.path.join(d, "out_mp"), batch_size,
+                          ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    t_stock = run_stock(shard_glob, model_path, prep, os.path.join(d, "out_stock"), batch_size)
+    try:
+        gradcam_img_s = run_tf_keras_vis(model_path, prep, encoded, n_gradcam)
+    except ImportError as exc:
+        gradcam_img_s = None
+        print(f"  tf-keras-vis unavailable ({exc}); pip install '.[bench]'", file=sys.stderr)
+
+    limit = stages["forward_limit_img_s"]
+    local = n / t_local
+    total_stage = sum(stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write"))
+    return {
+        "config": name,
+        "model_input": list(input_size),
+        "images": n,
+        "image_size": list(image_size),
+        "image_format": fmt,
+        "mean_image_bytes": round(mean_bytes),
+        "batch_size": batch_size,
+        "forward_limit_img_s": limit,
+        "forward_plus_cam_img_s": stages["forward_plus_cam_img_s"],
+        "weakloc_local_img_s": local,
+        "weakloc_local_vs_limit": local / limit,
+        "weakloc_mp2_img_s": n / t_mp,
+        "weakloc_mp2_vs_limit": (n / t_mp) / limit,
+        "stock_runinference_img_s": n / t_stock,
+        "weakloc_vs_stock": local / (n / t_stock),
+        "tf_keras_vis_gradcam_img_s": gradcam_img_s,
+        "weakloc_vs_gradcam": (local / gradcam_img_s) if gradcam_img_s else None,
+        "cam_plus_boxes_share_of_forward": (stages["cam"] + stages["boxes"]) / stages["forward"],
+        "stage_share": {k: stages[k] / total_stage for k in ("read", "decode_resize", "forward", "cam", "boxes",
+                                                              "write")},
+        "stage_seconds": {k: stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write")},
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="mobilenetv2,small")
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--gradcam_images", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="weakloc-bench-")
+    results = []
+    for name in args.configs.split(","):
+        print(f"== {name}: {args.images} images, batch {args.batch_size}", flush=True)
+        r = bench_config(name, args.images, args.batch_size, args.gradcam_images, workdir)
+        results.append(r)
+        for key, val in r.items():
+            if isinstance(val, float):
+                print(f"  {key:34s} {val:10.3f}")
+            elif isinstance(val, dict):
+                print(f"  {key:34s} " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+            else:
+                print(f"  {key:34s} {val}")
+    peak = {
+        "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+    print(f"peak RSS: this process {peak['self_mb']:.0f} MB, largest child {peak['children_mb']:.0f} MB")
+    doc = {"results": results, "peak_rss": peak, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
