@@ -15,6 +15,7 @@ commands:
   label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
   demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
   export  write a run's boxes as COCO, YOLO, Pascal VOC or TF Object Detection TFRecords
+  report  a static HTML page (and a PNG contact sheet) to look at a run's boxes and CAMs
 
 `weakloc <command> --help` lists a command's flags."""
 
@@ -49,10 +50,10 @@ def main(argv=None) -> int:
     from weakloc.models.export import ExportError
     from weakloc.models.sidecar import SidecarError
 
-    from . import demo, export, label
+    from . import demo, export, label, report
     from .options import OptionsError
 
-    commands = {"label": label.run, "demo": demo.run, "export": export.run}
+    commands = {"label": label.run, "demo": demo.run, "export": export.run, "report": report.run}
     if command not in commands:
         print(f"weakloc: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
