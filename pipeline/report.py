@@ -158,7 +158,10 @@ def run(argv: Optional[list[str]] = None) -> dict:
     if table.num_rows == 0 and not failures and not summary:
         raise OptionsError(f"--annotations {args.annotations} holds no annotations, failures or summary.json")
     has_cams = "cams" in table.column_names
-    rows = table.to_pylist()
+    # CAMs are most of the table's bytes: only the sampled rows' maps are turned into Python objects.
+    rows = table.drop_columns(["cams"]).to_pylist() if has_cams else table.to_pylist()
+    for i, r in enumerate(rows):
+        r["_row"] = i
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
 
     class_names = list(summary.get("model", {}).get("class_names") or
@@ -172,6 +175,11 @@ def run(argv: Optional[list[str]] = None) -> dict:
     sample = sample_per_class(rows, args.per_class, args.seed)
     needed = {r["source"] for group in sample.values() for r in group}
     fetched = {s: (data, why) for s, data, why in sources.iter_image_bytes(sorted(needed))}
+    if has_cams:
+        cams = table.column("cams")
+        for group in sample.values():
+            for r in group:
+                r.setdefault("cams", cams[r["_row"]].as_py())
     tiles, sections, unavailable, overlays = [], [], 0, 0
     for label, group in sample.items():
         figures = []
