@@ -88,7 +88,8 @@ def rng():
 
 
 # Image ids that must never become paths outside an output folder (export file names, report thumbnails).
-HOSTILE_IDS = ("../../etc/x", "gs://b/a.jpg", "C:\\dir\\img 4.png", "/abs/path/../y.png", "", "same/name", "same_name")
+HOSTILE_IDS = ("../../etc/x", "gs://b/a.jpg", "C:\\dir\\img 4.png", "/abs/path/../y.png", "", "same/name", "same_name",
+               "<img src=x onerror=alert(1)>")
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +110,7 @@ def labelled_run(tmp_path_factory, tiny_model_path) -> dict:
     shards.mkdir()
     data = synthetic.make_shapes(10, size=40, seed=5)
     names = ("cat", "dog", "bird")
-    ids = list(HOSTILE_IDS) + ["plain-7", "plain-8", "plain-9"]
+    ids = (list(HOSTILE_IDS) + [f"plain-{i}" for i in range(10)])[:10]
     frames = []
     for i in range(10):
         canvas = np.full((40, 56, 3), 40, np.uint8)

@@ -324,7 +324,6 @@ def test_image_bytes_come_back_from_files_and_shards(labelled_run, tmp_path):
     assert got[str(tmp_path / "gone.png")][0] is None
 
 
-@pytest.mark.slow
 def test_tfrecord_round_trip_through_weakloc_label(labelled_run, tmp_path):
     """Export as TF Object Detection TFRecords, label those with the same model: the same images (bytes re-read
     from the source shards) give the same predictions, and the exported boxes come back as the true boxes."""
@@ -350,3 +349,26 @@ def test_tfrecord_round_trip_through_weakloc_label(labelled_run, tmp_path):
         np.testing.assert_allclose([[b["xmin"], b["ymax"], b["score"]] for b in sorted(s["boxes"], key=key)],
                                    [[b["xmin"], b["ymax"], b["score"]] for b in want], atol=1e-4)
         assert sorted(lbl["label"] for lbl in s["labels"]) == sorted({b["label"] for b in r["boxes"]})
+
+
+def test_tfrecord_leaves_out_images_whose_source_is_gone(labelled_run, tmp_path):
+    """Bytes come from the source; a row whose source no longer exists is left out and named in export.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    run.mkdir()
+    table = results.read_table(labelled_run["out"])
+    src = table.column("source").to_pylist()
+    src[0] = str(tmp_path / "moved-away.png")
+    table = table.set_column(table.column_names.index("source"), "source", pa.array(src, pa.string()))
+    pq.write_table(table, run / "annotations-00000-of-00001.parquet")
+    (run / "summary.json").write_text((pathlib.Path(labelled_run["out"]) / "summary.json").read_text())
+    out = tmp_path / "tf"
+    assert run_export("--annotations", str(run), "--format", "tfrecord", "--output", str(out)) == 0
+    counts = json.loads((out / "export.json").read_text())["counts"]
+    assert counts["images_out"] == 10 and counts["images_written"] == 9
+    assert [m["source"] for m in counts["images_without_bytes"]] == [src[0]]
+    with open(out / "weakloc-00000-of-00001.tfrecord", "rb") as f:
+        ids = [records.parse_example(r).image_id for _, r in records.iter_records(f)]
+    assert len(ids) == 9 and table.column("image_id")[0].as_py() not in ids

@@ -95,7 +95,7 @@ def parse_page(path: pathlib.Path) -> _Page:
 @pytest.fixture(scope="module")
 def report_dir(labelled_run, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("report") / "report"
-    assert cli.main(["report", "--annotations", labelled_run["out"], "--output", str(out), "--per_class", "3"]) == 0
+    assert cli.main(["report", "--annotations", labelled_run["out"], "--output", str(out), "--per_class", "10"]) == 0
     return out
 
 
@@ -124,10 +124,12 @@ def test_report_shows_the_runs_counts_and_failures(labelled_run, report_dir):
     # the garbage record is the run's one failure, with its stage and id
     assert "Failures (1)" in text and "garbage" in text and "<td>decode</td>" in text
     assert "CAM overlay" in text and "has no CAMs" not in text
-    # per class: min(3, images of that class) pictures, each with its caption
+    # an image id holding markup is shown as text, never as markup
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    # per class: min(10, images of that class) pictures, each with its caption
     page = parse_page(report_dir / "index.html")
     thumbs = [s for s in page.imgs if s.startswith("images/")]
-    assert len(thumbs) == sum(min(3, sum(1 for r in rows if any(b["label"] == c for b in r["boxes"])))
+    assert len(thumbs) == sum(min(10, sum(1 for r in rows if any(b["label"] == c for b in r["boxes"])))
                               for c in per_class)
 
 
@@ -141,6 +143,11 @@ def test_report_without_cams_says_so(labelled_run, tmp_path):
     assert cli.main(["report", "--annotations", str(run), "--output", str(out)]) == 0
     text = (out / "index.html").read_text(encoding="utf-8")
     assert "has no CAMs" in text and "· CAM overlay" not in text
+    # the default sample is at most 6 images per class
+    rows = table.to_pylist()
+    thumbs = [s for s in parse_page(out / "index.html").imgs if s.startswith("images/")]
+    assert len(thumbs) == sum(min(6, sum(1 for r in rows if any(b["label"] == c for b in r["boxes"])))
+                              for c in {b["label"] for r in rows for b in r["boxes"]})
     # and an existing report is not overwritten without asking
     assert cli.main(["report", "--annotations", str(run), "--output", str(out)]) == 2
 
