@@ -118,8 +118,11 @@ def _tile(row: dict, label: str, data: Optional[bytes], why: Optional[str], clas
         cam = _cam_for(row, shown["class_id"])
         if cam is not None:
             small, overlaid = viz.cam_overlay(small, cam), True
+    # Boxes the input carried (ground truth) in thin white under the weak boxes, for comparison by eye.
+    truth = [dict(g, color=(255, 255, 255)) for g in row.get("gt_boxes") or []]
     boxes = [dict(b, color=viz.color(class_index.get(b["label"], 0)), caption=f"{b['label']} {b['score']:.2f}")
              for b in row["boxes"] or []]
+    small = viz.draw_boxes(small, truth, scale=scale, width=1, captions=False)
     return viz.draw_boxes(small, boxes, scale=scale), overlaid
 
 
@@ -250,7 +253,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 <h2>Scores and box sizes</h2>
 <div class="plots">{_img("score_hist.png", "score histogram")}{_img("cam_score_hist.png", "CAM score histogram")}{_img("box_area_hist.png", "box area histogram")}</div>
 <h2>A sample of images per class</h2>
-<p class="note">{cam_note} Boxes of every class are drawn, coloured by class, with the class probability.
+<p class="note">{cam_note} Boxes of every class are drawn, coloured by class, with the class probability{"; thin white boxes are those the input carried (ground truth)" if any(r["gt_boxes"] for r in rows) else ""}.
 Up to {args.per_class} images per class, sampled with seed {args.seed}.</p>
 {missing_note}
 {''.join(sections) or '<p>No annotated images.</p>'}
