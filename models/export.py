@@ -115,12 +115,15 @@ class ExportBox:
 
 @dataclasses.dataclass
 class ExportImage:
+    """file_name: where the export put a copy of the picture (relative to the export folder), if it did."""
+
     image_id: str
     source: str
     width: int
     height: int
     boxes: list[ExportBox]
     gt_boxes: list[ExportBox]
+    file_name: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -227,6 +230,21 @@ def image_extension(image_id: str) -> str:
     return m.group(0).lower() if m else ""
 
 
+_MAGIC = ((b"\xff\xd8", "jpeg", ".jpg"), (b"\x89PNG", "png", ".png"), (b"GIF8", "gif", ".gif"), (b"BM", "bmp", ".bmp"),
+          (b"II*\x00", "tiff", ".tif"), (b"MM\x00*", "tiff", ".tif"))
+
+
+def sniff_format(data: bytes) -> tuple[str, str]:
+    """(format name as TF OD's image/format spells it, file extension) from an image's first bytes; ("", "")
+    when unknown."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", ".webp"
+    for magic, name, ext in _MAGIC:
+        if data.startswith(magic):
+            return name, ext
+    return "", ""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # COCO
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +257,7 @@ def coco_bbox(xyxy) -> list[float]:
 
 
 def _coco_images_and_categories(es: ExportSet) -> tuple[list[dict], list[dict]]:
-    images = [{"id": i + 1, "file_name": im.image_id, "width": im.width, "height": im.height,
+    images = [{"id": i + 1, "file_name": im.file_name or im.image_id, "width": im.width, "height": im.height,
                "weakloc_source": im.source} for i, im in enumerate(es.images)]
     categories = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(es.categories)]
     return images, categories

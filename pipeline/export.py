@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
 import time
 from typing import Optional
 
@@ -42,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                                          '{"cat": "animal", "bird": null}, or a path to such a JSON file')
     flt.add_argument("--keep_empty", action="store_true", help="also export images left without boxes")
     ap.add_argument("--num_shards", type=int, default=1, help="tfrecord: number of output shards")
+    ap.add_argument("--copy_images", action="store_true",
+                    help="coco, yolo, voc: also copy each picture, re-read from its source, beside the labels "
+                         "(images/, or JPEGImages/ for voc); tfrecord always holds them")
     return ap
 
 
@@ -100,17 +104,35 @@ def _write_yolo(es: fmt.ExportSet, out: str) -> list[str]:
 def _write_voc(es: fmt.ExportSet, out: str) -> list[str]:
     for im in es.images:
         stem = fmt.safe_stem(im.image_id)
-        _write(FileSystems.join(out, "Annotations", stem + ".xml"),
-               fmt.voc_xml(im, stem + (fmt.image_extension(im.image_id) or ".jpg")))
+        filename = posixpath.basename(im.file_name) if im.file_name else \
+            stem + (fmt.image_extension(im.image_id) or ".jpg")
+        _write(FileSystems.join(out, "Annotations", stem + ".xml"), fmt.voc_xml(im, filename))
     _write(FileSystems.join(out, "labels.txt"), "".join(n + "\n" for n in es.categories).encode())
     return ["labels.txt", f"Annotations/ ({len(es.images)} files)"]
 
 
-def _image_format(data: bytes) -> str:
-    for magic, name in ((b"\xff\xd8", "jpeg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp")):
-        if data.startswith(magic):
-            return name
-    return ""
+# Where each format's tools look for the pictures.
+IMAGE_FOLDERS = {"coco": "images", "yolo": "images", "voc": "JPEGImages"}
+
+
+def _copy_images(es: fmt.ExportSet, out: str, folder: str, counts: dict) -> list[str]:
+    """Copy each image's original bytes to `folder/<stem><ext>`; images whose source cannot be read leave the
+    export (labels without their picture would mislead a trainer) and are listed in counts."""
+    by_source = {im.source: im for im in es.images}
+    missing = []
+    for source, data, reason in sources.iter_image_bytes(im.source for im in es.images):
+        im = by_source[source]
+        if data is None:
+            missing.append({"source": source, "reason": reason})
+            logger.warning("left out of the export (no image bytes): %s", reason)
+            continue
+        ext = fmt.sniff_format(data)[1] or fmt.image_extension(im.image_id) or ".img"
+        im.file_name = f"{folder}/{fmt.safe_stem(im.image_id)}{ext}"
+        _write(FileSystems.join(out, im.file_name), data)
+    es.images = [im for im in es.images if im.file_name]
+    counts["images_copied"] = len(es.images)
+    counts["images_without_bytes"] = missing
+    return [f"{folder}/ ({len(es.images)} files)"]
 
 
 def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) -> list[str]:
@@ -126,7 +148,7 @@ def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) 
                 continue
             im = by_source[source]
             handles[written % num_shards].write(
-                records.frame_record(fmt.tf_example(im, encoded, image_format=_image_format(encoded))))
+                records.frame_record(fmt.tf_example(im, encoded, image_format=fmt.sniff_format(encoded)[0])))
             written += 1
     finally:
         for h in handles:
@@ -154,14 +176,17 @@ def run(argv: Optional[list[str]] = None) -> dict:
                            keep_empty=args.keep_empty)
     es = fmt.select(rows, class_names, flt)
     counts = dict(es.counts)
+    files = []
+    if args.copy_images and args.format != "tfrecord":
+        files = _copy_images(es, out, IMAGE_FOLDERS[args.format], counts)
     if args.format == "coco":
-        files = _write_coco(es, out)
+        files += _write_coco(es, out)
     elif args.format == "yolo":
-        files = _write_yolo(es, out)
+        files += _write_yolo(es, out)
     elif args.format == "voc":
-        files = _write_voc(es, out)
+        files += _write_voc(es, out)
     else:
-        files = _write_tfrecord(es, out, args.num_shards, counts)
+        files += _write_tfrecord(es, out, args.num_shards, counts)
     doc = {"format": args.format, "annotations": args.annotations, "model": summary.get("model", {}).get("name"),
            "categories": es.categories, "filter": flt.to_json(), "counts": counts, "files": files,
            "seconds": round(time.time() - t0, 2)}

@@ -372,3 +372,25 @@ def test_tfrecord_leaves_out_images_whose_source_is_gone(labelled_run, tmp_path)
     with open(out / "weakloc-00000-of-00001.tfrecord", "rb") as f:
         ids = [records.parse_example(r).image_id for _, r in records.iter_records(f)]
     assert len(ids) == 9 and table.column("image_id")[0].as_py() not in ids
+
+
+@pytest.mark.parametrize("name", ["coco", "yolo", "voc"])
+def test_copy_images_puts_each_picture_where_the_format_looks(labelled_run, tmp_path, name):
+    from PIL import Image
+
+    out = tmp_path / name
+    assert run_export("--annotations", labelled_run["out"], "--format", name, "--output", str(out),
+                      "--copy_images") == 0
+    if name == "coco":
+        pictures = [out / im["file_name"] for im in json.loads((out / "instances.json").read_text())["images"]]
+    elif name == "yolo":  # Ultralytics finds labels/<stem>.txt from images/<stem>.<ext>
+        pictures = sorted((out / "images").iterdir())
+        assert sorted(p.stem for p in pictures) == sorted(p.stem for p in (out / "labels").iterdir())
+    else:
+        pictures = [out / "JPEGImages" / ET.parse(p).getroot().findtext("filename")
+                    for p in (out / "Annotations").iterdir()]
+    assert len(pictures) == 10
+    for p in pictures:
+        assert p.suffix == ".png" and out.resolve() in p.resolve().parents  # the shards hold PNGs
+        assert Image.open(p).size == (56, 40)
+    assert json.loads((out / "export.json").read_text())["counts"]["images_copied"] == 10
