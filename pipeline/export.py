@@ -76,7 +76,7 @@ def load(annotations: str) -> tuple[list[dict], list[str], dict]:
     rows = table.drop_columns([c for c in ("cams",) if c in table.column_names]).to_pylist()
     if not names:
         names = sorted({b["label"] for r in rows for b in r["boxes"] or []})
-        logger.warning("no summary.json in %s: class names taken from the boxes (%s)", annotations, names)
+        logger.warning("no class names in %s/summary.json: taken from the boxes (%s)", annotations, names)
     return rows, list(names), summary
 
 

@@ -19,7 +19,6 @@ import random
 import time
 from typing import Optional
 
-from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import visualize as viz
 from weakloc.models.export import safe_stem
@@ -236,6 +235,22 @@ def run(argv: Optional[list[str]] = None) -> dict:
                 ["failed", counts.get("failed", len(failures))], ["balanced", counts.get("balanced", "?")],
                 ["boxes", len(boxes)], ["images without a box", sum(1 for r in rows if not r["boxes"])],
                 ["model", summary.get("model", {}).get("name") or (rows[0]["model"] if rows else "?")]]
+    gt_note = "; thin white boxes are those the input carried (ground truth)" if any(
+        r["gt_boxes"] for r in rows) else ""
+    written = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    plots_html = "".join(_img(name, alt) for name, alt in (
+        ("score_hist.png", "score histogram"), ("cam_score_hist.png", "CAM score histogram"),
+        ("box_area_hist.png", "box area histogram")))
+    if failures:
+        failures_html = (_table(["stage", "error", "failures"], [[s, e, n] for (s, e), n in by_stage.most_common()],
+                                {2})
+                         + _table(["stage", "error", "image id", "source", "message"], fail_rows))
+        if len(failures) > args.max_failures:
+            failures_html += f"<p>First {args.max_failures} of {len(failures)} listed.</p>"
+    else:
+        failures_html = "<p>None.</p>"
+    summary_html = html.escape(json.dumps(summary, indent=2, sort_keys=True)) if summary else \
+        "No summary.json in the run folder."
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -244,28 +259,26 @@ def run(argv: Optional[list[str]] = None) -> dict:
 <script>{CHECK_SCRIPT}</script>
 </head><body>
 <h1>weakloc report</h1>
-<p>Run: <code>{html.escape(args.annotations)}</code>. Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
+<p>Run: <code>{html.escape(args.annotations)}</code>. Written {written}.</p>
 <p id="broken-note" class="note" hidden></p>
 {_table(["", "value"], overview)}
 <h2>Boxes per class</h2>
 {_table(["class", "boxes", "images"], class_rows, {1, 2})}
 <div class="plots">{_img("class_counts.png", "boxes per class")}</div>
 <h2>Scores and box sizes</h2>
-<div class="plots">{_img("score_hist.png", "score histogram")}{_img("cam_score_hist.png", "CAM score histogram")}{_img("box_area_hist.png", "box area histogram")}</div>
+<div class="plots">{plots_html}</div>
 <h2>A sample of images per class</h2>
-<p class="note">{cam_note} Boxes of every class are drawn, coloured by class, with the class probability{"; thin white boxes are those the input carried (ground truth)" if any(r["gt_boxes"] for r in rows) else ""}.
+<p class="note">{cam_note} Boxes of every class are drawn, coloured by class, with the class probability{gt_note}.
 Up to {args.per_class} images per class, sampled with seed {args.seed}.</p>
 {missing_note}
 {''.join(sections) or '<p>No annotated images.</p>'}
 <h2>Failures ({len(failures)})</h2>
-{_table(["stage", "error", "failures"], [[s, e, n] for (s, e), n in by_stage.most_common()], {2}) if failures else '<p>None.</p>'}
-{_table(["stage", "error", "image id", "source", "message"], fail_rows) if failures else ''}
-{f'<p>First {args.max_failures} of {len(failures)} listed.</p>' if len(failures) > args.max_failures else ''}
+{failures_html}
 <h2>Contact sheet</h2>
 <p><a href="contact_sheet.png">contact_sheet.png</a> (every sampled picture on one PNG)</p>
 {_img("contact_sheet.png", "contact sheet", width=960)}
 <h2>Run summary</h2>
-<pre>{html.escape(json.dumps(summary, indent=2, sort_keys=True)) if summary else 'No summary.json in the run folder.'}</pre>
+<pre>{summary_html}</pre>
 </body></html>
 """
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
