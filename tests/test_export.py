@@ -218,7 +218,6 @@ def test_cocoeval_on_an_exported_pair_gives_the_hand_computed_ap(tmp_path):
     0.5. COCO's 101-point interpolated AP is then 51/101 (recall points 0.00..0.50) at every level, so AP,
     AP50, AP75 and AP(medium: 1600 px^2) all equal 51/101, and AR@100 = 0.5.
     """
-    pytest.importorskip("pycocotools")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -250,7 +249,6 @@ def run_export(*argv) -> int:
 
 
 def test_cli_coco_loads_in_pycocotools(labelled_run, tmp_path):
-    pytest.importorskip("pycocotools")
     from pycocotools.coco import COCO
 
     out = tmp_path / "coco"
