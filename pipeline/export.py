@@ -82,6 +82,8 @@ def load(annotations: str) -> tuple[list[dict], list[str], dict]:
 
 def _write_coco(es: fmt.ExportSet, out: str) -> list[str]:
     files = {"instances.json": fmt.coco_dataset(es), "results.json": fmt.coco_results(es)}
+    if not files["results.json"]:
+        logger.warning("no box passed the filter: results.json is empty, which pycocotools' loadRes cannot load")
     if any(im.gt_boxes for im in es.images):
         files["ground_truth.json"] = fmt.coco_dataset(es, ground_truth=True, description="input boxes")
     for name, doc in files.items():
