@@ -398,3 +398,18 @@ def test_copy_images_puts_each_picture_where_the_format_looks(labelled_run, tmp_
         assert p.suffix == ".png" and out.resolve() in p.resolve().parents  # the shards hold PNGs
         assert Image.open(p).size == (56, 40)
     assert json.loads((out / "export.json").read_text())["counts"]["images_copied"] == 10
+
+
+def test_class_map_file_merges_and_drops_in_the_command(labelled_run, tmp_path):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"cat": "animal", "dog": "animal", "bird": None}))
+    out = tmp_path / "yolo"
+    assert run_export("--annotations", labelled_run["out"], "--format", "yolo", "--output", str(out),
+                      "--class_map", str(mapping)) == 0
+    rows = results.read_table(labelled_run["out"]).to_pylist()
+    assert yaml.safe_load((out / "data.yaml").read_text())["names"] == {0: "animal"}
+    lines = [ln for p in (out / "labels").iterdir() for ln in p.read_text().splitlines()]
+    assert len(lines) == sum(1 for r in rows for b in r["boxes"] if b["label"] in ("cat", "dog"))
+    assert {ln.split()[0] for ln in lines} <= {"0"}
+    dropped = json.loads((out / "export.json").read_text())["counts"]["boxes_dropped"]
+    assert dropped["class"] == sum(1 for r in rows for b in r["boxes"] if b["label"] == "bird")

@@ -209,3 +209,16 @@ def test_broken_picture_is_caught_by_the_browser_check(chromium, report_dir, tmp
                           (copy / "index.html").resolve().as_uri()], capture_output=True, text=True, timeout=120)
     attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
     assert attrs.get("data-images-broken") == "1" and attrs.get("data-errors") == "1", attrs
+
+
+def test_pictures_open_as_a_viewer_shows_them():
+    """A JPEG stored 40 wide and 20 high with EXIF orientation 6 is shown 20 wide and 40 high, as `weakloc label`
+    measures it, so boxes in its coordinates land on the right pixels."""
+    import io
+
+    stored = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif)
+    assert viz.open_rgb(buf.getvalue()).size == (20, 40)
