@@ -305,14 +305,19 @@ def yolo_lines(im: ExportImage) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def yolo_data_yaml(categories: Sequence[str]) -> str:
-    """Ultralytics data.yaml: the dataset root is the export folder, images in images/, labels in labels/."""
+def yolo_data_yaml(categories: Sequence[str], root: str) -> str:
+    """Ultralytics data.yaml: `root` is the export folder, pictures in images/, labels in labels/.
+
+    `root` should be absolute: Ultralytics resolves a relative `path` against its own datasets directory, not
+    against the YAML file's folder.
+    """
     import yaml
 
-    doc = {"path": ".", "train": "images", "val": "images", "nc": len(categories),
+    doc = {"path": root, "train": "images", "val": "images", "nc": len(categories),
            "names": {i: n for i, n in enumerate(categories)}}
-    return "# written by weakloc export; put each image in images/ under the stem of its labels/ file\n" + \
-        yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    return ("# written by weakloc export; each picture goes in images/ under the stem of its labels/ file\n"
+            "# (--copy_images puts it there); edit `path` if you move this folder\n"
+            + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import posixpath
 import time
 from typing import Optional
@@ -93,7 +94,8 @@ def _write_coco(es: fmt.ExportSet, out: str) -> list[str]:
 
 def _write_yolo(es: fmt.ExportSet, out: str) -> list[str]:
     written = ["data.yaml", "images.txt"]
-    _write(FileSystems.join(out, "data.yaml"), fmt.yolo_data_yaml(es.categories).encode())
+    root = out if "://" in out else os.path.abspath(out)
+    _write(FileSystems.join(out, "data.yaml"), fmt.yolo_data_yaml(es.categories, root).encode())
     index = []
     for im in es.images:
         stem = fmt.safe_stem(im.image_id)

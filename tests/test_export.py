@@ -163,7 +163,7 @@ def test_every_format_writes_the_same_boxes(tmp_path):
     assert [len(t.gt_boxes) for t in tf] == [1, 1]
     assert {o.findtext("name") for objs in voc for o in objs} == {"animal"}
     assert [c["name"] for c in coco["categories"]] == ["animal"]
-    assert yaml.safe_load(fmt.yolo_data_yaml(es.categories))["names"] == {0: "animal"}
+    assert yaml.safe_load(fmt.yolo_data_yaml(es.categories, "/x"))["names"] == {0: "animal"}
 
 
 @pytest.mark.parametrize("bad", [dict(min_score=1.5), dict(min_area=0.5, max_area=0.2), dict(min_side=-1)])
@@ -292,6 +292,7 @@ def test_cli_yolo_and_voc_files_named_safely(labelled_run, tmp_path, capsys):
     assert n_lines == sum(1 for r in keep for b in r["boxes"] if b["score"] >= 0.34)
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
     assert data["names"] == {0: "cat", 1: "dog", 2: "bird"} and data["nc"] == 3
+    assert data["path"] == str(tmp_path / "yolo") and data["train"] == "images"
     xmls = sorted((tmp_path / "voc" / "Annotations").iterdir())
     assert [p.stem for p in xmls] == [p.stem for p in labels]
     for p in xmls:
