@@ -414,3 +414,39 @@ def test_class_map_file_merges_and_drops_in_the_command(labelled_run, tmp_path):
     assert {ln.split()[0] for ln in lines} <= {"0"}
     dropped = json.loads((out / "export.json").read_text())["counts"]["boxes_dropped"]
     assert dropped["class"] == sum(1 for r in rows for b in r["boxes"] if b["label"] == "bird")
+
+
+def test_tfrecords_parse_with_tensorflows_own_reader(labelled_run, tmp_path):
+    """TensorFlow's TFRecordDataset and parse_single_example, with the feature spec of the TF Object Detection
+    API's decoder, read what we wrote: sizes match the decoded pictures, boxes are normalised, labels 1-based."""
+    import tensorflow as tf
+
+    out = tmp_path / "tf"
+    assert run_export("--annotations", labelled_run["out"], "--format", "tfrecord", "--output", str(out)) == 0
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature((), tf.string),
+        "image/format": tf.io.FixedLenFeature((), tf.string),
+        "image/height": tf.io.FixedLenFeature((), tf.int64),
+        "image/width": tf.io.FixedLenFeature((), tf.int64),
+        "image/source_id": tf.io.FixedLenFeature((), tf.string),
+        **{f"image/object/bbox/{k}": tf.io.VarLenFeature(tf.float32) for k in ("xmin", "ymin", "xmax", "ymax")},
+        "image/object/class/label": tf.io.VarLenFeature(tf.int64),
+        "image/object/class/text": tf.io.VarLenFeature(tf.string),
+    }
+    rows = {r["image_id"]: r for r in results.read_table(labelled_run["out"]).to_pylist()}
+    seen = 0
+    for raw in tf.data.TFRecordDataset(str(out / "weakloc-00000-of-00001.tfrecord")):
+        ex = tf.io.parse_single_example(raw, spec)
+        row = rows[ex["image/source_id"].numpy().decode()]
+        pixels = tf.io.decode_image(ex["image/encoded"]).numpy()
+        assert pixels.shape[:2] == (int(ex["image/height"]), int(ex["image/width"])) == (row["height"], row["width"])
+        assert ex["image/format"].numpy() == b"png"
+        xmin = tf.sparse.to_dense(ex["image/object/bbox/xmin"]).numpy()
+        xmax = tf.sparse.to_dense(ex["image/object/bbox/xmax"]).numpy()
+        np.testing.assert_allclose(sorted(xmin), sorted(b["xmin"] / row["width"] for b in row["boxes"]), atol=1e-6)
+        assert (xmin < xmax).all() and (xmax <= 1.0).all()
+        labels = tf.sparse.to_dense(ex["image/object/class/label"]).numpy()
+        texts = [t.decode() for t in tf.sparse.to_dense(ex["image/object/class/text"], default_value=b"").numpy()]
+        assert [int(lbl) - 1 for lbl in labels] == [labelled_run["class_names"].index(t) for t in texts]
+        seen += 1
+    assert seen == 10
