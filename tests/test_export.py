@@ -450,3 +450,13 @@ def test_tfrecords_parse_with_tensorflows_own_reader(labelled_run, tmp_path):
         assert [int(lbl) - 1 for lbl in labels] == [labelled_run["class_names"].index(t) for t in texts]
         seen += 1
     assert seen == 10
+
+
+def test_split_source_tells_records_from_files(tmp_path):
+    shard = tmp_path / "x.tfrecord"
+    shard.write_bytes(b"")
+    odd = tmp_path / "photo:3"  # a file name that looks like a record source; no file "photo" exists
+    odd.write_bytes(b"")
+    assert sources.split_source(f"{shard}:12") == (str(shard), 12)
+    assert sources.split_source(str(odd)) == (str(odd), None)
+    assert sources.split_source(str(tmp_path / "a.png")) == (str(tmp_path / "a.png"), None)
