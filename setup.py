@@ -37,10 +37,14 @@ setuptools.setup(
         "scipy>=1.10",
         # CRC32C of TFRecord frames, in C; we read frames ourselves to survive damaged shards.
         "google-crc32c>=1.5",
+        # weakloc export: YOLO data.yaml.
+        "pyyaml>=5.4",
+        # weakloc report: histograms (Agg backend, no display needed).
+        "matplotlib>=3.6",
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pycocotools>=2.0.6"],
         # tests/benchmarks/throughput.py compares against per-image Grad-CAM from tf-keras-vis.
         "bench": ["tf-keras-vis>=0.8.7", "tensorflow-hub"],  # hub: imported by Beam's TF model handler
     },

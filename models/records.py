@@ -166,6 +166,7 @@ def make_example(
     box_texts: list[str] = (),
     width: int | None = None,
     height: int | None = None,
+    image_format: str = "",
 ) -> bytes:
     """Serialize a tf.train.Example in the same convention (used by dataset builders and tests)."""
     from tensorflow.core.example import example_pb2, feature_pb2
@@ -184,6 +185,8 @@ def make_example(
         feats[KEY_SOURCE_ID] = b([source_id.encode()])
     if filename is not None:
         feats[KEY_FILENAME] = b([filename.encode()])
+    if image_format:
+        feats["image/format"] = b([image_format.encode()])
     if width is not None:
         feats["image/width"] = i([width])
     if height is not None:

@@ -1,4 +1,4 @@
-"""The `weakloc` command: `weakloc label ...`, `weakloc demo ...`.
+"""The `weakloc` command: `weakloc label ...`, `weakloc demo ...`, `weakloc export ...`, `weakloc report ...`.
 
 Errors a user can fix (bad flags, a model without a GAP head, a sidecar that does not match) end the command
 with exit code 2 and one line that says what was expected, before any worker starts.
@@ -14,6 +14,8 @@ USAGE = """usage: weakloc <command> [flags]
 commands:
   label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
   demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
+  export  write a run's boxes as COCO, YOLO, Pascal VOC or TF Object Detection TFRecords
+  report  a static HTML page (and a PNG contact sheet) to look at a run's boxes and CAMs
 
 `weakloc <command> --help` lists a command's flags."""
 
@@ -45,18 +47,19 @@ def main(argv=None) -> int:
     _quiet_tensorflow()
     from weakloc.models.annotate import ThresholdsError
     from weakloc.models.cam import ModelStructureError
+    from weakloc.models.export import ExportError
     from weakloc.models.sidecar import SidecarError
 
-    from . import demo, label
+    from . import demo, export, label, report
     from .options import OptionsError
 
-    commands = {"label": label.run, "demo": demo.run}
+    commands = {"label": label.run, "demo": demo.run, "export": export.run, "report": report.run}
     if command not in commands:
         print(f"weakloc: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         commands[command](rest)
-    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError) as exc:
+    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, ExportError) as exc:
         print(f"weakloc {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

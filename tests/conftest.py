@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = pathlib.Path(os.environ.get("WEAKLOC_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
 RUNNER = "FnApiRunner"  # never DirectRunner here: it would try to download Prism first
 
 
@@ -85,3 +85,45 @@ def shapes_model(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# Image ids that must never become paths outside an output folder (export file names, report thumbnails).
+HOSTILE_IDS = ("../../etc/x", "gs://b/a.jpg", "C:\\dir\\img 4.png", "/abs/path/../y.png", "", "same/name", "same_name",
+               "<img src=x onerror=alert(1)>")
+
+
+@pytest.fixture(scope="session")
+def labelled_run(tmp_path_factory, tiny_model_path) -> dict:
+    """One `weakloc label --emit_cams --top_k 2` run on two TFRecord shards (one GZIP) for export and report tests.
+
+    Ten 56x40 images (a 40x40 shape pasted at x=10) with an image label and one true box each, ids from
+    HOSTILE_IDS (an empty id falls back to `<shard>:<index>`), plus one record whose image bytes are garbage (a
+    decode failure row).
+    """
+    import gzip
+
+    from weakloc.models import records, synthetic
+    from weakloc.pipeline import label
+
+    root = tmp_path_factory.mktemp("labelled_run")
+    shards = root / "shards"
+    shards.mkdir()
+    data = synthetic.make_shapes(10, size=40, seed=5)
+    names = ("cat", "dog", "bird")
+    ids = (list(HOSTILE_IDS) + [f"plain-{i}" for i in range(10)])[:10]
+    frames = []
+    for i in range(10):
+        canvas = np.full((40, 56, 3), 40, np.uint8)
+        canvas[:, 10:50] = data.images[i]
+        x0, y0, x1, y1 = (float(v) for v in data.boxes[i])
+        frames.append(records.frame_record(records.make_example(
+            synthetic.encode_png(canvas), source_id=ids[i] or None, labels=[i % 3], label_texts=[names[i % 3]],
+            boxes=[[(x0 + 10) / 56, y0 / 40, (x1 + 10) / 56, y1 / 40]], box_labels=[i % 3],
+            box_texts=[names[i % 3]])))
+    frames.append(records.frame_record(records.make_example(b"not an image", source_id="garbage")))
+    (shards / "a.tfrecord").write_bytes(b"".join(frames[:6]))
+    (shards / "b.tfrecord").write_bytes(gzip.compress(b"".join(frames[6:])))
+    out = root / "out"
+    label.run(["--input", str(shards / "*.tfrecord"), "--model", tiny_model_path, "--output", str(out),
+               "--top_k", "2", "--emit_cams", f"--runner={RUNNER}"])
+    return {"out": str(out), "shards": shards, "model": tiny_model_path, "class_names": names}

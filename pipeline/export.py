@@ -1,0 +1,200 @@
+"""`weakloc export`: a labelling run's Parquet -> COCO, YOLO, Pascal VOC or TF Object Detection TFRecords.
+
+    weakloc export --annotations weak_labels/2026-11-25 --format coco --output coco/ [--min_score 0.5]
+
+The filter and class map (models/export.py) are applied once, the same way for every format; `export.json` in the
+output folder records them, the counts of what was kept and dropped, and every file written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import posixpath
+import time
+from typing import Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from weakloc.models import export as fmt
+from weakloc.models import records
+
+from . import results, sources
+from .options import OptionsError
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "export.json"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="weakloc export", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
+    ap.add_argument("--format", required=True, choices=fmt.FORMATS)
+    ap.add_argument("--output", required=True, help="folder to write (local, gs://, s3://)")
+    ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier export")
+    flt = ap.add_argument_group("which boxes (the same for every format)")
+    flt.add_argument("--min_score", type=float, default=0.0, help="class probability at least this")
+    flt.add_argument("--min_cam_score", type=float, default=0.0, help="mean normalised CAM in the box at least this")
+    flt.add_argument("--min_side", type=float, default=0.0, help="box width and height at least this many pixels")
+    flt.add_argument("--min_area", type=float, default=0.0, help="box area at least this fraction of the image")
+    flt.add_argument("--max_area", type=float, default=1.0, help="box area at most this fraction of the image")
+    flt.add_argument("--class_map", help='rename or drop classes: "cat=animal,dog=animal,bird=" or JSON '
+                                         '{"cat": "animal", "bird": null}, or a path to such a JSON file')
+    flt.add_argument("--keep_empty", action="store_true", help="also export images left without boxes")
+    ap.add_argument("--num_shards", type=int, default=1, help="tfrecord: number of output shards")
+    ap.add_argument("--copy_images", action="store_true",
+                    help="coco, yolo, voc: also copy each picture, re-read from its source, beside the labels "
+                         "(images/, or JPEGImages/ for voc); tfrecord always holds them")
+    return ap
+
+
+def _write(path: str, data: bytes) -> None:
+    with FileSystems.create(path) as f:
+        f.write(data)
+
+
+def _class_map_text(value: str) -> str:
+    if value.strip().startswith("{") or "=" in value:
+        return value
+    if not FileSystems.exists(value):
+        raise OptionsError(f"--class_map {value!r} is neither name=new pairs, JSON, nor an existing file")
+    with FileSystems.open(value) as f:
+        return f.read().decode("utf-8")
+
+
+def load(annotations: str) -> tuple[list[dict], list[str], dict]:
+    """Rows, the model's class names and the run summary of a labelling output folder."""
+    table = results.read_table(annotations, "annotations")
+    try:
+        summary = results.read_summary(annotations)
+    except Exception:
+        summary = {}
+    if table.num_rows == 0 and not summary:
+        raise OptionsError(f"--annotations {annotations} holds no annotations-*.parquet and no summary.json")
+    names = summary.get("model", {}).get("class_names")
+    rows = table.drop_columns([c for c in ("cams",) if c in table.column_names]).to_pylist()
+    if not names:
+        names = sorted({b["label"] for r in rows for b in r["boxes"] or []})
+        logger.warning("no class names in %s/summary.json: taken from the boxes (%s)", annotations, names)
+    return rows, list(names), summary
+
+
+def _write_coco(es: fmt.ExportSet, out: str) -> list[str]:
+    files = {"instances.json": fmt.coco_dataset(es), "results.json": fmt.coco_results(es)}
+    if not files["results.json"]:
+        logger.warning("no box passed the filter: results.json is empty, which pycocotools' loadRes cannot load")
+    if any(im.gt_boxes for im in es.images):
+        files["ground_truth.json"] = fmt.coco_dataset(es, ground_truth=True, description="input boxes")
+    for name, doc in files.items():
+        _write(FileSystems.join(out, name), json.dumps(doc).encode())
+    return list(files)
+
+
+def _write_yolo(es: fmt.ExportSet, out: str) -> list[str]:
+    written = ["data.yaml", "images.txt"]
+    root = out if "://" in out else os.path.abspath(out)
+    _write(FileSystems.join(out, "data.yaml"), fmt.yolo_data_yaml(es.categories, root).encode())
+    index = []
+    for im in es.images:
+        stem = fmt.safe_stem(im.image_id)
+        _write(FileSystems.join(out, "labels", stem + ".txt"), fmt.yolo_lines(im).encode())
+        index.append({"stem": stem, "image_id": im.image_id, "source": im.source})
+    _write(FileSystems.join(out, "images.txt"), "".join(json.dumps(r) + "\n" for r in index).encode())
+    return written + [f"labels/ ({len(index)} files)"]
+
+
+def _write_voc(es: fmt.ExportSet, out: str) -> list[str]:
+    for im in es.images:
+        stem = fmt.safe_stem(im.image_id)
+        filename = posixpath.basename(im.file_name) if im.file_name else \
+            stem + (fmt.image_extension(im.image_id) or ".jpg")
+        _write(FileSystems.join(out, "Annotations", stem + ".xml"), fmt.voc_xml(im, filename))
+    _write(FileSystems.join(out, "labels.txt"), "".join(n + "\n" for n in es.categories).encode())
+    return ["labels.txt", f"Annotations/ ({len(es.images)} files)"]
+
+
+# Where each format's tools look for the pictures.
+IMAGE_FOLDERS = {"coco": "images", "yolo": "images", "voc": "JPEGImages"}
+
+
+def _copy_images(es: fmt.ExportSet, out: str, folder: str, counts: dict) -> list[str]:
+    """Copy each image's original bytes to `folder/<stem><ext>`; images whose source cannot be read leave the
+    export (labels without their picture would mislead a trainer) and are listed in counts."""
+    by_source = {im.source: im for im in es.images}
+    missing = []
+    for source, data, reason in sources.iter_image_bytes(im.source for im in es.images):
+        im = by_source[source]
+        if data is None:
+            missing.append({"source": source, "reason": reason})
+            logger.warning("left out of the export (no image bytes): %s", reason)
+            continue
+        ext = fmt.sniff_format(data)[1] or fmt.image_extension(im.image_id) or ".img"
+        im.file_name = f"{folder}/{fmt.safe_stem(im.image_id)}{ext}"
+        _write(FileSystems.join(out, im.file_name), data)
+    es.images = [im for im in es.images if im.file_name]
+    counts["images_copied"] = len(es.images)
+    counts["images_without_bytes"] = missing
+    return [f"{folder}/ ({len(es.images)} files)"]
+
+
+def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) -> list[str]:
+    by_source = {im.source: im for im in es.images}
+    names = [f"weakloc-{s:05d}-of-{num_shards:05d}.tfrecord" for s in range(num_shards)]
+    handles = [FileSystems.create(FileSystems.join(out, n)) for n in names]
+    missing, written = [], 0
+    try:
+        for source, encoded, reason in sources.iter_image_bytes(im.source for im in es.images):
+            if encoded is None:
+                missing.append({"source": source, "reason": reason})
+                logger.warning("left out of the TFRecords (no image bytes): %s", reason)
+                continue
+            im = by_source[source]
+            handles[written % num_shards].write(
+                records.frame_record(fmt.tf_example(im, encoded, image_format=fmt.sniff_format(encoded)[0])))
+            written += 1
+    finally:
+        for h in handles:
+            h.close()
+    _write(FileSystems.join(out, "label_map.pbtxt"), fmt.label_map_pbtxt(es.categories).encode())
+    counts["images_written"] = written
+    counts["images_without_bytes"] = missing
+    return names + ["label_map.pbtxt"]
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Parse flags, read the annotations, filter once, write the chosen format; returns export.json's content."""
+    args = parser().parse_args(argv)
+    t0 = time.time()
+    if args.num_shards < 1:
+        raise OptionsError(f"--num_shards must be >= 1, got {args.num_shards}")
+    out = args.output.rstrip("/")
+    if FileSystems.exists(FileSystems.join(out, SUMMARY)) and not args.overwrite:
+        raise OptionsError(f"--output {out} already holds an export ({SUMMARY}); pass --overwrite or choose "
+                           "a new folder")
+    rows, class_names, summary = load(args.annotations)
+    class_map = fmt.parse_class_map(_class_map_text(args.class_map), class_names) if args.class_map else {}
+    flt = fmt.ExportFilter(min_score=args.min_score, min_cam_score=args.min_cam_score, min_side=args.min_side,
+                           min_area=args.min_area, max_area=args.max_area, class_map=class_map,
+                           keep_empty=args.keep_empty)
+    es = fmt.select(rows, class_names, flt)
+    counts = dict(es.counts)
+    files = []
+    if args.copy_images and args.format != "tfrecord":
+        files = _copy_images(es, out, IMAGE_FOLDERS[args.format], counts)
+    if args.format == "coco":
+        files += _write_coco(es, out)
+    elif args.format == "yolo":
+        files += _write_yolo(es, out)
+    elif args.format == "voc":
+        files += _write_voc(es, out)
+    else:
+        files += _write_tfrecord(es, out, args.num_shards, counts)
+    doc = {"format": args.format, "annotations": args.annotations, "model": summary.get("model", {}).get("name"),
+           "categories": es.categories, "filter": flt.to_json(), "counts": counts, "files": files,
+           "seconds": round(time.time() - t0, 2)}
+    _write(FileSystems.join(out, SUMMARY), json.dumps(doc, indent=2).encode())
+    logger.info("exported %d images, %d boxes (%d dropped) as %s to %s", counts["images_out"], counts["boxes_out"],
+                counts["boxes_in"] - counts["boxes_out"], args.format, out)
+    return doc
