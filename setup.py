@@ -40,7 +40,7 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )
