@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "weakloc"
 FAILURES = "failures"
+SKIPPED = "skipped"  # inputs an earlier output already labelled (--skip_labeled); elements are image ids
 _GZIP_MAGIC = b"\x1f\x8b"
 # An image file larger than this is refused from its listed size; the biggest real photos (100 MP TIFF, 16-bit)
 # stay below it, and a worker can afford to hold one such file while it decodes.
@@ -113,8 +114,12 @@ class _ReadImageFileDoFn(beam.DoFn):
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
         self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
 
-    def process(self, item):
+    def process(self, item, skip_ids=None):
         path, size = item
+        if skip_ids is not None and path in skip_ids:
+            # Already labelled by an earlier run (the id of an image file is its path): not even read.
+            yield beam.pvalue.TaggedOutput(SKIPPED, path)
+            return
         if size is not None and size > self.max_file_bytes:
             # Refused from the listing, before a byte is read: a stray huge file must not exhaust a worker.
             self.read_failures.inc()
@@ -136,17 +141,19 @@ class _ReadImageFileDoFn(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """File patterns -> PCollection[RawInput], with a `failures` output of failure rows.
+    """File patterns -> PCollection[RawInput], with a `failures` output of failure rows and a `skipped` output.
 
     Args:
       patterns: file globs (local, gs://, s3://, ...).
       input_format: "tfrecord" or "images".
       folder_labels: for images, take the parent folder's name as the image-level label.
       max_file_bytes: image files listed as larger become failure rows without being read.
+      skip_ids: a dict-like side input of image ids already labelled; image files whose path is in it go to the
+        `skipped` output unread (TFRecord ids are only known after parsing: the decode step skips those).
     """
 
     def __init__(self, patterns, input_format: str, *, folder_labels: bool = False,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, skip_ids=None):
         super().__init__()
         if input_format not in ("tfrecord", "images"):
             raise ValueError(f"input_format must be 'tfrecord' or 'images', got {input_format!r}")
@@ -154,6 +161,7 @@ class ReadInputs(beam.PTransform):
         self.input_format = input_format
         self.folder_labels = folder_labels
         self.max_file_bytes = max_file_bytes
+        self.skip_ids = skip_ids
 
     def expand(self, pbegin):
         paths = (
@@ -168,4 +176,5 @@ class ReadInputs(beam.PTransform):
         )
         fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(
             self.folder_labels, self.max_file_bytes)
-        return paths | "Open" >> beam.ParDo(fn).with_outputs(FAILURES, main="inputs")
+        side = {"skip_ids": self.skip_ids} if self.skip_ids is not None and self.input_format == "images" else {}
+        return paths | "Open" >> beam.ParDo(fn, **side).with_outputs(FAILURES, SKIPPED, main="inputs")
