@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -90,7 +90,9 @@ def test_decode_returns_a_picture_or_a_decode_error(data):
         out = images.decode_image(data, (8, 8))
     except images.ImageDecodeError as exc:
         assert exc.reason in {"empty", "unrecognised", "unreadable", "too_large", "corrupt"}
+        event(f"refused: {exc.reason}")
         return
+    event(f"decoded: {out.format}")
     assert out.pixels.shape == (8, 8, 3) and out.pixels.dtype == np.uint8
     assert out.width >= 1 and out.height >= 1
 
@@ -101,7 +103,9 @@ def test_parse_returns_an_example_or_an_example_error(data):
     try:
         ex = records.parse_example(data)
     except records.ExampleError:
+        event("refused")
         return
+    event("parsed")
     assert isinstance(ex.encoded, bytes) and ex.encoded
     assert all(len(b) == 4 for b in ex.gt_boxes)
 
@@ -122,6 +126,7 @@ def test_decode_step_accounts_for_every_input_exactly_once(decode_fn, kind, imag
     else:
         raw = RawInput(source="s.tfrecord:0", kind="example", payload=example)
     (out,) = list(decode_fn.process(raw))  # exactly one output: a picture or a failure row
+    event(f"{kind}: " + ("annotated" if isinstance(out, DecodedInput) else f"failed at {out.value['stage']}"))
     if isinstance(out, DecodedInput):
         assert out.pixels.shape == (8, 8, 3) and out.meta.source == raw.source
     else:
@@ -147,6 +152,7 @@ def test_damaged_stream_yields_an_intact_prefix_then_one_record_error(data):
             got.append((offset, payload))
     except records.RecordError as exc:
         assert 0 <= exc.offset <= len(data)
+        event(f"damaged after {len(got)} records")
     else:
         # A clean end is only possible at a frame boundary of what was read.
         assert sum(16 + len(p) for _, p in got) == len(data)
