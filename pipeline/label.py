@@ -66,7 +66,8 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
         label_offset=config.label_offset,
     )
     side = {"skip_ids": skip_ids} if skip_ids is not None else {}
-    decoded = read.inputs | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(FAILURES, SKIPPED, main="images")
+    decoded = read["inputs"] | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(
+        FAILURES, SKIPPED, main="images")
     handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
     annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
     failures = (
@@ -76,7 +77,7 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
     ) | "AllFailures" >> beam.Flatten()
     # Everything that entered: records and files read, plus image files skipped unread (already labelled).
     entered = (
-        read.inputs | "InputEntered" >> beam.Map(lambda _: 1),
+        read["inputs"] | "InputEntered" >> beam.Map(lambda _: 1),
         read[SKIPPED] | "SkippedEntered" >> beam.Map(lambda _: 1),
     ) | "AllEntered" >> beam.Flatten()
     skipped = (read[SKIPPED], decoded[SKIPPED]) | "AllSkipped" >> beam.Flatten()

@@ -74,6 +74,34 @@ def open_maybe_gzip(path: str):
     return _GzipStream(raw) if magic == _GZIP_MAGIC else raw
 
 
+def printable_path(path: str) -> str:
+    """A path as text that survives UTF-8 (undecodable bytes of a local file name shown as \\xNN escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class _ListedPathDoFn(beam.DoFn):
+    """A matched file -> (path, size), or a read failure row when the name cannot travel between steps.
+
+    A local file name that is not valid UTF-8 reaches Python as a str with surrogate escapes; Beam's coders
+    refuse to encode it and would fail the whole run, so it becomes a failure row naming it with escapes.
+    """
+
+    def __init__(self):
+        self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
+
+    def process(self, meta):
+        try:
+            meta.path.encode("utf-8")
+        except UnicodeEncodeError:
+            self.read_failures.inc()
+            shown = printable_path(meta.path)
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(
+                shown, "read", "UnicodeEncodeError", "file name is not valid UTF-8 (shown with \\x escapes); "
+                "rename it to be read", image_id=None))
+            return
+        yield meta.path, meta.size_in_bytes
+
+
 class _ReadShardDoFn(beam.DoFn):
     """A TFRecord shard path -> one RawInput per record, and a failure row where the shard is damaged."""
 
@@ -164,11 +192,14 @@ class ReadInputs(beam.PTransform):
         self.skip_ids = skip_ids
 
     def expand(self, pbegin):
-        paths = (
+        listed = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> fileio.MatchAll()
-            | "Paths" >> beam.Map(lambda meta: (meta.path, meta.size_in_bytes))
+            | "Paths" >> beam.ParDo(_ListedPathDoFn()).with_outputs(FAILURES, main="paths")
+        )
+        paths = (
+            listed.paths
             # Overlapping patterns must not label (and count) a file twice.
             | "UniquePaths" >> beam.Distinct()
             # Without this a runner reads every file on the worker that matched the pattern.
@@ -177,4 +208,13 @@ class ReadInputs(beam.PTransform):
         fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(
             self.folder_labels, self.max_file_bytes)
         side = {"skip_ids": self.skip_ids} if self.skip_ids is not None and self.input_format == "images" else {}
-        return paths | "Open" >> beam.ParDo(fn, **side).with_outputs(FAILURES, SKIPPED, main="inputs")
+        opened = paths | "Open" >> beam.ParDo(fn, **side).with_outputs(FAILURES, SKIPPED, main="inputs")
+        # Unlisted names are deduplicated too, so overlapping patterns give one failure row per bad name.
+        bad_names = (
+            listed[FAILURES]
+            | "BadNameKeys" >> beam.Map(lambda row: (row["source"], row))
+            | "UniqueBadNames" >> beam.CombinePerKey(lambda rows: next(iter(rows)))
+            | "BadNameRows" >> beam.Values()
+        )
+        failures = (bad_names, opened[FAILURES]) | "ReadFailures" >> beam.Flatten()
+        return {"inputs": opened.inputs, FAILURES: failures, SKIPPED: opened[SKIPPED]}
