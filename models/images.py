@@ -33,12 +33,14 @@ class DecodedImage:
     pixels: numpy.ndarray(dtype=uint8, shape=(H_in, W_in, 3)), RGB at the model input size.
     width, height: the original size in pixels as a viewer shows it (after EXIF orientation).
     format: the container format Pillow recognised ("JPEG", "PNG", ...).
+    orientation: the EXIF orientation tag that was applied (1-8; 1 means none).
     """
 
     pixels: np.ndarray
     width: int
     height: int
     format: str
+    orientation: int = 1
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -160,4 +162,4 @@ def decode_image(
         raise ImageDecodeError("corrupt", f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from exc
     if pixels.shape != (h_in, w_in, 3):
         raise ImageDecodeError("corrupt", f"decoded to unexpected shape {pixels.shape}")
-    return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt)
+    return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt, orientation=int(orientation))

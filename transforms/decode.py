@@ -8,7 +8,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from weakloc.models import images, records
+from weakloc.models import boxes, images, records
 from weakloc.models.annotate import ImageMeta, resolve_labels
 from weakloc.models.schema import failure_row
 
@@ -75,6 +75,10 @@ class DecodeDoFn(beam.DoFn):
                 encoded, gt = raw.payload, ([], [], [])
             stage = "decode"
             img = images.decode_image(encoded, self.input_size, max_pixels=self.max_pixels)
+            if gt[0] and img.orientation != 1:
+                # Ground truth is normalised to the stored grid (TensorFlow's decoders ignore EXIF); boxes are
+                # reported on the picture a viewer sees, so the truth turns with it.
+                gt = (boxes.orient_normalized_boxes(gt[0], img.orientation).tolist(), gt[1], gt[2])
         except Exception as exc:  # every reason becomes a row; the run goes on
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(FAILURES, failure_row(raw.source, stage, exc, image_id=image_id))
