@@ -20,6 +20,7 @@ from weakloc.models import images, records, synthetic
 from weakloc.transforms.decode import DecodedInput, DecodeDoFn
 from weakloc.transforms.read import FAILURES, RawInput
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow narrates corrupt TIFF/EXIF it survives
 EXAMPLES = int(os.environ.get("WEAKLOC_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
     max_examples=EXAMPLES,
