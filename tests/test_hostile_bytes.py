@@ -233,3 +233,15 @@ def test_shard_that_cannot_be_opened_is_one_read_failure(tmp_path):
     row = out.value
     assert (row["source"], row["stage"], row["image_id"]) == (str(gone), "read", None)
     assert "cannot read shard after 0 records" in row["message"]
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("dir/caf\udce9.png", "dir/caf\\xe9.png"),  # Latin-1 byte 0xE9 as os.listdir hands it over
+    ("x\ud800y.png", "x\\ud800y.png"),  # a lone surrogate from elsewhere
+    ("ok/caf\u00e9.png", "ok/caf\u00e9.png"),  # valid UTF-8 names are shown unchanged
+])
+def test_printable_path_always_encodes(raw, shown):
+    from weakloc.transforms.read import printable_path
+
+    assert printable_path(raw) == shown
+    printable_path(raw).encode("utf-8")

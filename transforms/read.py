@@ -76,7 +76,10 @@ def open_maybe_gzip(path: str):
 
 def printable_path(path: str) -> str:
     """A path as text that survives UTF-8 (undecodable bytes of a local file name shown as \\xNN escapes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from undecodable bytes
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _ListedPathDoFn(beam.DoFn):
