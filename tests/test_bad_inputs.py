@@ -303,3 +303,18 @@ def test_non_utf8_file_names_become_read_failures(tiny_model_path, tmp_path):
     assert "not valid UTF-8" in fail["message"]
     (row,) = results.read_table(str(out)).to_pylist()
     assert row["image_id"] == str(d / "good.png")
+
+
+def test_fifo_matched_by_the_pattern_is_a_read_failure_not_a_hang(tiny_model_path, tmp_path):
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    data = synthetic.make_shapes(1, size=40, seed=24)
+    (d / "good.png").write_bytes(synthetic.encode_png(data.images[0]))
+    os.mkfifo(d / "pipe.png")  # opening it for reading would block forever: no writer
+    out = tmp_path / "out"
+    summary = run("--input", str(d / "*.png"), "--model", tiny_model_path, "--output", str(out))
+    check_counts(summary, annotated=1, failed=1, by_stage={"read": 1})
+    (fail,) = results.read_table(str(out), "failures").to_pylist()
+    assert (fail["source"], fail["error"]) == (str(d / "pipe.png"), "NotARegularFile")

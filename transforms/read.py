@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
+import os
 import posixpath
+import stat
 from typing import Optional
 
 import apache_beam as beam
@@ -102,7 +104,21 @@ class _ListedPathDoFn(beam.DoFn):
                 shown, "read", "UnicodeEncodeError", "file name is not valid UTF-8 (shown with \\x escapes); "
                 "rename it to be read", image_id=None))
             return
+        if "://" not in meta.path and _is_special_file(meta.path):
+            # A FIFO or device matched by a local glob would block (or never end) when read.
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(
+                meta.path, "read", "NotARegularFile", "not a regular file (FIFO, socket or device); not read",
+                image_id=None))
+            return
         yield meta.path, meta.size_in_bytes
+
+
+def _is_special_file(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # gone since listing: the open step reports it
+        return False
 
 
 class _ReadShardDoFn(beam.DoFn):
