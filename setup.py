@@ -44,7 +44,7 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7", "pycocotools>=2.0.6"],
+        "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100"],
         # tests/benchmarks/throughput.py compares against per-image Grad-CAM from tf-keras-vis.
         "bench": ["tf-keras-vis>=0.8.7", "tensorflow-hub"],  # hub: imported by Beam's TF model handler
     },

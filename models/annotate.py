@@ -94,7 +94,8 @@ class ImageMeta:
     """Everything about one input image except its pixels.
 
     label_ids: model class ids of the image-level labels (-1 for a label the model does not know);
-    label_texts: their names. gt_boxes: normalised x0y0x1y1 as read (carried for evaluation).
+    label_texts: their names. gt_boxes: normalised x0y0x1y1 of the picture as a viewer sees it (the decode step
+    turns boxes stored for an EXIF-rotated picture), carried for evaluation.
     """
 
     image_id: str

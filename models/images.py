@@ -33,12 +33,14 @@ class DecodedImage:
     pixels: numpy.ndarray(dtype=uint8, shape=(H_in, W_in, 3)), RGB at the model input size.
     width, height: the original size in pixels as a viewer shows it (after EXIF orientation).
     format: the container format Pillow recognised ("JPEG", "PNG", ...).
+    orientation: the EXIF orientation tag that was applied (1-8; 1 means none).
     """
 
     pixels: np.ndarray
     width: int
     height: int
     format: str
+    orientation: int = 1
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -63,6 +65,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8), 1 when absent or unreadable: a broken EXIF block must not cost the picture."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def decode_image(
@@ -98,7 +109,8 @@ def decode_image(
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("unrecognised", f"not a recognised image format ({len(data)} bytes)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too_large", str(exc)) from exc
+        # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
+        raise ImageDecodeError("too_large", f"{exc} (--max_pixels is {max_pixels})") from exc
     except Exception as exc:  # Pillow raises a zoo of types on hostile headers
         raise ImageDecodeError("unreadable", f"cannot open image: {type(exc).__name__}: {exc}") from exc
 
@@ -113,19 +125,22 @@ def decode_image(
             "(set --max_pixels to raise it)",
         )
     try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block must not cost the picture
-        orientation = 1
-    transposed = orientation in (5, 6, 7, 8)
-
-    try:
         if getattr(img, "is_animated", False):
             img.seek(0)
-        if draft and fmt == "JPEG":
-            # Ask the JPEG decoder for the smallest DCT scale still >= the target in both axes.
-            target = (h_in, w_in) if transposed else (w_in, h_in)
-            img.draft("RGB", target)
-        img.load()
+        if fmt == "JPEG":
+            # JPEG keeps EXIF in a header segment: read it before choosing the draft scale.
+            orientation = _orientation(img)
+            if draft:
+                # Ask the JPEG decoder for the smallest DCT scale still >= the target in both axes.
+                transposed = orientation in (5, 6, 7, 8)
+                img.draft("RGB", (h_in, w_in) if transposed else (w_in, h_in))
+            img.load()
+        else:
+            # Other formats (PNG) may keep EXIF after the pixels, and Pillow loads the pixels to find it; load
+            # here so a corrupt body raises instead of being swallowed with the EXIF error (it would decode black).
+            img.load()
+            orientation = _orientation(img)
+        transposed = orientation in (5, 6, 7, 8)
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
@@ -147,4 +162,4 @@ def decode_image(
         raise ImageDecodeError("corrupt", f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from exc
     if pixels.shape != (h_in, w_in, 3):
         raise ImageDecodeError("corrupt", f"decoded to unexpected shape {pixels.shape}")
-    return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt)
+    return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt, orientation=int(orientation))

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models.schema import failure_row
 from weakloc.transforms.decode import DecodeDoFn
 from weakloc.transforms.inference import CamModelHandler
-from weakloc.transforms.read import FAILURES, ReadInputs
+from weakloc.transforms.read import FAILURES, SKIPPED, ReadInputs
 from weakloc.transforms.write import WriteOutputs
 
 from . import options
@@ -42,19 +42,32 @@ def _failed_batch_rows(failed):
         yield failure_row(item.meta.source, "inference", name, message, image_id=item.meta.image_id)
 
 
+def _previous_ids(p: beam.Pipeline, patterns: list[str]):
+    """Image ids in earlier outputs' annotation tables, as a dict-like side input (read on the workers)."""
+    return beam.pvalue.AsDict(
+        p
+        | "PreviousOutputs" >> beam.Create(patterns)
+        | "ReadPreviousIds" >> beam.io.ReadAllFromParquet(columns=["image_id"])
+        | "PreviousIdKeys" >> beam.Map(lambda row: (row["image_id"], None))
+    )
+
+
 def build(p: beam.Pipeline, config: options.LabelConfig):
     """Add the labeling steps to `p`; returns the PCollection holding the summary path once written."""
+    skip_ids = _previous_ids(p, config.skip_patterns) if config.skip_patterns else None
     read = p | "Read" >> ReadInputs(
-        config.inputs, config.input_format, folder_labels=config.folder_labels, max_file_bytes=config.max_file_bytes
+        config.inputs, config.input_format, folder_labels=config.folder_labels, max_file_bytes=config.max_file_bytes,
+        skip_ids=skip_ids,
     )
-    decoded = read.inputs | "Decode" >> beam.ParDo(
-        DecodeDoFn(
-            config.spec.input_size,
-            config.spec.class_names,
-            max_pixels=config.max_pixels,
-            label_offset=config.label_offset,
-        )
-    ).with_outputs(FAILURES, main="images")
+    decode_fn = DecodeDoFn(
+        config.spec.input_size,
+        config.spec.class_names,
+        max_pixels=config.max_pixels,
+        label_offset=config.label_offset,
+    )
+    side = {"skip_ids": skip_ids} if skip_ids is not None else {}
+    decoded = read["inputs"] | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(
+        FAILURES, SKIPPED, main="images")
     handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
     annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
     failures = (
@@ -62,7 +75,13 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
         decoded[FAILURES],
         dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
     ) | "AllFailures" >> beam.Flatten()
-    return (annotated, failures, read.inputs) | "Write" >> WriteOutputs(
+    # Everything that entered: records and files read, plus image files skipped unread (already labelled).
+    entered = (
+        read["inputs"] | "InputEntered" >> beam.Map(lambda _: 1),
+        read[SKIPPED] | "SkippedEntered" >> beam.Map(lambda _: 1),
+    ) | "AllEntered" >> beam.Flatten()
+    skipped = (read[SKIPPED], decoded[SKIPPED]) | "AllSkipped" >> beam.Flatten()
+    return (annotated, failures, entered, skipped) | "Write" >> WriteOutputs(
         config.output, config.header(), emit_cams=config.box.emit_cams, num_shards=config.num_shards
     )
 

@@ -47,6 +47,9 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                          "(1 for 1-based TF Object Detection label maps); texts that name a class win")
     io.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
     io.add_argument("--overwrite", action="store_true", help="replace weakloc files already in --output")
+    io.add_argument("--skip_labeled", nargs="+", action="extend", default=[], metavar="PREVIOUS_OUTPUT",
+                    help="earlier weakloc output directories: inputs whose image id one of them annotated are "
+                         "skipped (counted in the summary), so a nightly run labels only what is new")
     io.add_argument("--num_shards", type=int, default=0, help="Parquet files per table (0: the runner decides)")
     io.add_argument("--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                     help="refuse image files larger than this, from their listed size, before reading them")
@@ -102,6 +105,8 @@ class LabelConfig:
     batch_size: int
     sidecar_used: Optional[str]
     thresholds_used: Optional[str]
+    skip_patterns: list[str] = dataclasses.field(default_factory=list)
+    previous: list[dict] = dataclasses.field(default_factory=list)
 
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
@@ -120,6 +125,10 @@ class LabelConfig:
                 "offset": self.spec.offset,
                 "class_names": list(self.spec.class_names),
             },
+            "skip_labeled": self.previous,
+            # A different model than an earlier output's is allowed (a retrained model labelling new images),
+            # but the mix must be visible to whoever trains on the union.
+            "model_differs_from_previous": any(not prev["same_model"] for prev in self.previous),
             "options": {
                 "classes": self.box.classes,
                 "top_k": self.box.top_k,
@@ -262,6 +271,17 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
             "pass --overwrite to replace it or choose a new directory"
         )
 
+    # Earlier outputs to skip: each must be a finished weakloc run (its summary.json is written last).
+    previous_docs = []
+    for prev in args.skip_labeled:
+        if prev.rstrip("/") == args.output.rstrip("/"):
+            raise OptionsError(f"--skip_labeled {prev} is --output itself; name the previous run's directory")
+        summary_path = FileSystems.join(prev.rstrip("/"), "summary.json")
+        if not FileSystems.exists(summary_path):
+            raise OptionsError(f"--skip_labeled {prev} holds no summary.json: expected the output directory of a "
+                               "finished weakloc run")
+        previous_docs.append((prev, _read_json(summary_path, "summary")))
+
     # Model: fingerprint the bytes, load once, find the GAP head, reconcile with the sidecar.
     if not FileSystems.exists(args.model):
         raise OptionsError(f"--model {args.model} does not exist")
@@ -330,7 +350,26 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         dense_layer=args.dense_layer,
         safe_mode=not args.unsafe_load,
     )
+    previous, skip_patterns = [], []
+    for prev, doc in previous_docs:
+        model = doc.get("model") or {}
+        entry = {
+            "output": prev,
+            "model": model.get("name"),
+            "sha256_16": model.get("sha256_16"),
+            "same_model": model.get("sha256_16") == fingerprint,
+            "annotated": (doc.get("counts") or {}).get("annotated"),
+        }
+        previous.append(entry)
+        if not entry["same_model"]:
+            logger.warning("--skip_labeled %s was labelled with %s, this run uses %s; the union mixes models",
+                           prev, entry["model"], spec.name)
+        pattern = FileSystems.join(prev.rstrip("/"), "annotations-*.parquet")
+        if FileSystems.match([pattern])[0].metadata_list:
+            skip_patterns.append(pattern)
     return LabelConfig(
+        skip_patterns=skip_patterns,
+        previous=previous,
         inputs=list(args.input),
         input_format=input_format,
         folder_labels=folder_labels,

@@ -275,3 +275,46 @@ def test_tfrecord_counts_add_up(tfrecord_run):
     check_counts(tfrecord_run["summary"], annotated=n_ann, failed=sum(by_stage.values()), by_stage=by_stage)
     assert tfrecord_run["summary"]["counts"]["read"] == tfrecord_run["made"]
     assert len(tfrecord_run["annotations"]) + len(tfrecord_run["failures"]) == tfrecord_run["made"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# File names that are not UTF-8 (Linux allows any bytes): a failure row each, the run goes on.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_non_utf8_file_names_become_read_failures(tiny_model_path, tmp_path):
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    data = synthetic.make_shapes(2, size=40, seed=23)
+    (d / "good.png").write_bytes(synthetic.encode_png(data.images[0]))
+    bad = os.path.join(os.fsencode(d), b"caf\xe9-latin1.png")  # "cafe" with e-acute in Latin-1, not UTF-8
+    with open(bad, "wb") as f:
+        f.write(synthetic.encode_png(data.images[1]))
+    out = tmp_path / "out"
+    # Two overlapping patterns: the bad name still gives one row.
+    summary = run("--input", str(d / "*.png"), "--input", str(d / "caf*"), "--input_format", "images",
+                  "--model", tiny_model_path, "--output", str(out))
+    check_counts(summary, annotated=1, failed=1, by_stage={"read": 1})
+    (fail,) = results.read_table(str(out), "failures").to_pylist()
+    assert fail["source"] == str(d / "caf\\xe9-latin1.png")
+    assert (fail["stage"], fail["error"], fail["image_id"]) == ("read", "UnicodeEncodeError", None)
+    assert "not valid UTF-8" in fail["message"]
+    (row,) = results.read_table(str(out)).to_pylist()
+    assert row["image_id"] == str(d / "good.png")
+
+
+def test_fifo_matched_by_the_pattern_is_a_read_failure_not_a_hang(tiny_model_path, tmp_path):
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    data = synthetic.make_shapes(1, size=40, seed=24)
+    (d / "good.png").write_bytes(synthetic.encode_png(data.images[0]))
+    os.mkfifo(d / "pipe.png")  # opening it for reading would block forever: no writer
+    out = tmp_path / "out"
+    summary = run("--input", str(d / "*.png"), "--model", tiny_model_path, "--output", str(out))
+    check_counts(summary, annotated=1, failed=1, by_stage={"read": 1})
+    (fail,) = results.read_table(str(out), "failures").to_pylist()
+    assert (fail["source"], fail["error"]) == (str(d / "pipe.png"), "NotARegularFile")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
+import os
 import posixpath
+import stat
 from typing import Optional
 
 import apache_beam as beam
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "weakloc"
 FAILURES = "failures"
+SKIPPED = "skipped"  # inputs an earlier output already labelled (--skip_labeled); elements are image ids
 _GZIP_MAGIC = b"\x1f\x8b"
 # An image file larger than this is refused from its listed size; the biggest real photos (100 MP TIFF, 16-bit)
 # stay below it, and a worker can afford to hold one such file while it decodes.
@@ -73,6 +76,51 @@ def open_maybe_gzip(path: str):
     return _GzipStream(raw) if magic == _GZIP_MAGIC else raw
 
 
+def printable_path(path: str) -> str:
+    """A path as text that survives UTF-8 (undecodable bytes of a local file name shown as \\xNN escapes)."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from undecodable bytes
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _ListedPathDoFn(beam.DoFn):
+    """A matched file -> (path, size), or a read failure row when the name cannot travel between steps.
+
+    A local file name that is not valid UTF-8 reaches Python as a str with surrogate escapes; Beam's coders
+    refuse to encode it and would fail the whole run, so it becomes a failure row naming it with escapes.
+    """
+
+    def __init__(self):
+        self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
+
+    def process(self, meta):
+        try:
+            meta.path.encode("utf-8")
+        except UnicodeEncodeError:
+            self.read_failures.inc()
+            shown = printable_path(meta.path)
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(
+                shown, "read", "UnicodeEncodeError", "file name is not valid UTF-8 (shown with \\x escapes); "
+                "rename it to be read", image_id=None))
+            return
+        if "://" not in meta.path and _is_special_file(meta.path):
+            # A FIFO or device matched by a local glob would block (or never end) when read.
+            self.read_failures.inc()
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(
+                meta.path, "read", "NotARegularFile", "not a regular file (FIFO, socket or device); not read",
+                image_id=None))
+            return
+        yield meta.path, meta.size_in_bytes
+
+
+def _is_special_file(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # gone since listing: the open step reports it
+        return False
+
+
 class _ReadShardDoFn(beam.DoFn):
     """A TFRecord shard path -> one RawInput per record, and a failure row where the shard is damaged."""
 
@@ -113,8 +161,12 @@ class _ReadImageFileDoFn(beam.DoFn):
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
         self.read_failures = Metrics.counter(NAMESPACE, "read_failures")
 
-    def process(self, item):
+    def process(self, item, skip_ids=None):
         path, size = item
+        if skip_ids is not None and path in skip_ids:
+            # Already labelled by an earlier run (the id of an image file is its path): not even read.
+            yield beam.pvalue.TaggedOutput(SKIPPED, path)
+            return
         if size is not None and size > self.max_file_bytes:
             # Refused from the listing, before a byte is read: a stray huge file must not exhaust a worker.
             self.read_failures.inc()
@@ -136,17 +188,19 @@ class _ReadImageFileDoFn(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """File patterns -> PCollection[RawInput], with a `failures` output of failure rows.
+    """File patterns -> PCollection[RawInput], with a `failures` output of failure rows and a `skipped` output.
 
     Args:
       patterns: file globs (local, gs://, s3://, ...).
       input_format: "tfrecord" or "images".
       folder_labels: for images, take the parent folder's name as the image-level label.
       max_file_bytes: image files listed as larger become failure rows without being read.
+      skip_ids: a dict-like side input of image ids already labelled; image files whose path is in it go to the
+        `skipped` output unread (TFRecord ids are only known after parsing: the decode step skips those).
     """
 
     def __init__(self, patterns, input_format: str, *, folder_labels: bool = False,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, skip_ids=None):
         super().__init__()
         if input_format not in ("tfrecord", "images"):
             raise ValueError(f"input_format must be 'tfrecord' or 'images', got {input_format!r}")
@@ -154,13 +208,17 @@ class ReadInputs(beam.PTransform):
         self.input_format = input_format
         self.folder_labels = folder_labels
         self.max_file_bytes = max_file_bytes
+        self.skip_ids = skip_ids
 
     def expand(self, pbegin):
-        paths = (
+        listed = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> fileio.MatchAll()
-            | "Paths" >> beam.Map(lambda meta: (meta.path, meta.size_in_bytes))
+            | "Paths" >> beam.ParDo(_ListedPathDoFn()).with_outputs(FAILURES, main="paths")
+        )
+        paths = (
+            listed.paths
             # Overlapping patterns must not label (and count) a file twice.
             | "UniquePaths" >> beam.Distinct()
             # Without this a runner reads every file on the worker that matched the pattern.
@@ -168,4 +226,14 @@ class ReadInputs(beam.PTransform):
         )
         fn = _ReadShardDoFn() if self.input_format == "tfrecord" else _ReadImageFileDoFn(
             self.folder_labels, self.max_file_bytes)
-        return paths | "Open" >> beam.ParDo(fn).with_outputs(FAILURES, main="inputs")
+        side = {"skip_ids": self.skip_ids} if self.skip_ids is not None and self.input_format == "images" else {}
+        opened = paths | "Open" >> beam.ParDo(fn, **side).with_outputs(FAILURES, SKIPPED, main="inputs")
+        # Unlisted names are deduplicated too, so overlapping patterns give one failure row per bad name.
+        bad_names = (
+            listed[FAILURES]
+            | "BadNameKeys" >> beam.Map(lambda row: (row["source"], row))
+            | "UniqueBadNames" >> beam.CombinePerKey(lambda rows: next(iter(rows)))
+            | "BadNameRows" >> beam.Values()
+        )
+        failures = (bad_names, opened[FAILURES]) | "ReadFailures" >> beam.Flatten()
+        return {"inputs": opened.inputs, FAILURES: failures, SKIPPED: opened[SKIPPED]}

@@ -46,6 +46,38 @@ class _CountRows(beam.CombineFn):
         return {"rows": acc["rows"], "boxes": dict(sorted(acc["boxes"].items())), "stages": dict(acc["stages"])}
 
 
+class _Duplicates(beam.CombineFn):
+    """(image_id, rows) pairs with rows > 1 -> how many ids repeat, how many rows they cover, a few examples."""
+
+    EXAMPLES = 20
+
+    def create_accumulator(self):
+        return {"ids": 0, "rows": 0, "examples": []}
+
+    def add_input(self, acc, kv):
+        acc["ids"] += 1
+        acc["rows"] += kv[1]
+        acc["examples"] = sorted(acc["examples"] + [list(kv)])[: self.EXAMPLES]
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            out["ids"] += acc["ids"]
+            out["rows"] += acc["rows"]
+            out["examples"] = sorted(out["examples"] + acc["examples"])[: self.EXAMPLES]
+        return out
+
+    def extract_output(self, acc):
+        return {"ids": acc["ids"], "rows": acc["rows"],
+                "examples": [{"image_id": i, "rows": n} for i, n in acc["examples"]]}
+
+
+def _row_ids(row):
+    if row.get("image_id") is not None:
+        yield row["image_id"]
+
+
 def _write_json_atomically(path: str, doc: dict) -> None:
     tmp = path + ".tmp"
     with FileSystems.create(tmp) as f:
@@ -55,15 +87,20 @@ def _write_json_atomically(path: str, doc: dict) -> None:
     FileSystems.rename([tmp], [path])
 
 
-def _write_summary(_, path, annotations, failures, records, annotation_files, failure_files, header, started):
-    # `read` is counted where inputs enter (records emitted + inputs that could not be read at all), so the
-    # balance below is a check, not a definition. A damaged shard's unread tail is one read failure.
+def _write_summary(_, path, annotations, failures, records, skipped, duplicates, annotation_files, failure_files,
+                   header, started):
+    # `read` is counted where inputs enter (records emitted, image files skipped unread as already labelled, and
+    # inputs that could not be read at all), so the balance below is a check, not a definition. A damaged
+    # shard's unread tail is one read failure.
+    log = logging.getLogger(__name__)
     read = records + failures["stages"].get("read", 0)
-    balanced = read == annotations["rows"] + failures["rows"]
+    balanced = read == annotations["rows"] + failures["rows"] + skipped
     if not balanced:
-        logging.getLogger(__name__).error(
-            "accounting mismatch: %d inputs read but %d annotated + %d failed", read, annotations["rows"],
-            failures["rows"])
+        log.error("accounting mismatch: %d inputs read but %d annotated + %d failed + %d skipped", read,
+                  annotations["rows"], failures["rows"], skipped)
+    if duplicates["ids"]:
+        log.warning("%d image ids occur in more than one row (%d rows), e.g. %r; rows are kept, not merged",
+                    duplicates["ids"], duplicates["rows"], duplicates["examples"][0]["image_id"])
     doc = dict(header)
     doc.update(
         {
@@ -72,9 +109,11 @@ def _write_summary(_, path, annotations, failures, records, annotation_files, fa
                 "balanced": balanced,
                 "annotated": annotations["rows"],
                 "failed": failures["rows"],
+                "skipped_labeled": skipped,
                 "failed_by_stage": failures["stages"],
                 "boxes": sum(annotations["boxes"].values()),
                 "boxes_per_class": annotations["boxes"],
+                "duplicate_ids": duplicates,
             },
             "files": {"annotations": sorted(annotation_files), "failures": sorted(failure_files)},
             "wall_time_s": round(time.time() - started, 3),
@@ -98,7 +137,10 @@ class _CountOut(beam.DoFn):
 
 
 class WriteOutputs(beam.PTransform):
-    """(annotations, failures, raw inputs) -> files under `output`: annotations-*.parquet, failures-*.parquet, summary.json.
+    """(annotations, failures, inputs, skipped) -> annotations-*.parquet, failures-*.parquet, summary.json in `output`.
+
+    `inputs` holds one element per input that entered the run (its count is `read`); `skipped` one per input
+    left out because an earlier output already labelled it (`--skip_labeled`).
 
     Args:
       output: a directory path on any Beam filesystem.
@@ -116,7 +158,7 @@ class WriteOutputs(beam.PTransform):
         self.started = time.time()
 
     def expand(self, pcolls):
-        annotations, failures, inputs = pcolls
+        annotations, failures, inputs, skipped = pcolls
         join = FileSystems.join
         annotations = annotations | "CountAnnotations" >> beam.ParDo(_CountOut("annotations_written"))
         failures = failures | "CountFailures" >> beam.ParDo(_CountOut("failures_written"))
@@ -137,6 +179,16 @@ class WriteOutputs(beam.PTransform):
         ann_counts = annotations | "SummariseAnnotations" >> beam.CombineGlobally(_CountRows())
         fail_counts = failures | "SummariseFailures" >> beam.CombineGlobally(_CountRows())
         input_count = inputs | "CountInputs" >> beam.combiners.Count.Globally()
+        skipped_count = skipped | "CountSkipped" >> beam.combiners.Count.Globally()
+        # Duplicate image ids (two records with one source_id, say) are reported, never merged: every row stays.
+        duplicates = (
+            (annotations | "AnnotationIds" >> beam.FlatMap(_row_ids),
+             failures | "FailureIds" >> beam.FlatMap(_row_ids))
+            | "AllIds" >> beam.Flatten()
+            | "RowsPerId" >> beam.combiners.Count.PerElement()
+            | "Repeated" >> beam.Filter(lambda kv: kv[1] > 1)
+            | "SummariseDuplicates" >> beam.CombineGlobally(_Duplicates())
+        )
         return (
             annotations.pipeline
             | "SummaryTrigger" >> beam.Create([None])
@@ -147,6 +199,8 @@ class WriteOutputs(beam.PTransform):
                 beam.pvalue.AsSingleton(ann_counts),
                 beam.pvalue.AsSingleton(fail_counts),
                 beam.pvalue.AsSingleton(input_count),
+                beam.pvalue.AsSingleton(skipped_count),
+                beam.pvalue.AsSingleton(duplicates),
                 beam.pvalue.AsList(ann_files),
                 beam.pvalue.AsList(fail_files),
                 self.header,
