@@ -24,6 +24,8 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # The ImageNet class names for `--model keras:NAME` travel with the code (no download at run time).
+    package_data={"weakloc.models": ["imagenet_classes.tsv"]},
     install_requires=[
         # Beam IO, RunInference and the portable runners; <3 because we lean on the 2.x ML API.
         "apache-beam>=2.60,<3",
@@ -40,7 +42,8 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7"],
+        # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests.
+        "test": ["pytest>=7", "apache-beam[gcp]>=2.60,<3"],
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )
