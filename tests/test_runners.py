@@ -5,8 +5,10 @@ Runner v2 take). Services listen on loopback only and are always stopped by the 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,17 +39,59 @@ def shards(tmp_path_factory):
     return str(d / "*.tfrecord")
 
 
+def _argv(shards, model, out, *beam_flags):
+    return ["--input", shards, "--model", model, "--output", str(out), "--top_k", "2", "--classes", "both",
+            "--batch_size", "4", *beam_flags]
+
+
 def _label(shards, model, out, *beam_flags):
-    return label.run(["--input", shards, "--model", model, "--output", str(out), "--top_k", "2",
-                      "--classes", "both", "--batch_size", "4", *beam_flags])
+    return label.run(_argv(shards, model, out, *beam_flags))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tiny_model_path, tmp_path_factory):
+def local_run(shards, tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
-    summary = _label(shards, tiny_model_path, out, f"--runner={RUNNER}")
+    shown = _Terminal()
+    summary = label.run(_argv(shards, tiny_model_path, out, f"--runner={RUNNER}"), progress_stream=shown)
     assert summary["counts"]["annotated"] == N_GOOD and summary["counts"]["failed"] == 1
-    return str(out)
+    return str(out), summary, shown.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(local_run):
+    return local_run[0]
+
+
+def _assert_metrics(summary):
+    """The runner's weakloc metrics, against what the inputs hold (N_GOOD pictures and one broken record)."""
+    m = summary["metrics"]
+    assert m["records_read"] == N_GOOD + 1 and m.get("read_failures", 0) == 0
+    assert m["images_decoded"] == N_GOOD and m["decode_failures"] == 1
+    assert m["num_inferences"] == N_GOOD and m.get("inference_failures", 0) == 0
+    assert m["annotations_written"] == N_GOOD and m["failures_written"] == 1
+    assert m["boxes_written"] == summary["counts"]["boxes"] >= N_GOOD
+    sizes = m["inference_request_batch_size"]
+    assert sizes["sum"] == N_GOOD and sizes["max"] <= 4 and sizes["count"] >= 3  # --batch_size 4
+    assert m["inference_batch_latency_micro_secs"]["count"] == sizes["count"]
+    assert m["inference_batch_latency_micro_secs"]["min"] > 0
+
+
+def test_local_run_summary_repeats_the_metrics(local_run):
+    out, summary, _ = local_run
+    _assert_metrics(summary)
+    assert results.read_summary(out) == summary  # written back to summary.json, not only returned
+
+
+def test_local_run_shows_progress_on_a_terminal(local_run):
+    shown = local_run[2]
+    final = shown.split("\r")[-1]
+    assert final.endswith("\n") and shown.count("\n") == 1  # one line, rewritten in place
+    assert re.match(rf"weakloc: {N_GOOD + 1} images done, 1 failed, \d+\.\d images/s, \d+ s\n$", final), final
 
 
 def _canonical(output: str):
@@ -159,6 +203,7 @@ def test_portable_runner_with_external_worker_pool_matches_local(shards, tiny_mo
         assert pool.poll() is None and job.poll() is None
     assert pool.returncode is not None and job.returncode is not None  # both stopped
     assert summary["counts"]["read"] == N_GOOD + 1 and summary["counts"]["balanced"]
+    _assert_metrics(summary)
     _assert_same_output(str(out), reference)
 
 
@@ -168,4 +213,5 @@ def test_multi_processing_workers_match_local(shards, tiny_model_path, reference
     summary = _label(shards, tiny_model_path, out, f"--runner={RUNNER}", "--direct_num_workers=2",
                      "--direct_running_mode=multi_processing")
     assert summary["counts"]["read"] == N_GOOD + 1 and summary["counts"]["balanced"]
+    _assert_metrics(summary)
     _assert_same_output(str(out), reference)

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 
 from weakloc.models import schema
 
+from . import progress
 from .read import NAMESPACE
 
 
@@ -46,7 +47,7 @@ class _CountRows(beam.CombineFn):
         return {"rows": acc["rows"], "boxes": dict(sorted(acc["boxes"].items())), "stages": dict(acc["stages"])}
 
 
-def _write_json_atomically(path: str, doc: dict) -> None:
+def write_json_atomically(path: str, doc: dict) -> None:
     tmp = path + ".tmp"
     with FileSystems.create(tmp) as f:
         f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
@@ -80,7 +81,7 @@ def _write_summary(_, path, annotations, failures, records, annotation_files, fa
             "wall_time_s": round(time.time() - started, 3),
         }
     )
-    _write_json_atomically(path, doc)
+    write_json_atomically(path, doc)
     yield path
 
 
@@ -92,6 +93,7 @@ class _CountOut(beam.DoFn):
 
     def process(self, row):
         self.counter.inc()
+        progress.LOCAL.add(self.name)
         if self.name == "annotations_written":
             self.boxes.inc(len(row["boxes"]))
         yield row
