@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .cam import CamOutputs, ModelStructureError, _activation_name, _kind, _producer, _step_back
+from .cam import CamOutputs, ModelStructureError, _activation_name, _input_of, _kind, _producer, _step_back
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def find_gradcam_head(model, *, feature_layer: str | None = None) -> GradCamHead
 
     The output may be a Dense layer (any activation in softmax/sigmoid/linear) or a Softmax/Activation layer
     after anything linear. The feature map is found by walking back from the output through single-input layers
-    until the first 4-D tensor (Dense, Flatten, pooling, Dropout, ... are all allowed on the way); name it with
-    `feature_layer` (a top-level layer) to pick another.
+    until the first 4-D tensor larger than 1x1 (Dense, Flatten, pooling, Dropout, 1x1 convolutions ... are all
+    allowed on the way); name it with `feature_layer` (a top-level layer) to pick another.
 
     Raises:
       ModelStructureError: no 4-D tensor on the path, a layer with several inputs on it, or an unusable output.
@@ -76,7 +76,7 @@ def find_gradcam_head(model, *, feature_layer: str | None = None) -> GradCamHead
         activation = _activation_name(layer)
         if activation != "linear":
             dense, logits = layer, None
-            dense_input = layer._inbound_nodes[out._keras_history.node_index].input_tensors[0]
+            dense_input = _input_of(out)
     if activation not in ("softmax", "sigmoid", "linear"):
         raise ModelStructureError(
             f"output activation {activation!r} is not softmax, sigmoid or linear; Grad-CAM needs the class logits"
@@ -95,7 +95,8 @@ def find_gradcam_head(model, *, feature_layer: str | None = None) -> GradCamHead
         steps.append(f"{feature_layer} (features, named)")
     else:
         tensor = logits if logits is not None else out
-        while len(tensor.shape) != 4:
+        # A 1x1 map (after GAP with keepdims, as in MobileNetV3's convolutional head) locates nothing: go on.
+        while len(tensor.shape) != 4 or tuple(tensor.shape[1:3]) == (1, 1):
             if layer is None or cls == "InputLayer":
                 raise ModelStructureError(
                     "no 4-D feature map between the input and the output; path from the output: " + " <- ".join(steps)

@@ -17,6 +17,7 @@ from .sidecar import Preprocessing
 logger = logging.getLogger(__name__)
 
 PREFIX = "keras:"
+IMAGENET_SIZE = (224, 224)
 _NAMES_FILE = pathlib.Path(__file__).with_name("imagenet_classes.tsv")
 
 
@@ -112,9 +113,12 @@ def build(model: str, *, weights: str | None = "imagenet"):
 def default_input_size(name: str) -> tuple[int, int]:
     """The (H, W) an ImageNet `name` classifier is built for (224 for most; 299, 331, 240...600 for others).
 
-    Read from a weightless build, since each constructor keeps its default to itself.
+    Read from a weightless build, since each constructor keeps its default to itself. Architectures that accept
+    any size (MobileNetV3, ConvNeXt) get 224, the ImageNet crop they were trained at.
     """
     import keras
 
     shape = getattr(keras.applications, name)(weights=None).input_shape
+    if shape[1] is None or shape[2] is None:
+        return IMAGENET_SIZE
     return int(shape[1]), int(shape[2])

@@ -241,6 +241,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
             raise OptionsError(f"--{name} must be within [0, 1], got {val}")
 
     keras_app = zoo.is_keras_application(args.model)
+    if args.keras_weights != "imagenet" and not keras_app:
+        raise OptionsError(f"--keras_weights goes with --model keras:NAME, not with --model {args.model}")
     weights_file = args.keras_weights if keras_app and args.keras_weights not in ("imagenet", "none") else None
     if runner and runner.split(".")[-1] in REMOTE_RUNNERS:
         paths = [("output", args.output)] + [("input", i) for i in args.input]

@@ -13,17 +13,17 @@ import posixpath
 import shutil
 
 import pytest
+from apache_beam.io.filesystem import FileMetadata, MatchResult
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+from apache_beam.portability.api import beam_runner_api_pb2
 
-pytest.importorskip("apache_beam.runners.dataflow.dataflow_runner", reason="needs the gcp extra")
-pytest.importorskip("google.cloud.storage", reason="needs the gcp extra")
+# The test extra installs apache-beam[gcp]: without it DataflowRunner cannot even import, and this should fail.
+from apache_beam.runners.dataflow import dataflow_runner  # noqa: F401
 
-from apache_beam.io.filesystem import FileMetadata, MatchResult  # noqa: E402
-from apache_beam.io.filesystems import FileSystems  # noqa: E402
-from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
-
-from weakloc.models import records, synthetic  # noqa: E402
-from weakloc.pipeline import label  # noqa: E402
-from weakloc.pipeline.options import OptionsError  # noqa: E402
+from weakloc.models import records, synthetic
+from weakloc.pipeline import label
+from weakloc.pipeline.options import OptionsError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,8 +115,6 @@ def test_dataflow_job_is_translated_from_gs_paths_with_the_setup_file(bucket, tm
         assert any(n == step or n.startswith(step + "/") for n in names), (step, sorted(names)[:20])
     # Workers run our container and install weakloc from the sdist that --setup_file built.
     (env,) = {e.SerializeToString(): e for e in proto.components.environments.values()}.values()
-    from apache_beam.portability.api import beam_runner_api_pb2
-
     payload = beam_runner_api_pb2.DockerPayload.FromString(env.payload)
     assert payload.container_image == "europe-docker.pkg.dev/my-project/weakloc/gpu:1"
     staged = [beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name

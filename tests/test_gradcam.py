@@ -87,6 +87,25 @@ def test_gradcam_batch_parity_and_frozen_model(rng):
     assert gm.tracing_count == 1  # batch sizes 4 and 1 share one graph
 
 
+def test_gradcam_walks_past_a_1x1_convolutional_head(rng):
+    # MobileNetV3's head: GAP(keepdims) -> 1x1 conv -> Flatten -> Softmax; the 1x1 maps locate nothing.
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((32, 32, 3))
+    x = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="features")(inp)
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = layers.Conv2D(3, 1, name="logits")(x)
+    model = keras.Model(inp, layers.Softmax()(layers.Flatten()(x)))
+    gm = gradcam.GradCamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0)
+    assert gm.head.description.endswith("features (Conv2D, features)")
+    # The head is linear after GAP, so this too is ReLU(CAM)/(h w), with the 1x1 conv kernel as the Dense kernel.
+    imgs = _images(rng, 2)
+    out = gm(imgs)
+    f = keras.Model(inp, model.get_layer("features").output)(imgs.astype(np.float32) / 255).numpy()
+    w = model.get_layer("logits").get_weights()[0][0, 0]  # (6, 3)
+    cam_c = np.stack([f[b] @ w[:, out.cam_classes[b, 0]] for b in range(2)])
+    np.testing.assert_allclose(out.low_res[:, 0] * 16 * 16, np.maximum(cam_c, 0), rtol=1e-4, atol=1e-5)
+
+
 def test_gradcam_refuses_a_model_without_feature_map():
     inp = keras.Input((8,))
     with pytest.raises(cam.ModelStructureError, match="no 4-D feature map"):

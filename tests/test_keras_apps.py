@@ -98,3 +98,9 @@ def test_keras_application_on_dataflow_needs_no_model_path_but_a_remote_weights_
     with pytest.raises(OptionsError, match=r"--keras_weights /tmp/w.weights.h5"):
         label.run(["--input", "gs://b/x/*.png", "--model", "keras:MobileNetV2", "--keras_weights",
                    "/tmp/w.weights.h5", "--output", "gs://b/out", "--runner=DataflowRunner"])
+
+
+def test_keras_weights_without_a_keras_model_is_refused(tiny_model_path, tmp_path):
+    with pytest.raises(OptionsError, match="--keras_weights goes with --model keras:NAME"):
+        label.run(["--input", str(tmp_path / "*.png"), "--model", tiny_model_path, "--keras_weights", "none",
+                   "--output", str(tmp_path / "out"), f"--runner={RUNNER}"])
