@@ -85,12 +85,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
-    """Parse, validate, build and hand the pipeline to its runner; returns (config, PipelineResult).
-
-    A synchronous runner (the local FnApiRunner) returns when the job is over; others (portable, Dataflow)
-    return at once with a running job.
-    """
+def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
+    """Parse, validate and build; returns (config, pipeline) ready to run."""
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
     pipeline_options = PipelineOptions(beam_args)
@@ -100,6 +96,16 @@ def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipelin
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=pipeline_options)
     build(p, config)
+    return config, p
+
+
+def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
+    """Prepare and hand the pipeline to its runner; returns (config, PipelineResult).
+
+    A synchronous runner (the local FnApiRunner) returns when the job is over; others (portable, Dataflow)
+    return at once with a running job.
+    """
+    config, p = prepare(argv, test_pipeline)
     return config, p.run()
 
 
@@ -116,8 +122,10 @@ def run(
       test_pipeline: a pipeline to build into instead of a new one (tests pass a TestPipeline).
       progress_stream: where the live progress line goes (default standard error).
     """
+    config, p = prepare(argv, test_pipeline)
+    # Around p.run() itself: the local runner only returns from it when the job is over.
     with Progress(progress_stream) as shown:
-        config, result = start(argv, test_pipeline)
+        result = p.run()
         shown.attach(result)
         result.wait_until_finish()
     summary_path = FileSystems.join(config.output.rstrip("/"), "summary.json")
