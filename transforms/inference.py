@@ -83,7 +83,7 @@ def load_cam_model(spec: ModelSpec, top_k: int):
 
 
 class CamModelHandler(ModelHandler):
-    """ModelHandler[DecodedInput, dict (annotation row), CamModel]."""
+    """ModelHandler[DecodedInput, dict (annotation row), CamModel or GradCamModel (same call and outputs)]."""
 
     def __init__(self, spec: ModelSpec, opts: annotate.BoxOptions, *, batch_size: int = 32):
         super().__init__()
@@ -93,7 +93,7 @@ class CamModelHandler(ModelHandler):
         self.opts = opts
         self.batch_size = int(batch_size)
 
-    def load_model(self) -> CamModel:
+    def load_model(self):
         return load_cam_model(self.spec, self.opts.top_k)
 
     def run_inference(self, batch: Sequence[Any], model: CamModel, inference_args=None) -> Iterable[dict]:
