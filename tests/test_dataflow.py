@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import tarfile
 
 import pytest
 from apache_beam.io.filesystem import FileMetadata, MatchResult
@@ -120,6 +121,13 @@ def test_dataflow_job_is_translated_from_gs_paths_with_the_setup_file(bucket, tm
     staged = [beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
               for d in env.dependencies]
     assert "workflow.tar.gz" in staged, staged
+    # ...and that sdist holds the code and the data file keras:NAME needs on workers.
+    sdist = next(beam_runner_api_pb2.ArtifactFilePayload.FromString(d.type_payload).path for d in env.dependencies
+                 if beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
+                 == "workflow.tar.gz")
+    with tarfile.open(sdist) as tar:
+        members = {posixpath.relpath(n, n.split("/")[0]) for n in tar.getnames()}
+    assert {"models/gradcam.py", "models/imagenet_classes.tsv", "pipeline/label.py", "setup.py"} <= members
     assert not any(p.name.startswith("weak_labels") for p in bucket.iterdir()), "a dry run writes nothing"
 
 
