@@ -387,7 +387,8 @@ def _keras_application(args, weights_file):
             raise OptionsError(f"--keras_weights {weights_file} does not exist")
         weights = fetch_to_local(weights_file)
         with open(weights, "rb") as f:
-            label = "sha256:" + cam.file_fingerprint(f.read())
+            fingerprint = cam.file_fingerprint(f.read())  # of the weights file, checked on every worker
+        label = "sha256:" + fingerprint
     elif weights is None:
         logger.warning("--keras_weights none: %s gets random weights; its boxes mean nothing", args.model)
     try:

@@ -104,3 +104,15 @@ def test_keras_weights_without_a_keras_model_is_refused(tiny_model_path, tmp_pat
     with pytest.raises(OptionsError, match="--keras_weights goes with --model keras:NAME"):
         label.run(["--input", str(tmp_path / "*.png"), "--model", tiny_model_path, "--keras_weights", "none",
                    "--output", str(tmp_path / "out"), f"--runner={RUNNER}"])
+
+
+def test_worker_refuses_a_weights_file_that_changed_since_launch(tmp_path):
+    from weakloc.transforms import inference
+
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"retrained since")
+    spec = inference.ModelSpec(path="keras:MobileNetV2", name="keras:MobileNetV2@sha256:" + "0" * 16,
+                               input_size=(224, 224), scale=1.0, offset=0.0, class_names=zoo.imagenet_class_names(),
+                               fingerprint="0" * 16, keras_weights=str(weights))
+    with pytest.raises(RuntimeError, match="w.weights.h5 changed since the job started"):
+        inference.load_cam_model(spec, top_k=1)

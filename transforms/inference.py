@@ -57,24 +57,27 @@ def fetch_to_local(path: str) -> str:
     return local
 
 
+def _fetch_checked(path: str, fingerprint: str) -> str:
+    """A local copy of `path` whose content hash is `fingerprint` ("" skips the check)."""
+    local = fetch_to_local(path)
+    if fingerprint:
+        with open(local, "rb") as f:
+            found = file_fingerprint(f.read())
+        if found != fingerprint:
+            # Replaced between launch and this worker (a retrain mid-run): rows would name the wrong model.
+            raise RuntimeError(f"{path} changed since the job started: sha256 {found}, expected {fingerprint}")
+    return local
+
+
 def load_cam_model(spec: ModelSpec, top_k: int):
     """The model named by `spec`, ready to run: a CamModel, or a GradCamModel for method "gradcam"."""
     if zoo.is_keras_application(spec.path):
         weights = spec.keras_weights
         if weights not in (None, "imagenet"):
-            weights = fetch_to_local(weights)
+            weights = _fetch_checked(weights, spec.fingerprint)
         model, _ = zoo.build(spec.path, weights=weights)
     else:
-        local = fetch_to_local(spec.path)
-        if spec.fingerprint:
-            with open(local, "rb") as f:
-                found = file_fingerprint(f.read())
-            if found != spec.fingerprint:
-                # Replaced between launch and this worker (a retrain mid-run): rows would name the wrong model.
-                raise RuntimeError(
-                    f"model {spec.path} changed since the job started: sha256 {found}, expected {spec.fingerprint}"
-                )
-        model = load_keras_model(local, safe_mode=spec.safe_mode)
+        model = load_keras_model(_fetch_checked(spec.path, spec.fingerprint), safe_mode=spec.safe_mode)
     common = dict(input_size=spec.input_size, scale=spec.scale, offset=spec.offset, top_k=top_k,
                   feature_layer=spec.feature_layer)
     if spec.method == "gradcam":
