@@ -103,8 +103,13 @@ def find_gradcam_head(model, *, feature_layer: str | None = None) -> GradCamHead
                 )
             steps.append(f"{layer.name} ({cls})")
             tensor, layer, cls = _step_back(tensor)
+        if layer is None or cls == "InputLayer":
+            raise ModelStructureError(
+                "no feature map: the first 4-D tensor walking back from the output is the input image; path from "
+                "the output: " + " <- ".join(steps)
+            )
         feature = tensor
-        steps.append(f"{layer.name if layer is not None else 'input'} ({cls}, features)")
+        steps.append(f"{layer.name} ({cls}, features)")
     return GradCamHead(feature, logits, dense, dense_input, activation, num_classes, " <- ".join(steps))
 
 

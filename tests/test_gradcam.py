@@ -110,6 +110,10 @@ def test_gradcam_refuses_a_model_without_feature_map():
     inp = keras.Input((8,))
     with pytest.raises(cam.ModelStructureError, match="no 4-D feature map"):
         gradcam.find_gradcam_head(keras.Model(inp, layers.Dense(2, activation="softmax")(inp)))
+    image = keras.Input((16, 16, 3))
+    flat = layers.Flatten()(image)  # a linear classifier on raw pixels: the only 4-D tensor is the image
+    with pytest.raises(cam.ModelStructureError, match="the first 4-D tensor .* is the input image"):
+        gradcam.find_gradcam_head(keras.Model(image, layers.Dense(2, activation="softmax")(flat)))
 
 
 @pytest.fixture(scope="module")
