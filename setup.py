@@ -42,8 +42,9 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests.
-        "test": ["pytest>=7", "apache-beam[gcp]>=2.60,<3"],
+        # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests; it
+        # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
+        "test": ["pytest>=7", "apache-beam[gcp]>=2.60,<3", "setuptools>=61"],
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )
