@@ -24,6 +24,8 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # The ImageNet class names for `--model keras:NAME` travel with the code (no download at run time).
+    package_data={"weakloc.models": ["imagenet_classes.tsv"]},
     install_requires=[
         # Beam IO, RunInference and the portable runners; <3 because we lean on the 2.x ML API.
         "apache-beam>=2.60,<3",
@@ -44,7 +46,10 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
-        "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100"],
+        # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests; it
+        # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
+        "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100", "apache-beam[gcp]>=2.60,<3",
+                 "setuptools>=61"],
         # tests/benchmarks/throughput.py compares against per-image Grad-CAM from tf-keras-vis.
         "bench": ["tf-keras-vis>=0.8.7", "tensorflow-hub"],  # hub: imported by Beam's TF model handler
     },

@@ -10,22 +10,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Optional
+from typing import Optional, TextIO
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models.schema import failure_row
 from weakloc.transforms.decode import DecodeDoFn
 from weakloc.transforms.inference import CamModelHandler
-from weakloc.transforms.read import FAILURES, SKIPPED, ReadInputs
-from weakloc.transforms.write import WriteOutputs
+from weakloc.transforms.read import FAILURES, NAMESPACE, SKIPPED, ReadInputs
+from weakloc.transforms.write import WriteOutputs, write_json_atomically
 
 from . import options
+from .progress import Progress, weakloc_metrics
 
 logger = logging.getLogger(__name__)
+
+
+_INFERENCE_FAILURES = Metrics.counter(NAMESPACE, "inference_failures")
 
 
 def _failed_batch_rows(failed):
@@ -34,6 +39,7 @@ def _failed_batch_rows(failed):
     Beam hands (batch, (exception type, repr, traceback lines)); an exception object is accepted too.
     """
     batch, err = failed
+    _INFERENCE_FAILURES.inc(len(batch))
     if isinstance(err, BaseException):
         name, message = type(err).__name__, str(err)
     else:
@@ -98,13 +104,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
-    """Parse, validate, build and run; returns the summary that was written.
-
-    Args:
-      argv: command-line flags (weakloc's and Beam's).
-      test_pipeline: a pipeline to build into instead of a new one (tests pass a TestPipeline).
-    """
+def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
+    """Parse, validate and build; returns (config, pipeline) ready to run."""
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
     pipeline_options = PipelineOptions(beam_args)
@@ -114,12 +115,48 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=pipeline_options)
     build(p, config)
-    result = p.run()
-    result.wait_until_finish()
+    return config, p
+
+
+def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
+    """Prepare and hand the pipeline to its runner; returns (config, PipelineResult).
+
+    A synchronous runner (the local FnApiRunner) returns when the job is over; others (portable, Dataflow)
+    return at once with a running job.
+    """
+    config, p = prepare(argv, test_pipeline)
+    return config, p.run()
+
+
+def run(
+    argv: Optional[list[str]] = None,
+    test_pipeline: Optional[beam.Pipeline] = None,
+    *,
+    progress_stream: Optional[TextIO] = None,
+) -> dict:
+    """Parse, validate, build, run and wait; returns the summary that was written (with the job's metrics).
+
+    Args:
+      argv: command-line flags (weakloc's and Beam's).
+      test_pipeline: a pipeline to build into instead of a new one (tests pass a TestPipeline).
+      progress_stream: where the live progress line goes (default standard error).
+    """
+    config, p = prepare(argv, test_pipeline)
+    # Around p.run() itself: the local runner only returns from it when the job is over.
+    with Progress(progress_stream) as shown:
+        result = p.run()
+        shown.attach(result)
+        result.wait_until_finish()
     summary_path = FileSystems.join(config.output.rstrip("/"), "summary.json")
     if not FileSystems.exists(summary_path):
         # A runner that returns before the job ends (e.g. Dataflow without waiting): nothing to report yet.
         logger.info("job submitted; summary will appear at %s", summary_path)
         return {}
     with FileSystems.open(summary_path) as f:
-        return json.loads(f.read().decode())
+        summary = json.loads(f.read().decode())
+    metrics = weakloc_metrics(result)
+    if metrics:
+        # The runner's own counts, next to the ones the pipeline computed from its outputs.
+        summary["metrics"] = metrics
+        write_json_atomically(summary_path, summary)
+    return summary

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, images, sidecar
+from weakloc.models import annotate, cam, gradcam, images, sidecar, zoo
 from weakloc.transforms.inference import ModelSpec, fetch_to_local
 from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
 
@@ -57,9 +57,17 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                     help="refuse images with more pixels than this (decompression bombs)")
 
     mdl = parser.add_argument_group("model")
-    mdl.add_argument("--model", required=True, help=".keras or .h5 GAP classifier (local, gs://, s3://)")
+    mdl.add_argument("--model", required=True,
+                     help=".keras or .h5 classifier (local, gs://, s3://), or keras:NAME for a keras.applications "
+                          "ImageNet classifier (keras:MobileNetV2, keras:ResNet50, keras:EfficientNetB0, ...)")
+    mdl.add_argument("--keras_weights", default="imagenet",
+                     help="with --model keras:NAME: imagenet (downloaded by Keras), none (random, for tests), or "
+                          "a weights file of that architecture (local, gs://)")
+    mdl.add_argument("--method", choices=("cam", "gradcam"), default="cam",
+                     help="cam: GAP + Dense heads, maps from the Dense kernel in the forward pass; gradcam: any "
+                          "head ending in class scores, maps from gradients (slower)")
     mdl.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
-    mdl.add_argument("--dense_layer", help="name of the Dense layer whose kernel weighs the features")
+    mdl.add_argument("--dense_layer", help="--method cam: name of the Dense layer whose kernel weighs the features")
     mdl.add_argument("--input_size", help="H,W; overrides the sidecar")
     mdl.add_argument("--scale", type=float, help="model input = pixels * scale + offset; overrides the sidecar")
     mdl.add_argument("--offset", type=float, help="see --scale; overrides the sidecar")
@@ -124,12 +132,14 @@ class LabelConfig:
                 "scale": self.spec.scale,
                 "offset": self.spec.offset,
                 "class_names": list(self.spec.class_names),
+                "keras_weights": self.spec.keras_weights if zoo.is_keras_application(self.spec.path) else None,
             },
             "skip_labeled": self.previous,
             # A different model than an earlier output's is allowed (a retrained model labelling new images),
             # but the mix must be visible to whoever trains on the union.
             "model_differs_from_previous": any(not prev["same_model"] for prev in self.previous),
             "options": {
+                "method": self.spec.method,
                 "classes": self.box.classes,
                 "top_k": self.box.top_k,
                 "min_score": self.box.min_score,
@@ -239,9 +249,17 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         if val is not None and not 0.0 <= val <= 1.0:
             raise OptionsError(f"--{name} must be within [0, 1], got {val}")
 
+    keras_app = zoo.is_keras_application(args.model)
+    if args.keras_weights != "imagenet" and not keras_app:
+        raise OptionsError(f"--keras_weights goes with --model keras:NAME, not with --model {args.model}")
+    weights_file = args.keras_weights if keras_app and args.keras_weights not in ("imagenet", "none") else None
     if runner and runner.split(".")[-1] in REMOTE_RUNNERS:
-        local = [f"--{k} {v}" for k, v in [("model", args.model), ("output", args.output)]
-                 + [("input", i) for i in args.input] if "://" not in v]
+        paths = [("output", args.output)] + [("input", i) for i in args.input]
+        if weights_file:
+            paths.append(("keras_weights", weights_file))
+        if not keras_app:  # keras:NAME is built on each worker, nothing to read
+            paths.append(("model", args.model))
+        local = [f"--{k} {v}" for k, v in paths if "://" not in v]
         if local:
             raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
                                "shared filesystem) for the model, inputs and output")
@@ -282,25 +300,32 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
                                "finished weakloc run")
         previous_docs.append((prev, _read_json(summary_path, "summary")))
 
-    # Model: fingerprint the bytes, load once, find the GAP head, reconcile with the sidecar.
-    if not FileSystems.exists(args.model):
-        raise OptionsError(f"--model {args.model} does not exist")
-    local = fetch_to_local(args.model)
-    with open(local, "rb") as f:
-        fingerprint = cam.file_fingerprint(f.read())
-    keras_model = cam.load_keras_model(local, safe_mode=not args.unsafe_load)
-    head = cam.find_gap_head(keras_model, feature_layer=args.feature_layer, dense_layer=args.dense_layer)
-    logger.info("GAP head: %s", head.description)
-    num_classes = int(head.dense.kernel.shape[1])
-    side_path = args.sidecar or sidecar.sidecar_path(args.model)
+    # Model: fingerprint the bytes (or build a keras.applications classifier), load once, find the head,
+    # reconcile with the sidecar.
+    if args.method == "gradcam" and args.dense_layer:
+        raise OptionsError("--dense_layer is for --method cam; Grad-CAM differentiates the class scores at the output")
+    if keras_app:
+        keras_model, base_doc, fingerprint, name = _keras_application(args, weights_file)
+    else:
+        if not FileSystems.exists(args.model):
+            raise OptionsError(f"--model {args.model} does not exist")
+        local = fetch_to_local(args.model)
+        with open(local, "rb") as f:
+            fingerprint = cam.file_fingerprint(f.read())
+        keras_model = cam.load_keras_model(local, safe_mode=not args.unsafe_load)
+        base_doc, name = {}, f"{posixpath.basename(args.model)}@sha256:{fingerprint}"
+    num_classes = _find_head(keras_model, args)
+    side_path = args.sidecar or (None if keras_app else sidecar.sidecar_path(args.model))
     side_doc = None
-    if FileSystems.exists(side_path):
+    if side_path and FileSystems.exists(side_path):
         side_doc = _read_json(side_path, "sidecar")
     elif args.sidecar:
         raise OptionsError(f"--sidecar {args.sidecar} does not exist")
-    else:
+    elif not keras_app:
         logger.warning("no sidecar at %s; preprocessing comes from flags and defaults", side_path)
         side_path = None
+    if base_doc:
+        side_doc = {**base_doc, **(side_doc or {})}
     overrides = {
         "input_size": _parse_size(args.input_size),
         "scale": args.scale,
@@ -313,7 +338,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
 
     # Thresholds: flag > thresholds file > 0.2.
     thr_path = args.thresholds
-    if thr_path is None:
+    if thr_path is None and not keras_app:
         beside = posixpath.splitext(args.model)[0] + ".thresholds.json"
         if FileSystems.exists(beside):
             thr_path = beside
@@ -340,7 +365,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         raise OptionsError(f"--top_k {args.top_k} is larger than the model's {num_classes} classes")
     spec = ModelSpec(
         path=args.model,
-        name=f"{posixpath.basename(args.model)}@sha256:{fingerprint}",
+        name=name,
         fingerprint=fingerprint,
         input_size=prep.input_size,
         scale=prep.scale,
@@ -349,6 +374,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         feature_layer=args.feature_layer,
         dense_layer=args.dense_layer,
         safe_mode=not args.unsafe_load,
+        method=args.method,
+        keras_weights=None if args.keras_weights == "none" else (weights_file or args.keras_weights),
     )
     previous, skip_patterns = [], []
     for prev, doc in previous_docs:
@@ -385,6 +412,43 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         sidecar_used=side_path,
         thresholds_used=thr_path,
     )
+
+
+def _keras_application(args, weights_file):
+    """--model keras:NAME: build it now (downloading ImageNet weights if need be) so failures show at launch.
+
+    Returns (keras model, sidecar-like doc with its preprocessing and ImageNet names, fingerprint, row name).
+    """
+    weights = {"imagenet": "imagenet", "none": None}.get(args.keras_weights, weights_file)
+    fingerprint, label = "", args.keras_weights
+    if weights_file:
+        if not FileSystems.exists(weights_file):
+            raise OptionsError(f"--keras_weights {weights_file} does not exist")
+        weights = fetch_to_local(weights_file)
+        with open(weights, "rb") as f:
+            fingerprint = cam.file_fingerprint(f.read())  # of the weights file, checked on every worker
+        label = "sha256:" + fingerprint
+    elif weights is None:
+        logger.warning("--keras_weights none: %s gets random weights; its boxes mean nothing", args.model)
+    try:
+        model, prep = zoo.build(args.model, weights=weights)
+    except zoo.ZooError as exc:
+        raise OptionsError(str(exc)) from exc
+    return model, prep.to_json(), fingerprint, f"{args.model}@{label}"
+
+
+def _find_head(keras_model, args) -> int:
+    """Check the model has the head --method needs; returns its class count."""
+    if args.method == "gradcam":
+        head = gradcam.find_gradcam_head(keras_model, feature_layer=args.feature_layer)
+        logger.info("Grad-CAM target: %s", head.description)
+        return head.num_classes
+    try:
+        head = cam.find_gap_head(keras_model, feature_layer=args.feature_layer, dense_layer=args.dense_layer)
+    except cam.ModelStructureError as exc:
+        raise cam.ModelStructureError(f"{exc}; --method gradcam handles other heads (slower)") from exc
+    logger.info("GAP head: %s", head.description)
+    return int(head.dense.kernel.shape[1])
 
 
 def remove_previous_outputs(output: str) -> None:

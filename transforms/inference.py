@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 import tempfile
 from typing import Any, Iterable, Optional, Sequence
 
@@ -16,8 +17,9 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
-from weakloc.models import annotate
+from weakloc.models import annotate, zoo
 from weakloc.models.cam import CamModel, file_fingerprint, load_keras_model
+from weakloc.models.gradcam import GradCamModel
 
 from .read import NAMESPACE
 
@@ -38,13 +40,16 @@ class ModelSpec:
     dense_layer: Optional[str] = None
     safe_mode: bool = True
     fingerprint: str = ""  # content hash checked on every worker; "" skips the check
+    method: str = "cam"  # "cam" (GAP + Dense head, one pass) or "gradcam" (any head, gradients)
+    keras_weights: Optional[str] = "imagenet"  # for path "keras:NAME": "imagenet", None (random) or a file path
 
 
 def fetch_to_local(path: str) -> str:
     """Copy a model from any Beam filesystem (gs://, s3://, local) to a local temp file; Keras needs one."""
     if os.path.exists(path):
         return path
-    suffix = os.path.splitext(path)[1] or ".keras"
+    # Keep the whole file name: Keras tells formats apart by it (".weights.h5" is not a legacy ".h5").
+    suffix = "-" + posixpath.basename(path.rstrip("/"))
     fd, local = tempfile.mkstemp(suffix=suffix, prefix="weakloc-model-")
     with os.fdopen(fd, "wb") as out, FileSystems.open(path) as src:
         while chunk := src.read(1 << 24):
@@ -52,30 +57,36 @@ def fetch_to_local(path: str) -> str:
     return local
 
 
-def load_cam_model(spec: ModelSpec, top_k: int) -> CamModel:
-    local = fetch_to_local(spec.path)
-    if spec.fingerprint:
+def _fetch_checked(path: str, fingerprint: str) -> str:
+    """A local copy of `path` whose content hash is `fingerprint` ("" skips the check)."""
+    local = fetch_to_local(path)
+    if fingerprint:
         with open(local, "rb") as f:
             found = file_fingerprint(f.read())
-        if found != spec.fingerprint:
+        if found != fingerprint:
             # Replaced between launch and this worker (a retrain mid-run): rows would name the wrong model.
-            raise RuntimeError(
-                f"model {spec.path} changed since the job started: sha256 {found}, expected {spec.fingerprint}"
-            )
-    model = load_keras_model(local, safe_mode=spec.safe_mode)
-    return CamModel(
-        model,
-        input_size=spec.input_size,
-        scale=spec.scale,
-        offset=spec.offset,
-        top_k=top_k,
-        feature_layer=spec.feature_layer,
-        dense_layer=spec.dense_layer,
-    )
+            raise RuntimeError(f"{path} changed since the job started: sha256 {found}, expected {fingerprint}")
+    return local
+
+
+def load_cam_model(spec: ModelSpec, top_k: int):
+    """The model named by `spec`, ready to run: a CamModel, or a GradCamModel for method "gradcam"."""
+    if zoo.is_keras_application(spec.path):
+        weights = spec.keras_weights
+        if weights not in (None, "imagenet"):
+            weights = _fetch_checked(weights, spec.fingerprint)
+        model, _ = zoo.build(spec.path, weights=weights)
+    else:
+        model = load_keras_model(_fetch_checked(spec.path, spec.fingerprint), safe_mode=spec.safe_mode)
+    common = dict(input_size=spec.input_size, scale=spec.scale, offset=spec.offset, top_k=top_k,
+                  feature_layer=spec.feature_layer)
+    if spec.method == "gradcam":
+        return GradCamModel(model, **common)
+    return CamModel(model, dense_layer=spec.dense_layer, **common)
 
 
 class CamModelHandler(ModelHandler):
-    """ModelHandler[DecodedInput, dict (annotation row), CamModel]."""
+    """ModelHandler[DecodedInput, dict (annotation row), CamModel or GradCamModel (same call and outputs)]."""
 
     def __init__(self, spec: ModelSpec, opts: annotate.BoxOptions, *, batch_size: int = 32):
         super().__init__()
@@ -85,7 +96,7 @@ class CamModelHandler(ModelHandler):
         self.opts = opts
         self.batch_size = int(batch_size)
 
-    def load_model(self) -> CamModel:
+    def load_model(self):
         return load_cam_model(self.spec, self.opts.top_k)
 
     def run_inference(self, batch: Sequence[Any], model: CamModel, inference_args=None) -> Iterable[dict]:

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 
 from weakloc.models import schema
 
+from . import progress
 from .read import NAMESPACE
 
 
@@ -78,7 +79,7 @@ def _row_ids(row):
         yield row["image_id"]
 
 
-def _write_json_atomically(path: str, doc: dict) -> None:
+def write_json_atomically(path: str, doc: dict) -> None:
     tmp = path + ".tmp"
     with FileSystems.create(tmp) as f:
         f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
@@ -119,7 +120,7 @@ def _write_summary(_, path, annotations, failures, records, skipped, duplicates,
             "wall_time_s": round(time.time() - started, 3),
         }
     )
-    _write_json_atomically(path, doc)
+    write_json_atomically(path, doc)
     yield path
 
 
@@ -131,6 +132,7 @@ class _CountOut(beam.DoFn):
 
     def process(self, row):
         self.counter.inc()
+        progress.LOCAL.add(self.name)
         if self.name == "annotations_written":
             self.boxes.inc(len(row["boxes"]))
         yield row
