@@ -226,6 +226,38 @@ class CamOutputs:
     cams: np.ndarray
     low_res: np.ndarray
 
+    @classmethod
+    def from_tensors(cls, outs) -> "CamOutputs":
+        """From a compiled forward's (scores, top classes, top scores, classes, upsampled, low-res) tensors."""
+        scores, top_c, top_s, classes, up, low = (o.numpy() for o in outs)
+        return cls(scores, top_c.astype(np.int32), top_s, classes.astype(np.int32), up, low)
+
+
+def upsample_maps(low, size):
+    """(B, M, h, w) maps -> (B, M, H, W), bilinear (half-pixel centres, as cv2.resize in wsolevaluation)."""
+    import tensorflow as tf
+
+    b, m = tf.shape(low)[0], tf.shape(low)[1]
+    hf, wf = tf.shape(low)[2], tf.shape(low)[3]
+    up = tf.image.resize(tf.reshape(low, tf.stack([b * m, hf, wf, 1])), size, method="bilinear")
+    return tf.reshape(up, tf.stack([b, m, size[0], size[1]]))
+
+
+def check_batch(images, extra, input_size, num_classes) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a batch for a compiled CAM function: uint8 (B, H_in, W_in, 3) images, int32 (B, M) extra ids."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*input_size, 3):
+        raise ValueError(
+            f"expected uint8 images of shape (B, {input_size[0]}, {input_size[1]}, 3), "
+            f"got {images.dtype} {images.shape}"
+        )
+    if extra is None:
+        extra = np.zeros((images.shape[0], 0), np.int32)
+    extra = np.asarray(extra, dtype=np.int32).reshape(images.shape[0], -1)
+    if extra.size and extra.max() >= num_classes:
+        raise ValueError(f"class id {int(extra.max())} out of range for {num_classes} classes")
+    return images, extra
+
 
 class CamModel:
     """A loaded GAP classifier with a compiled function giving scores and CAMs in one pass.
@@ -285,12 +317,7 @@ class CamModel:
             classes = tf.concat([top_classes, tf.maximum(extra, 0)], axis=1)  # (B, M)
             weights = tf.gather(kernel_t, classes)  # (B, M, K)
             low = tf.einsum("bhwk,bmk->bmhw", fmap, weights)
-            b, m = tf.shape(low)[0], tf.shape(low)[1]
-            hf, wf = tf.shape(low)[2], tf.shape(low)[3]
-            flat = tf.reshape(low, tf.stack([b * m, hf, wf, 1]))
-            up = tf.image.resize(flat, (h_in, w_in), method="bilinear")
-            up = tf.reshape(up, tf.stack([b, m, h_in, w_in]))
-            return scores, top_classes, top_scores, classes, up, low
+            return scores, top_classes, top_scores, classes, upsample_maps(low, (h_in, w_in)), low
 
         self._forward = forward
 
@@ -307,20 +334,8 @@ class CamModel:
           extra: int (B, M) further class ids whose CAMs are wanted, -1 for padding (its CAM is of class 0 and
             must be ignored by the caller), or None.
         """
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
-            raise ValueError(
-                f"expected uint8 images of shape (B, {self.input_size[0]}, {self.input_size[1]}, 3), "
-                f"got {images.dtype} {images.shape}"
-            )
-        if extra is None:
-            extra = np.zeros((images.shape[0], 0), np.int32)
-        extra = np.asarray(extra, dtype=np.int32).reshape(images.shape[0], -1)
-        if extra.size and extra.max() >= self.num_classes:
-            raise ValueError(f"class id {int(extra.max())} out of range for {self.num_classes} classes")
-        outs = self._forward(images, extra)
-        scores, top_c, top_s, classes, up, low = (o.numpy() for o in outs)
-        return CamOutputs(scores, top_c.astype(np.int32), top_s, classes.astype(np.int32), up, low)
+        images, extra = check_batch(images, extra, self.input_size, self.num_classes)
+        return CamOutputs.from_tensors(self._forward(images, extra))
 
 
 def model_input_size(model) -> tuple[int | None, int | None]:

@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from .cam import CamOutputs, ModelStructureError, _activation_name, _input_of, _kind, _producer, _step_back
+from .cam import (
+    CamOutputs,
+    ModelStructureError,
+    _activation_name,
+    _input_of,
+    _kind,
+    _producer,
+    _step_back,
+    check_batch,
+    upsample_maps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +200,7 @@ class GradCamModel:
             fmap = tf.cast(fmap, tf.float32)
             alpha = tf.stack(alphas, axis=1)  # (B, M, K)
             low = tf.nn.relu(tf.einsum("bhwk,bmk->bmhw", fmap, alpha))
-            b, m_all = tf.shape(low)[0], tf.shape(low)[1]
-            hf, wf = tf.shape(low)[2], tf.shape(low)[3]
-            up = tf.image.resize(tf.reshape(low, tf.stack([b * m_all, hf, wf, 1])), (h_in, w_in), method="bilinear")
-            up = tf.reshape(up, tf.stack([b, m_all, h_in, w_in]))
-            return probs, top_classes, top_scores, classes, up, low
+            return probs, top_classes, top_scores, classes, upsample_maps(low, (h_in, w_in)), low
 
         self._functions[m_extra] = forward
         return forward
@@ -206,17 +212,5 @@ class GradCamModel:
 
     def __call__(self, images: np.ndarray, extra: np.ndarray | None = None) -> CamOutputs:
         """Run one batch; same contract as `cam.CamModel.__call__` (uint8 (B, H_in, W_in, 3), extra -1 padded)."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
-            raise ValueError(
-                f"expected uint8 images of shape (B, {self.input_size[0]}, {self.input_size[1]}, 3), "
-                f"got {images.dtype} {images.shape}"
-            )
-        if extra is None:
-            extra = np.zeros((images.shape[0], 0), np.int32)
-        extra = np.asarray(extra, dtype=np.int32).reshape(images.shape[0], -1)
-        if extra.size and extra.max() >= self.num_classes:
-            raise ValueError(f"class id {int(extra.max())} out of range for {self.num_classes} classes")
-        outs = self._function(extra.shape[1])(images, extra)
-        scores, top_c, top_s, classes, up, low = (o.numpy() for o in outs)
-        return CamOutputs(scores, top_c.astype(np.int32), top_s, classes.astype(np.int32), up, low)
+        images, extra = check_batch(images, extra, self.input_size, self.num_classes)
+        return CamOutputs.from_tensors(self._function(extra.shape[1])(images, extra))
