@@ -52,6 +52,7 @@ def main(argv=None) -> int:
 
     from . import demo, export, label, report
     from .options import OptionsError
+    from .results import IncompleteRunError
 
     commands = {"label": label.run, "demo": demo.run, "export": export.run, "report": report.run}
     if command not in commands:
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         return 2
     try:
         commands[command](rest)
-    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, ExportError) as exc:
+    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, ExportError,
+            IncompleteRunError) as exc:
         print(f"weakloc {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

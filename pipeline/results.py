@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,17 +11,42 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models import schema
 
 
+class IncompleteRunError(ValueError):
+    """An output directory without summary.json: the run died, or is still finalising its files."""
+
+
 def _files(output: str, prefix: str) -> list[str]:
     pattern = FileSystems.join(output.rstrip("/"), f"{prefix}-*.parquet")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
-def read_table(output: str, kind: str = "annotations") -> pa.Table:
-    """All rows of `annotations` or `failures` under `output`, as one Arrow table with the declared schema."""
+def read_table(output: str, kind: str = "annotations", *, allow_incomplete: bool = False) -> pa.Table:
+    """All rows of `annotations` or `failures` under `output`, as one Arrow table with the declared schema.
+
+    summary.json is written last, so it marks a finished run: without it the Parquet files may be a partial set
+    (a run killed while Beam renamed its temp files) and IncompleteRunError is raised unless `allow_incomplete`.
+    With it, exactly the files the summary lists (by name, in `output`) are read, so a stray file in the folder
+    never joins the table.
+    """
     if kind not in ("annotations", "failures"):
         raise ValueError(f"kind must be 'annotations' or 'failures', got {kind!r}")
+    paths = _files(output, kind)
+    summary_path = FileSystems.join(output.rstrip("/"), "summary.json")
+    if FileSystems.exists(summary_path):
+        listed = read_summary(output).get("files", {}).get(kind)
+        if listed is not None:
+            # By name inside `output`: a run copied or moved elsewhere still reads its own files.
+            paths = sorted(FileSystems.join(output.rstrip("/"), posixpath.basename(p)) for p in listed)
+            missing = [p for p in paths if not FileSystems.exists(p)]
+            if missing:
+                raise IncompleteRunError(f"{output}: summary.json lists {kind} files that are gone: {missing}")
+    elif not allow_incomplete:
+        raise IncompleteRunError(
+            f"{output} has no summary.json: the run did not finish (or is still finalising), so its "
+            f"{kind} files may be incomplete"
+        )
     tables = []
-    for path in _files(output, kind):
+    for path in paths:
         with FileSystems.open(path) as f:
             tables.append(pq.read_table(pa.BufferReader(f.read())))
     if not tables:

@@ -67,3 +67,18 @@ def test_image_file_over_byte_limit_is_refused_unread(folder_tree, tiny_model_pa
     assert too_big and {f["source"] for f in failures} == too_big
     assert {f["error"] for f in failures} == {"FileTooLarge"} and {f["stage"] for f in failures} == {"read"}
     assert summary["counts"]["read"] == len(truth) and summary["counts"]["balanced"] is True
+
+
+def test_reading_a_run_without_summary_is_refused(folder_tree, tiny_model_path, tmp_path):  # noqa: F811
+    root, truth = folder_tree
+    out = tmp_path / "out"
+    label.run(["--input", str(root / "*" / "*.png"), "--model", tiny_model_path, "--output", str(out),
+               f"--runner={RUNNER}"])
+    # A stray copy in the folder is not part of the run: the summary's file list decides.
+    first = sorted(out.glob("annotations-*.parquet"))[0]
+    (out / "annotations-99999-of-99999.parquet").write_bytes(first.read_bytes())
+    assert len(results.read_table(str(out))) == len(truth)
+    (out / "summary.json").unlink()  # as after a kill during the final renames
+    with pytest.raises(results.IncompleteRunError, match="no summary.json"):
+        results.read_table(str(out))
+    assert len(results.read_table(str(out), allow_incomplete=True)) == 2 * len(truth)

@@ -139,6 +139,8 @@ def test_report_without_cams_says_so(labelled_run, tmp_path):
     table = results.read_table(labelled_run["out"])
     pq.write_table(table.drop_columns(["cams"]), run / "annotations-00000-of-00001.parquet")
     shutil.copy(pathlib.Path(labelled_run["out"]) / "summary.json", run / "summary.json")
+    for failures in pathlib.Path(labelled_run["out"]).glob("failures-*.parquet"):  # a run has both tables
+        shutil.copy(failures, run / failures.name)
     out = tmp_path / "report"
     assert cli.main(["report", "--annotations", str(run), "--output", str(out)]) == 0
     text = (out / "index.html").read_text(encoding="utf-8")
