@@ -9,7 +9,7 @@ For each configuration (model + images), everything is measured in one run so th
   4. Beam's stock RunInference + TFModelHandlerNumpy (classification only) through the same read and decode;
   5. per-image Grad-CAM from tf-keras-vis for the top class (what users of CAM libraries do today);
   6. the share of time in each stage, measured stage by stage in-process, and peak memory.
-Needs the `bench` extra (tf-keras-vis). Prints a table and writes JSON (--out). Timings never go into tests.
+Needs tf-keras-vis and tensorflow-hub (both in the `test` extra). Prints a table and writes JSON (--out). Timings never go into tests.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def run_stock(shard_glob, model_path, prep, out, batch_size):
 
     t = time.perf_counter()
     with beam.Pipeline(runner="FnApiRunner") as p:
-        raw = (p | ReadInputs([shard_glob], "tfrecord")).inputs
+        raw = (p | ReadInputs([shard_glob], "tfrecord"))["inputs"]
         decoded = raw | beam.ParDo(DecodeDoFn(prep["input_size"], prep["class_names"]))
         keyed = decoded | beam.Map(lambda d: (d.meta, d.pixels.astype(np.float32) * scale + offset))
         from apache_beam.ml.inference.base import KeyedModelHandler
@@ -240,7 +240,7 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         gradcam_img_s = run_tf_keras_vis(model_path, prep, encoded, n_gradcam)
     except ImportError as exc:
         gradcam_img_s = None
-        print(f"  tf-keras-vis unavailable ({exc}); pip install '.[bench]'", file=sys.stderr)
+        print(f"  tf-keras-vis unavailable ({exc}); pip install '.[test]'", file=sys.stderr)
 
     limit = stages["forward_limit_img_s"]
     local = n / t_local
