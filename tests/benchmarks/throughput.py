@@ -227,15 +227,33 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
     prep["input_size"] = tuple(input_size)
     encoded = make_images(n, image_size, fmt)
     shard_glob = write_shards(encoded, os.path.join(d, "shards"))
+    # A quarter of the images as a second input: the difference between the two runs is the marginal rate,
+    # free of start-up (model loading and tracing on each worker, launch-time validation, job set-up).
+    n_small = max(n // 4, 1)
+    small_glob = write_shards(encoded[:n_small], os.path.join(d, "shards_small"))
     mean_bytes = sum(map(len, encoded)) / n
 
     stages = stage_times(model_path, prep, shard_glob, batch_size, d)
-    t_local, summary = run_weakloc(shard_glob, model_path, os.path.join(d, "out_local"), batch_size,
-                                   ["--runner=FnApiRunner"])
-    assert summary["counts"]["annotated"] == n, summary["counts"]
-    t_mp, _ = run_weakloc(shard_glob, model_path, os.path.join(d, "out_mp"), batch_size,
-                          ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
-    t_stock = run_stock(shard_glob, model_path, prep, os.path.join(d, "out_stock"), batch_size)
+    def both(fn, *args):
+        """(seconds for n images, marginal images/s, fixed start-up seconds) from a run over n and one over n/4."""
+        t_all = fn(shard_glob, *args)
+        t_few = fn(small_glob, *args)
+        marginal = (n - n_small) / max(t_all - t_few, 1e-9)
+        return t_all, marginal, max(t_few - n_small / marginal, 0.0)
+
+    def local_run(glob_, name):
+        t, summary = run_weakloc(glob_, model_path, os.path.join(d, name), batch_size, ["--runner=FnApiRunner"])
+        assert summary["counts"]["annotated"] in (n, n_small), summary["counts"]
+        return t
+
+    def mp_run(glob_, name):
+        return run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
+                           ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])[0]
+
+    t_local, local_marginal, local_fixed = both(local_run, "out_local")
+    t_mp, mp_marginal, mp_fixed = both(mp_run, "out_mp")
+    t_stock, stock_marginal, stock_fixed = both(
+        lambda glob_, name: run_stock(glob_, model_path, prep, os.path.join(d, name), batch_size), "out_stock")
     try:
         gradcam_img_s = run_tf_keras_vis(model_path, prep, encoded, n_gradcam)
     except ImportError as exc:
@@ -257,10 +275,18 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         "forward_plus_cam_img_s": stages["forward_plus_cam_img_s"],
         "weakloc_local_img_s": local,
         "weakloc_local_vs_limit": local / limit,
+        "weakloc_local_marginal_img_s": local_marginal,
+        "weakloc_local_marginal_vs_limit": local_marginal / limit,
+        "weakloc_local_startup_s": local_fixed,
         "weakloc_mp2_img_s": n / t_mp,
         "weakloc_mp2_vs_limit": (n / t_mp) / limit,
+        "weakloc_mp2_marginal_img_s": mp_marginal,
+        "weakloc_mp2_startup_s": mp_fixed,
         "stock_runinference_img_s": n / t_stock,
+        "stock_runinference_marginal_img_s": stock_marginal,
+        "stock_runinference_startup_s": stock_fixed,
         "weakloc_vs_stock": local / (n / t_stock),
+        "weakloc_vs_stock_marginal": local_marginal / stock_marginal,
         "tf_keras_vis_gradcam_img_s": gradcam_img_s,
         "weakloc_vs_gradcam": (local / gradcam_img_s) if gradcam_img_s else None,
         "cam_plus_boxes_share_of_forward": (stages["cam"] + stages["boxes"]) / stages["forward"],
