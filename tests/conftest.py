@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = pathlib.Path(os.environ.get("WEAKLOC_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
 RUNNER = "FnApiRunner"  # never DirectRunner here: it would try to download Prism first
 
 
