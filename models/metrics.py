@@ -151,3 +151,49 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
             ),
         },
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The threshold sweep over all maps, and per class where a class has at least `min_per_class` maps."""
+
+    overall: Sweep
+    per_class: dict[int, Sweep]
+    counts: dict[int, int]
+
+    def thresholds(self, class_names: Sequence[str]) -> dict:
+        """The `--thresholds` document `weakloc label` reads: {"default": t, "per_class": {name: t}}."""
+        return {
+            "default": self.overall.best_threshold,
+            "per_class": {class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
+        }
+
+
+def calibrate(
+    normed: np.ndarray,
+    truths: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    *,
+    valid: np.ndarray | None = None,
+    min_per_class: int = 5,
+    taus: np.ndarray | None = None,
+) -> Calibration:
+    """Sweep thresholds over all maps and separately over each class's maps.
+
+    Args:
+      normed: float (N, H, W) normalised CAMs, each of the class `class_ids[i]`, in [0, 1].
+      truths: N arrays (m_i, 4) of that class's true boxes, in the maps' pixel coordinates.
+      class_ids: int (N,) the class of each map.
+      min_per_class: a class with fewer maps gets no threshold of its own (it uses the overall one): a
+        threshold chosen on two or three maps fits their noise, not the class.
+    """
+    class_ids = np.asarray(class_ids, np.int64)
+    valid = np.ones(len(normed), bool) if valid is None else np.asarray(valid, bool)
+    overall = sweep_thresholds(normed, truths, valid=valid, taus=taus)
+    per_class, counts = {}, {}
+    for c in np.unique(class_ids):
+        sel = np.flatnonzero(class_ids == c)
+        counts[int(c)] = len(sel)
+        if len(sel) >= min_per_class:
+            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], taus=taus)
+    return Calibration(overall, per_class, counts)

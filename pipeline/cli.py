@@ -14,6 +14,10 @@ USAGE = """usage: weakloc <command> [flags]
 commands:
   label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
   demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
+  train      train a GAP classifier on image-level labels: weakloc train --input PATTERN --output M.keras
+  calibrate  choose CAM thresholds on boxed images: weakloc calibrate --input PATTERN --model M.keras --output T.json
+  evaluate   score labels against true boxes: weakloc evaluate --annotations DIR --ground_truth PATTERN|VOC_DIR|COCO.json
+  datasets   make benchmark data: weakloc datasets cluttered-mnist --idx_dir DIR --output DIR | shapes --output DIR
 
 `weakloc <command> --help` lists a command's flags."""
 
@@ -47,16 +51,19 @@ def main(argv=None) -> int:
     from weakloc.models.cam import ModelStructureError
     from weakloc.models.sidecar import SidecarError
 
-    from . import demo, label
+    from weakloc.models.train import TrainError
+
+    from . import calibrate, datasets, demo, evaluate, label, train
     from .options import OptionsError
 
-    commands = {"label": label.run, "demo": demo.run}
+    commands = {"label": label.run, "demo": demo.run, "train": train.run, "calibrate": calibrate.run,
+                "evaluate": evaluate.run, "datasets": datasets.run}
     if command not in commands:
         print(f"weakloc: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         commands[command](rest)
-    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError) as exc:
+    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, TrainError) as exc:
         print(f"weakloc {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -82,6 +82,8 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     box.add_argument("--min_box_area", type=float, default=0.01,
                      help="--boxes all: smallest component kept, as a fraction of the image")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
+    box.add_argument("--flip_tta", action="store_true",
+                     help="average each CAM with that of the mirrored picture (one extra forward pass)")
 
 
 @dataclasses.dataclass
@@ -131,6 +133,7 @@ class LabelConfig:
                 "min_box_area": self.box.min_area,
                 "batch_size": self.batch_size,
                 "emit_cams": self.box.emit_cams,
+                "flip_tta": self.spec.flip_tta,
                 "max_pixels": self.max_pixels,
                 "max_file_bytes": self.max_file_bytes,
                 "label_offset": self.label_offset,
@@ -329,6 +332,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         feature_layer=args.feature_layer,
         dense_layer=args.dense_layer,
         safe_mode=not args.unsafe_load,
+        flip_tta=args.flip_tta,
     )
     return LabelConfig(
         inputs=list(args.input),

@@ -38,6 +38,7 @@ class ModelSpec:
     dense_layer: Optional[str] = None
     safe_mode: bool = True
     fingerprint: str = ""  # content hash checked on every worker; "" skips the check
+    flip_tta: bool = False  # average the CAMs of each picture and of its mirror image
 
 
 def fetch_to_local(path: str) -> str:
@@ -71,6 +72,7 @@ def load_cam_model(spec: ModelSpec, top_k: int) -> CamModel:
         top_k=top_k,
         feature_layer=spec.feature_layer,
         dense_layer=spec.dense_layer,
+        flip_tta=spec.flip_tta,
     )
 
 
