@@ -14,7 +14,7 @@ from . import boxes as boxlib
 from .cam import CamOutputs
 
 CLASS_MODES = ("predicted", "labels", "both")
-BOX_MODES = ("largest", "all")
+BOX_MODES = ("largest", "all", "union")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,8 @@ def sweep_thresholds(
     valid: np.ndarray | None = None,
     taus: np.ndarray | None = None,
     levels: tuple[float, ...] = IOU_LEVELS,
+    mode: str = "largest",
+    min_area: float = 0.0,
 ) -> Sweep:
     """Box accuracy of the largest-component box at every threshold.
 
@@ -66,6 +68,7 @@ def sweep_thresholds(
       normed: float (N, H, W) normalised CAMs of the true class, in [0, 1].
       truths: N arrays (m_i, 4) of true boxes in the maps' pixel coordinates.
       taus: thresholds to try; default 0.00, 0.01, ..., 0.99 (wsolevaluation's step).
+      mode, min_area: as boxes_from_cams; with mode "all" a map counts as right when any of its boxes is.
     """
     normed = np.asarray(normed, np.float32)
     n = len(normed)
@@ -74,9 +77,9 @@ def sweep_thresholds(
     taus = np.round(np.arange(0.0, 1.0, 0.01), 2) if taus is None else np.asarray(taus, np.float32)
     acc = np.zeros((len(taus), len(levels)), np.float64)
     for ti, tau in enumerate(taus):
-        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid)
+        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid, mode=mode, min_area=min_area)
         ious = np.zeros(n, np.float32)
-        ious[found.map_index] = best_iou(found.xyxy, [truths[i] for i in found.map_index])
+        np.maximum.at(ious, found.map_index, best_iou(found.xyxy, [truths[i] for i in found.map_index]))
         acc[ti] = [(ious >= lv).mean() if n else 0.0 for lv in levels]
     return Sweep(taus=taus, levels=tuple(levels), accuracy=acc)
 
@@ -177,6 +180,8 @@ def calibrate(
     valid: np.ndarray | None = None,
     min_per_class: int = 5,
     taus: np.ndarray | None = None,
+    mode: str = "largest",
+    min_area: float = 0.0,
 ) -> Calibration:
     """Sweep thresholds over all maps and separately over each class's maps.
 
@@ -189,11 +194,12 @@ def calibrate(
     """
     class_ids = np.asarray(class_ids, np.int64)
     valid = np.ones(len(normed), bool) if valid is None else np.asarray(valid, bool)
-    overall = sweep_thresholds(normed, truths, valid=valid, taus=taus)
+    kw = dict(taus=taus, mode=mode, min_area=min_area)
+    overall = sweep_thresholds(normed, truths, valid=valid, **kw)
     per_class, counts = {}, {}
     for c in np.unique(class_ids):
         sel = np.flatnonzero(class_ids == c)
         counts[int(c)] = len(sel)
         if len(sel) >= min_per_class:
-            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], taus=taus)
+            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw)
     return Calibration(overall, per_class, counts)

@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min_per_class", type=int, default=5,
                     help="a class gets its own threshold only with at least this many boxed images")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
+    ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
+                    help="calibrate the box rule label will use (label --boxes)")
+    ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--label_offset", type=int, default=0)
     ap.add_argument("--input_format", choices=("tfrecord", "images"))
@@ -104,7 +107,8 @@ def run(argv=None) -> dict:
                          label_offset=args.label_offset)
     examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
     normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size)
-    cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class)
+    cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
+                            mode=args.boxes, min_area=args.min_box_area)
     doc = cal.thresholds(prep.class_names)
     sweep = cal.overall
     doc["calibration"] = {
@@ -113,6 +117,8 @@ def run(argv=None) -> dict:
         "images": used,
         "pairs": len(classes),
         "flip_tta": args.flip_tta,
+        "boxes": args.boxes,
+        "min_box_area": args.min_box_area,
         "top1": float(top1.mean()),
         "max_box_acc_v2": sweep.max_box_acc_v2,
         "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),

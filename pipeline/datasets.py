@@ -37,6 +37,12 @@ def parser() -> argparse.ArgumentParser:
     cm.add_argument("--size", type=int, default=96)
     cm.add_argument("--shards", type=int, default=4)
     cm.add_argument("--seed", type=int, default=0)
+    ph = sub.add_parser("photos", help="the shared real photos (fruit, kangaroo, raccoon) with VOC boxes")
+    ph.add_argument("--root", required=True, help="the photos folder (fruit/, kangaroo/, raccoon/)")
+    ph.add_argument("--output", required=True)
+    ph.add_argument("--calib_per_class", type=int, default=5, help="boxed training images set aside per class")
+    ph.add_argument("--test_percent", type=float, default=20.0, help="kangaroo/raccoon images held out for test")
+    ph.add_argument("--seed", type=int, default=0)
     sh = sub.add_parser("shapes", help="the synthetic shapes set of `weakloc demo`")
     sh.add_argument("--output", required=True)
     sh.add_argument("--train", type=int, default=2400)
@@ -74,6 +80,8 @@ def run(argv=None) -> dict:
             made[split] = {"images": len(data.labels), "digits": [lo, hi],
                            "files": write_shards(data, args.output, shards, split)}
             logger.info("%s: %d canvases from digits %d-%d", split, len(data.labels), lo, hi - 1)
+    elif args.dataset == "photos":
+        made = photos(args)
     else:
         made = {}
         for split, n, seed in (("train", args.train, args.seed), ("calib", args.calib, args.seed + 1),
@@ -87,3 +95,75 @@ def run(argv=None) -> dict:
     for split, info in made.items():
         print(f"{split:6s} {info['images']:6d} images  {os.path.join(args.output, split)}-*.tfrecord", flush=True)
     return doc
+
+
+def _voc_pairs(images_dir: str, xml_dir: str) -> list[tuple[str, str]]:
+    out = []
+    for fn in sorted(os.listdir(images_dir)):
+        stem, ext = os.path.splitext(fn)
+        xml = os.path.join(xml_dir, stem + ".xml")
+        if ext.lower() in (".jpg", ".jpeg", ".png") and os.path.exists(xml):
+            out.append((os.path.join(images_dir, fn), xml))
+    return out
+
+
+def photos(args) -> dict:
+    """Fruit train/test as given; kangaroo and raccoon split by a seeded shuffle. Image-level labels are the
+    object names of each picture's VOC file; `calib_per_class` boxed training pictures per class go to a calib
+    split (out of training). Sizes come from the pictures themselves (some VOC files say 0x0)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from weakloc.models import records
+
+    from .evaluate import voc_boxes
+
+    root = args.root
+    fruit = os.path.join(root, "fruit")
+    splits = {"train": [], "test": []}
+    for split in ("train", "test"):
+        splits[split] += _voc_pairs(os.path.join(fruit, split), os.path.join(fruit, split))
+    rng = np.random.default_rng(args.seed)
+    for name, xml_dir in (("kangaroo", "annots"), ("raccoon", "annotations")):
+        pairs = _voc_pairs(os.path.join(root, name, "images"), os.path.join(root, name, xml_dir))
+        order = rng.permutation(len(pairs))
+        n_test = int(round(len(pairs) * args.test_percent / 100))
+        splits["test"] += [pairs[i] for i in order[:n_test]]
+        splits["train"] += [pairs[i] for i in order[n_test:]]
+    examples = {"train": [], "calib": [], "test": []}
+    per_class_calib: dict[str, int] = {}
+    skipped = 0
+    for split, pairs in splits.items():
+        for img_path, xml_path in pairs:
+            with open(xml_path, encoding="utf-8") as f:
+                _, _, _, objs = voc_boxes(f.read())
+            with open(img_path, "rb") as f:
+                encoded = f.read()
+            try:
+                with Image.open(img_path) as im:
+                    w, h = ImageOps.exif_transpose(im).size
+            except Exception as exc:  # a truncated JPEG still has a header; a broken one is left out, said so
+                logger.warning("skipping %s: %s", img_path, exc)
+                skipped += 1
+                continue
+            names = sorted({o[0] for o in objs})
+            if not names:
+                continue
+            target = split
+            if split == "train" and len(names) == 1 and per_class_calib.get(names[0], 0) < args.calib_per_class:
+                per_class_calib[names[0]] = per_class_calib.get(names[0], 0) + 1
+                target = "calib"
+            rel = os.path.relpath(img_path, root)
+            examples[target].append(records.make_example(
+                encoded, source_id=rel, filename=os.path.basename(img_path), label_texts=names,
+                boxes=[[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for _, b in objs], box_texts=[o[0] for o in objs],
+                width=w, height=h))
+    made = {}
+    for split, exs in examples.items():
+        path = os.path.join(args.output, f"{split}-00000-of-00001.tfrecord")
+        with open(path, "wb") as f:
+            for ex in exs:
+                f.write(records.frame_record(ex))
+        made[split] = {"images": len(exs), "files": [path]}
+    made["skipped_unreadable"] = {"images": skipped, "files": []}
+    return made

@@ -78,9 +78,10 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                      help='JSON {"default": t, "per_class": {"name": t}} (default: <model>.thresholds.json '
                           "beside the model, if present)")
     box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
-                     help="one box per class around the largest component, or every component")
+                     help="one box per class around the largest component, every component, or one box "
+                          "around all of them")
     box.add_argument("--min_box_area", type=float, default=0.01,
-                     help="--boxes all: smallest component kept, as a fraction of the image")
+                     help="--boxes all|union: smallest component kept, as a fraction of the image")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
     box.add_argument("--flip_tta", action="store_true",
                      help="average each CAM with that of the mirrored picture (one extra forward pass)")

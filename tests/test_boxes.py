@@ -234,3 +234,16 @@ def test_evaluate_rows_multiple_classes_and_boxes_per_image():
     assert ev["top1_loc"][0.3] == pytest.approx(0.5)  # only class 1 is the top-1 class
     assert ev["per_class"]["b"]["mean_iou"] == pytest.approx(1 / 3, rel=1e-5)
     assert ev["mean_iou"] == pytest.approx((1 + 1 / 3) / 2, rel=1e-5)
+
+
+def test_union_mode_boxes_all_kept_components_together():
+    m = np.zeros((2, 10, 10), np.float32)
+    m[0, 1:3, 1:3] = 1.0  # 4 px
+    m[0, 6:9, 5:9] = 1.0  # 12 px
+    m[0, 0, 9] = 1.0  # 1 px: below the 3% floor, left out
+    m[1, 4, 4] = 1.0  # a lone pixel: below the floor but the largest of its map, so kept
+    found = boxes.boxes_from_cams(m, 0.5, mode="union", min_area=0.03)
+    assert found.map_index.tolist() == [0, 1]
+    assert found.xyxy.tolist() == [[1, 1, 9, 9], [4, 4, 5, 5]]
+    assert found.area.tolist() == [16, 1]
+    assert found.cam_score[0] == pytest.approx(16 / 64)  # 16 foreground pixels of the 8x8 box

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from weakloc.pipeline import cli, evaluate, results
-from tests.conftest import RUNNER
+from tests.conftest import RUNNER, shared_path
 
 
 @pytest.mark.slow
@@ -112,3 +112,20 @@ def test_cli_train_refuses_inputs_without_labels(tmp_path, capsys):
     path.write_bytes(records.frame_record(records.make_example(img, source_id="a")))
     assert cli.main(["train", "--input", str(path), "--output", str(tmp_path / "m.keras")]) == 2
     assert "no image-level labels" in capsys.readouterr().err
+
+
+def test_datasets_photos_from_shared_voc_files(tmp_path):
+    root = shared_path("photos")
+    from weakloc.pipeline import datasets, inputs
+
+    doc = datasets.run(["photos", "--root", str(root), "--output", str(tmp_path / "p"), "--calib_per_class", "3"])
+    splits = doc["splits"]
+    # Fruit keeps its own 240/60 split; kangaroo (164) and raccoon (200) lose 20% each to test: 33 + 40.
+    total = splits["train"]["images"] + splits["calib"]["images"] + splits["test"]["images"]
+    assert total + splits["skipped_unreadable"]["images"] == 300 + 164 + 200
+    assert splits["test"]["images"] == 60 + 33 + 40
+    assert splits["calib"]["images"] == 5 * 3
+    src = inputs.scan([str(tmp_path / "p" / "calib-*.tfrecord")])
+    assert src.class_names == ("apple", "banana", "kangaroo", "orange", "raccoon")
+    for ex in inputs.iterate(src):
+        assert len(ex.gt_boxes) >= 1 and ((ex.gt_boxes >= 0) & (ex.gt_boxes <= 1)).all()
