@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
                     help="backbones: start from ImageNet weights (needs them downloaded) or from scratch")
     ap.add_argument("--input_size", help="H,W (default: 96,96 for small, 224,224 for backbones)")
     ap.add_argument("--width", type=int, default=8, help="small: channel unit (layers have 2, 3, 6, 6, 8 x width)")
+    ap.add_argument("--dilation", type=int, default=1,
+                    help="small: dilate the last two convolutions (d, 2d) for a wider view; blurs the CAMs")
     ap.add_argument("--final_stride", type=int, choices=(2, 4), default=4, help="small: input / final map size")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=64)
@@ -113,7 +115,8 @@ def run(argv=None) -> dict:
     size = tuple(size)
     n = len(source.class_names)
     if args.arch == "small":
-        model = train.cam_cnn(size, n, width=args.width, final_stride=args.final_stride, seed=args.seed)
+        model = train.cam_cnn(size, n, width=args.width, final_stride=args.final_stride,
+                              dilation=args.dilation, seed=args.seed)
         scale, offset = 1 / 255, 0.0
     else:
         model, scale, offset = train.backbone_gap(args.arch, size, n, seed=args.seed,
@@ -138,6 +141,7 @@ def run(argv=None) -> dict:
             "images": source.count,
             "data_fingerprint": source.fingerprint,
             "arch": args.arch,
+            "dilation": args.dilation if args.arch == "small" else None,
             "weights": args.weights if args.arch != "small" else None,
             "final_feature_map": [int(d) for d in model.get_layer("gap").input.shape[1:3]],
             "epochs_run": fit["epochs"],
