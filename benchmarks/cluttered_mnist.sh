@@ -32,11 +32,12 @@ json.dump({"default": 0.2}, open(f"{d}/paper_0.2.json", "w"))
 json.dump({"default": cal["default"]}, open(f"{d}/global.json", "w"))
 PY
 
-# 4. label the 2,000 evaluation canvases with each variant, then score them
+# 4. label the 2,000 evaluation canvases with each variant, then score them. --classes both boxes the predicted
+#    class and the image's own label, so GT-known Loc is measured even where the top-1 class is wrong.
 variant() {  # name, label flags...
   local name=$1; shift
   weakloc label --input "$W/data/eval-*.tfrecord" --model "$W/model/cmnist.keras" --output "$W/labels/$name" \
-    --overwrite $RUN "$@"
+    --overwrite --classes both $RUN "$@"
   weakloc evaluate --annotations "$W/labels/$name" --output "$W/reports/$name.json" | tee "$W/reports/$name.txt"
 }
 mkdir -p "$W/reports"

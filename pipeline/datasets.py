@@ -93,6 +93,9 @@ def run(argv=None) -> dict:
     with open(os.path.join(args.output, "dataset.json"), "w") as f:
         json.dump(doc, f, indent=2)
     for split, info in made.items():
+        if not info["files"]:
+            print(f"{split}: {info['images']} images", flush=True)
+            continue
         print(f"{split:6s} {info['images']:6d} images  {os.path.join(args.output, split)}-*.tfrecord", flush=True)
     return doc
 
