@@ -12,9 +12,16 @@ mkdir -p "$W"
     --epochs 30 --patience 5 --batch_size 32 --flip_augment --cache --val_percent 15
 weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" \
   --output "$W/model/photos.thresholds.json" --min_per_class 5 --overwrite
+weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" --flip_tta \
+  --output "$W/model/photos_tta.thresholds.json" --min_per_class 5 --overwrite
+# --classes both: a box for the predicted class and for each labelled class, so GT-known Loc covers every image.
 weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/photos.keras" --output "$W/labels" \
-  --overwrite --runner=FnApiRunner
+  --classes both --overwrite --runner=FnApiRunner
 weakloc evaluate --annotations "$W/labels" | tee "$W/evaluation.txt"
+weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/photos.keras" --output "$W/labels_tta" \
+  --thresholds "$W/model/photos_tta.thresholds.json" --flip_tta --classes both --overwrite --runner=FnApiRunner
+weakloc evaluate --annotations "$W/labels_tta" | tee "$W/evaluation_tta.txt"
 # A pretrained backbone needs ImageNet weights, which this machine cannot download: this shows the message.
 weakloc train --input "$W/data/train-*.tfrecord" --output "$W/model/mnv2.keras" --arch mobilenetv2 --epochs 1 \
+  --overwrite \
   || echo "(mobilenetv2 with ImageNet weights: not available offline, exit $?)"
