@@ -125,6 +125,19 @@ def boxes_from_cams(
     return Boxes(map_of[keep], xyxy, score, sizes[keep].astype(np.int64))
 
 
+def stretch_boxes(xyxy: np.ndarray, factors: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """Scale box widths by factors[0] and heights by factors[1] about their centres, clipped to the map.
+
+    A CAM blob is round where objects often are not (digits are tall): a stretch chosen on boxed calibration
+    images corrects that systematic shape error. xyxy: (n, 4) continuous pixels; size: (H, W) of the map.
+    """
+    xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    half = (xyxy[:, 2:] - xyxy[:, :2]) / 2 * np.asarray(factors, np.float32)
+    out = np.concatenate([centre - half, centre + half], axis=1)
+    return np.clip(out, 0, np.array([size[1], size[0], size[1], size[0]], np.float32)).astype(np.float32)
+
+
 def scale_boxes(xyxy: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
     """Map boxes between two pixel grids of the same picture (sizes as (H, W)); continuous coordinates."""
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)

@@ -203,3 +203,39 @@ def calibrate(
         if len(sel) >= min_per_class:
             per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw)
     return Calibration(overall, per_class, counts)
+
+
+def fit_box_stretch(
+    xyxy: np.ndarray,
+    truths: Sequence[np.ndarray],
+    size: tuple[int, int],
+    *,
+    factors: np.ndarray | None = None,
+    levels: tuple[float, ...] = IOU_LEVELS,
+) -> tuple[tuple[float, float], float, float]:
+    """The (width, height) stretch of boxes that maximises box accuracy averaged over `levels`.
+
+    Args:
+      xyxy: (N, 4) one box per map (the box at the chosen threshold), in map pixels.
+      truths: N arrays (m_i, 4) of true boxes.
+      size: (H, W) of the maps, for clipping.
+      factors: candidate factors per axis; default 0.70, 0.75, ..., 1.50.
+
+    Returns:
+      ((fw, fh), mean accuracy with it, mean accuracy unstretched). Ties keep the factor closest to (1, 1).
+    """
+    factors = np.round(np.arange(0.70, 1.501, 0.05), 2) if factors is None else np.asarray(factors)
+
+    def score(f):
+        ious = best_iou(boxlib.stretch_boxes(xyxy, f, size), truths)
+        return float(np.mean([(ious >= lv).mean() for lv in levels]))
+
+    base = score((1.0, 1.0))
+    best, best_f = base, (1.0, 1.0)
+    for fw in factors:
+        for fh in factors:
+            sc = score((float(fw), float(fh)))
+            closer = abs(fw - 1) + abs(fh - 1) < abs(best_f[0] - 1) + abs(best_f[1] - 1)
+            if sc > best + 1e-12 or (abs(sc - best) <= 1e-12 and closer):
+                best, best_f = sc, (float(fw), float(fh))
+    return best_f, best, base

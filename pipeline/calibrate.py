@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
                     help="calibrate the box rule label will use (label --boxes)")
     ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
+    ap.add_argument("--fit_box_stretch", action="store_true",
+                    help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--label_offset", type=int, default=0)
     ap.add_argument("--input_format", choices=("tfrecord", "images"))
@@ -111,6 +113,20 @@ def run(argv=None) -> dict:
                             mode=args.boxes, min_area=args.min_box_area)
     doc = cal.thresholds(prep.class_names)
     sweep = cal.overall
+    stretch_note = ""
+    if args.fit_box_stretch:
+        # Boxes at the thresholds label will use (per class where calibrated), then the stretch that fits them.
+        taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
+                         for c in classes], np.float32)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
+        if args.boxes == "largest" and len(found.map_index) == len(classes):
+            stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index],
+                                                             model.input_size)
+            doc["box_stretch"] = list(stretch)
+            stretch_note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
+                            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
+        else:
+            logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
     doc["calibration"] = {
         "model": args.model,
         "inputs": list(args.input),
@@ -144,5 +160,5 @@ def run(argv=None) -> dict:
     per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
     print("\n".join(lines) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them {top1.mean():.1%}\n"
           f"default threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: {sweep.max_box_acc_v2:.1f}\n"
-          f"per-class thresholds: {per}\nwritten: {args.output}", flush=True)
+          f"per-class thresholds: {per}\n{stretch_note}written: {args.output}", flush=True)
     return doc

@@ -247,3 +247,21 @@ def test_union_mode_boxes_all_kept_components_together():
     assert found.xyxy.tolist() == [[1, 1, 9, 9], [4, 4, 5, 5]]
     assert found.area.tolist() == [16, 1]
     assert found.cam_score[0] == pytest.approx(16 / 64)  # 16 foreground pixels of the 8x8 box
+
+
+def test_stretch_boxes_about_the_centre_and_clip():
+    # Centre (15, 20), half size (5, 10) -> (2.5, 20): [12.5, 0, 17.5, 40], the top clipped from -0 to 0.
+    out = boxes.stretch_boxes(np.array([[10, 10, 20, 30]]), (0.5, 2.0), (100, 100))
+    assert out.tolist() == [[12.5, 0.0, 17.5, 40.0]]
+    assert boxes.stretch_boxes(np.array([[0, 0, 10, 10]]), (2.0, 1.0), (50, 12)).tolist() == [[0, 0, 12, 10]]
+
+
+def test_fit_box_stretch_finds_the_height_factor_truth_needs():
+    # Square 10x10 predictions, truths 10 wide and 14.6 tall with the same centre. IoU >= 0.9 needs a height
+    # of at least 13.14, i.e. factor >= 1.314: 1.35 is the first on the 0.05 grid (13.5 / 14.6 = 0.925, while
+    # 1.30 gives 0.890); any width change drops below 0.9 (0.95: 0.878; 1.05: 0.884).
+    pred = np.array([[10, 10, 20, 20], [40, 40, 50, 50]], np.float32)
+    truths = [np.array([[10, 7.7, 20, 22.3]], np.float32), np.array([[40, 37.7, 50, 52.3]], np.float32)]
+    (fw, fh), after, before = metrics.fit_box_stretch(pred, truths, (100, 100), levels=(0.5, 0.9))
+    assert (fw, fh) == (1.0, pytest.approx(1.35))
+    assert before == pytest.approx(0.5) and after == pytest.approx(1.0)
