@@ -1,4 +1,4 @@
-"""The `weakloc` command: `weakloc label ...`, `weakloc demo ...`.
+"""The `weakloc` command: `weakloc label|demo|train|calibrate|evaluate|datasets ...`.
 
 Errors a user can fix (bad flags, a model without a GAP head, a sidecar that does not match) end the command
 with exit code 2 and one line that says what was expected, before any worker starts.
@@ -12,12 +12,12 @@ import sys
 USAGE = """usage: weakloc <command> [flags]
 
 commands:
-  label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
-  demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
+  label      label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
+  demo       train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
   train      train a GAP classifier on image-level labels: weakloc train --input PATTERN --output M.keras
   calibrate  choose CAM thresholds on boxed images: weakloc calibrate --input PATTERN --model M.keras --output T.json
   evaluate   score labels against true boxes: weakloc evaluate --annotations DIR --ground_truth PATTERN|VOC_DIR|COCO.json
-  datasets   make benchmark data: weakloc datasets cluttered-mnist --idx_dir DIR --output DIR | shapes --output DIR
+  datasets   make benchmark data: weakloc datasets cluttered-mnist --idx_dir DIR --output DIR | shapes | photos
 
 `weakloc <command> --help` lists a command's flags."""
 

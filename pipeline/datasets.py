@@ -58,7 +58,6 @@ def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     if os.path.isdir(args.output) and any(n.endswith(".tfrecord") for n in os.listdir(args.output)):
         raise OptionsError(f"--output {args.output} already holds TFRecord shards; choose a new directory")
-    os.makedirs(args.output, exist_ok=True)
     if args.dataset == "cluttered-mnist":
         try:
             digits, labels = mnist.load_idx_dir(args.idx_dir) if args.idx_dir else mnist.load_keras_mnist()
@@ -89,6 +88,7 @@ def run(argv=None) -> dict:
             data = synthetic.make_shapes(n, size=args.size, seed=seed)
             made[split] = {"images": n, "files": write_shards(data, args.output, args.shards if split != "calib"
                                                               else 1, split)}
+    os.makedirs(args.output, exist_ok=True)
     doc = {"dataset": args.dataset, "options": vars(args), "splits": made}
     with open(os.path.join(args.output, "dataset.json"), "w") as f:
         json.dump(doc, f, indent=2)
@@ -121,6 +121,7 @@ def photos(args) -> dict:
 
     from .evaluate import voc_boxes
 
+    os.makedirs(args.output, exist_ok=True)
     root = args.root
     fruit = os.path.join(root, "fruit")
     splits = {"train": [], "test": []}

@@ -100,6 +100,7 @@ def test_cli_datasets_offline_without_idx_dir_exits_2(tmp_path, capsys, monkeypa
     assert cli.main(["datasets", "cluttered-mnist", "--output", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "--idx_dir" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()  # nothing half-made
 
 
 def test_cli_train_refuses_inputs_without_labels(tmp_path, capsys):
