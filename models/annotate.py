@@ -14,7 +14,7 @@ from . import boxes as boxlib
 from .cam import CamOutputs
 
 CLASS_MODES = ("predicted", "labels", "both")
-BOX_MODES = ("largest", "all")
+BOX_MODES = ("largest", "all", "union")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class BoxOptions:
     mode: str = "largest"
     min_area: float = 0.01
     emit_cams: bool = False
+    stretch: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self):
         if self.classes not in CLASS_MODES:
@@ -46,6 +47,8 @@ class BoxOptions:
                           ("min_box_area", self.min_area)):
             if not 0.0 <= float(val) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {val}")
+        if len(self.stretch) != 2 or not all(0.0 < float(f) <= 4.0 for f in self.stretch):
+            raise ValueError(f"box stretch must be two factors within (0, 4], got {self.stretch!r}")
         for cid, tau in self.per_class.items():
             if not 0.0 <= float(tau) <= 1.0:
                 raise ValueError(f"threshold for class {cid} must be within [0, 1], got {tau}")
@@ -163,10 +166,13 @@ def annotate_batch(
         normed, valid = boxlib.normalize_cams(stack)
         taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
+        xyxy = found.xyxy
+        if tuple(opts.stretch) != (1.0, 1.0):
+            xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
         for i, map_i in enumerate(found.map_index):
             b, _, c = picks[map_i]
             meta = metas[b]
-            x0, y0, x1, y1 = boxlib.scale_boxes(found.xyxy[i], (h_in, w_in), (meta.height, meta.width))[0]
+            x0, y0, x1, y1 = boxlib.scale_boxes(xyxy[i], (h_in, w_in), (meta.height, meta.width))[0]
             boxes_per_image[b].append(
                 {
                     "class_id": c,

@@ -82,8 +82,10 @@ def boxes_from_cams(
       thresholds: tau, scalar or (N,): a pixel is foreground when normed >= tau.
       valid: bool (N,); maps marked False get no box. Default: all valid.
       mode: "largest": one box per map, around its largest 8-connected component (ties: first in raster
-        order); "all": every component covering at least `min_area` of the map, and always the largest.
-      min_area: fraction of H*W, used by mode "all".
+        order); "all": every component covering at least `min_area` of the map, and always the largest;
+        "union": one box per map enclosing all the components "all" would keep (an object the map splits into
+        pieces gets one box).
+      min_area: fraction of H*W, used by modes "all" and "union".
 
     Returns:
       Boxes, ordered by map index, then (mode "all") by decreasing component area. A map with no foreground
@@ -92,8 +94,8 @@ def boxes_from_cams(
     normed = np.asarray(normed, dtype=np.float32)
     if normed.ndim != 3:
         raise ValueError(f"expected normalised maps of shape (N, H, W), got {normed.shape}")
-    if mode not in ("largest", "all"):
-        raise ValueError(f"mode must be 'largest' or 'all', got {mode!r}")
+    if mode not in ("largest", "all", "union"):
+        raise ValueError(f"mode must be 'largest', 'all' or 'union', got {mode!r}")
     n, h, w = normed.shape
     tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
     mask = normed >= tau[:, None, None]
@@ -111,7 +113,7 @@ def boxes_from_cams(
     if mode == "largest":
         _, first = np.unique(map_of[order], return_index=True)
         keep = order[first]
-    else:
+    else:  # "all" and "union"
         is_largest = np.zeros(count, dtype=bool)
         _, first = np.unique(map_of[order], return_index=True)
         is_largest[order[first]] = True
@@ -123,7 +125,26 @@ def boxes_from_cams(
         z, ys, xs = slices[lab]
         xyxy[i] = (xs.start, ys.start, xs.stop, ys.stop)
         score[i] = normed[z.start, ys, xs].mean()
+    if mode == "union":
+        maps, first = np.unique(map_of[keep], return_index=True)
+        xyxy = np.concatenate([np.minimum.reduceat(xyxy[:, :2], first), np.maximum.reduceat(xyxy[:, 2:], first)], 1)
+        score = np.array([normed[m, int(b[1]) : int(b[3]), int(b[0]) : int(b[2])].mean() for m, b in zip(maps, xyxy)],
+                         np.float32)
+        return Boxes(maps.astype(np.int64), xyxy, score, np.add.reduceat(sizes[keep], first).astype(np.int64))
     return Boxes(map_of[keep], xyxy, score, sizes[keep].astype(np.int64))
+
+
+def stretch_boxes(xyxy: np.ndarray, factors: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """Scale box widths by factors[0] and heights by factors[1] about their centres, clipped to the map.
+
+    A CAM blob is round where objects often are not (digits are tall): a stretch chosen on boxed calibration
+    images corrects that systematic shape error. xyxy: (n, 4) continuous pixels; size: (H, W) of the map.
+    """
+    xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    half = (xyxy[:, 2:] - xyxy[:, :2]) / 2 * np.asarray(factors, np.float32)
+    out = np.concatenate([centre - half, centre + half], axis=1)
+    return np.clip(out, 0, np.array([size[1], size[0], size[1], size[0]], np.float32)).astype(np.float32)
 
 
 def scale_boxes(xyxy: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:

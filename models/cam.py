@@ -267,6 +267,9 @@ class CamModel:
       out = cm(uint8_batch)                  # uint8 (B, 96, 96, 3)
       out = cm(uint8_batch, extra=[[3], [1]])  # also the CAMs of classes 3 and 1
 
+    With `flip_tta`, each batch also runs mirrored; scores and CAMs are the means of both passes (the mirrored
+    CAM flipped back), which evens out the left/right bias of a single map.
+
     The function has a fixed signature (batch dimension None), so a short last batch does not retrace.
     """
 
@@ -280,6 +283,7 @@ class CamModel:
         top_k: int = 1,
         feature_layer: str | None = None,
         dense_layer: str | None = None,
+        flip_tta: bool = False,
     ):
         import keras
         import tensorflow as tf
@@ -313,6 +317,15 @@ class CamModel:
             scores = tf.cast(scores, tf.float32)
             if apply_softmax:
                 scores = tf.nn.softmax(scores, axis=-1)
+            if flip_tta:
+                # CAMs are linear in the feature map, so averaging the maps (the mirrored one flipped back)
+                # averages the CAMs of the picture and of its mirror image.
+                fmap_f, scores_f = cam_model(tf.reverse(x, axis=[2]), training=False)
+                scores_f = tf.cast(scores_f, tf.float32)
+                if apply_softmax:
+                    scores_f = tf.nn.softmax(scores_f, axis=-1)
+                fmap = (fmap + tf.reverse(tf.cast(fmap_f, tf.float32), axis=[2])) / 2.0
+                scores = (scores + scores_f) / 2.0
             top_scores, top_classes = tf.math.top_k(scores, k=k)
             classes = tf.concat([top_classes, tf.maximum(extra, 0)], axis=1)  # (B, M)
             weights = tf.gather(kernel_t, classes)  # (B, M, K)
@@ -320,6 +333,7 @@ class CamModel:
             return scores, top_classes, top_scores, classes, upsample_maps(low, (h_in, w_in)), low
 
         self._forward = forward
+        self.flip_tta = bool(flip_tta)
 
     @property
     def tracing_count(self) -> int:

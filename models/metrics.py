@@ -59,6 +59,8 @@ def sweep_thresholds(
     valid: np.ndarray | None = None,
     taus: np.ndarray | None = None,
     levels: tuple[float, ...] = IOU_LEVELS,
+    mode: str = "largest",
+    min_area: float = 0.0,
 ) -> Sweep:
     """Box accuracy of the largest-component box at every threshold.
 
@@ -66,6 +68,7 @@ def sweep_thresholds(
       normed: float (N, H, W) normalised CAMs of the true class, in [0, 1].
       truths: N arrays (m_i, 4) of true boxes in the maps' pixel coordinates.
       taus: thresholds to try; default 0.00, 0.01, ..., 0.99 (wsolevaluation's step).
+      mode, min_area: as boxes_from_cams; with mode "all" a map counts as right when any of its boxes is.
     """
     normed = np.asarray(normed, np.float32)
     n = len(normed)
@@ -74,9 +77,9 @@ def sweep_thresholds(
     taus = np.round(np.arange(0.0, 1.0, 0.01), 2) if taus is None else np.asarray(taus, np.float32)
     acc = np.zeros((len(taus), len(levels)), np.float64)
     for ti, tau in enumerate(taus):
-        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid)
+        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid, mode=mode, min_area=min_area)
         ious = np.zeros(n, np.float32)
-        ious[found.map_index] = best_iou(found.xyxy, [truths[i] for i in found.map_index])
+        np.maximum.at(ious, found.map_index, best_iou(found.xyxy, [truths[i] for i in found.map_index]))
         acc[ti] = [(ious >= lv).mean() if n else 0.0 for lv in levels]
     return Sweep(taus=taus, levels=tuple(levels), accuracy=acc)
 
@@ -151,3 +154,88 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
             ),
         },
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The threshold sweep over all maps, and per class where a class has at least `min_per_class` maps."""
+
+    overall: Sweep
+    per_class: dict[int, Sweep]
+    counts: dict[int, int]
+
+    def thresholds(self, class_names: Sequence[str]) -> dict:
+        """The `--thresholds` document `weakloc label` reads: {"default": t, "per_class": {name: t}}."""
+        return {
+            "default": self.overall.best_threshold,
+            "per_class": {class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
+        }
+
+
+def calibrate(
+    normed: np.ndarray,
+    truths: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    *,
+    valid: np.ndarray | None = None,
+    min_per_class: int = 5,
+    taus: np.ndarray | None = None,
+    mode: str = "largest",
+    min_area: float = 0.0,
+) -> Calibration:
+    """Sweep thresholds over all maps and separately over each class's maps.
+
+    Args:
+      normed: float (N, H, W) normalised CAMs, each of the class `class_ids[i]`, in [0, 1].
+      truths: N arrays (m_i, 4) of that class's true boxes, in the maps' pixel coordinates.
+      class_ids: int (N,) the class of each map.
+      min_per_class: a class with fewer maps gets no threshold of its own (it uses the overall one): a
+        threshold chosen on two or three maps fits their noise, not the class.
+    """
+    class_ids = np.asarray(class_ids, np.int64)
+    valid = np.ones(len(normed), bool) if valid is None else np.asarray(valid, bool)
+    kw = dict(taus=taus, mode=mode, min_area=min_area)
+    overall = sweep_thresholds(normed, truths, valid=valid, **kw)
+    per_class, counts = {}, {}
+    for c in np.unique(class_ids):
+        sel = np.flatnonzero(class_ids == c)
+        counts[int(c)] = len(sel)
+        if len(sel) >= min_per_class:
+            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw)
+    return Calibration(overall, per_class, counts)
+
+
+def fit_box_stretch(
+    xyxy: np.ndarray,
+    truths: Sequence[np.ndarray],
+    size: tuple[int, int],
+    *,
+    factors: np.ndarray | None = None,
+    levels: tuple[float, ...] = IOU_LEVELS,
+) -> tuple[tuple[float, float], float, float]:
+    """The (width, height) stretch of boxes that maximises box accuracy averaged over `levels`.
+
+    Args:
+      xyxy: (N, 4) one box per map (the box at the chosen threshold), in map pixels.
+      truths: N arrays (m_i, 4) of true boxes.
+      size: (H, W) of the maps, for clipping.
+      factors: candidate factors per axis; default 0.70, 0.75, ..., 1.50.
+
+    Returns:
+      ((fw, fh), mean accuracy with it, mean accuracy unstretched). Ties keep the factor closest to (1, 1).
+    """
+    factors = np.round(np.arange(0.70, 1.501, 0.05), 2) if factors is None else np.asarray(factors)
+
+    def score(f):
+        ious = best_iou(boxlib.stretch_boxes(xyxy, f, size), truths)
+        return float(np.mean([(ious >= lv).mean() for lv in levels]))
+
+    base = score((1.0, 1.0))
+    best, best_f = base, (1.0, 1.0)
+    for fw in factors:
+        for fh in factors:
+            sc = score((float(fw), float(fh)))
+            closer = abs(fw - 1) + abs(fh - 1) < abs(best_f[0] - 1) + abs(best_f[1] - 1)
+            if sc > best + 1e-12 or (abs(sc - best) <= 1e-12 and closer):
+                best, best_f = sc, (float(fw), float(fh))
+    return best_f, best, base

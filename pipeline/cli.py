@@ -1,4 +1,4 @@
-"""The `weakloc` command: `weakloc label ...`, `weakloc demo ...`, `weakloc export ...`, `weakloc report ...`.
+"""The `weakloc` command: `weakloc label|demo|train|calibrate|evaluate|datasets|export|report ...`.
 
 Errors a user can fix (bad flags, a model without a GAP head, a sidecar that does not match) end the command
 with exit code 2 and one line that says what was expected, before any worker starts.
@@ -12,10 +12,14 @@ import sys
 USAGE = """usage: weakloc <command> [flags]
 
 commands:
-  label   label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
-  demo    train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
-  export  write a run's boxes as COCO, YOLO, Pascal VOC or TF Object Detection TFRecords
-  report  a static HTML page (and a PNG contact sheet) to look at a run's boxes and CAMs
+  label      label images with CAM boxes (Beam pipeline): weakloc label --input PATTERN --model M.keras --output DIR
+  demo       train, calibrate and label an embedded synthetic dataset, offline, and score the boxes
+  train      train a GAP classifier on image-level labels: weakloc train --input PATTERN --output M.keras
+  calibrate  choose CAM thresholds on boxed images: weakloc calibrate --input PATTERN --model M.keras --output T.json
+  evaluate   score labels against true boxes: weakloc evaluate --annotations DIR --ground_truth PATTERN|VOC_DIR|COCO.json
+  datasets   make benchmark data: weakloc datasets cluttered-mnist --idx_dir DIR --output DIR | shapes | photos
+  export     write a run's boxes as COCO, YOLO, Pascal VOC or TF Object Detection TFRecords
+  report     a static HTML page (and a PNG contact sheet) to look at a run's boxes and CAMs
 
 `weakloc <command> --help` lists a command's flags."""
 
@@ -50,17 +54,20 @@ def main(argv=None) -> int:
     from weakloc.models.export import ExportError
     from weakloc.models.sidecar import SidecarError
 
-    from . import demo, export, label, report
+    from weakloc.models.train import TrainError
+
+    from . import calibrate, datasets, demo, evaluate, export, label, report, train
     from .options import OptionsError
     from .results import IncompleteRunError
 
-    commands = {"label": label.run, "demo": demo.run, "export": export.run, "report": report.run}
+    commands = {"label": label.run, "demo": demo.run, "train": train.run, "calibrate": calibrate.run,
+                "evaluate": evaluate.run, "datasets": datasets.run, "export": export.run, "report": report.run}
     if command not in commands:
         print(f"weakloc: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         commands[command](rest)
-    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, ExportError,
+    except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, TrainError, ExportError,
             IncompleteRunError) as exc:
         print(f"weakloc {command}: error: {exc}", file=sys.stderr)
         return 2

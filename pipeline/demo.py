@@ -113,7 +113,9 @@ def run(argv=None) -> dict:
         beam_args = ["--runner=FnApiRunner", *beam_args]  # the local runner, with no Prism download attempt
     summary = label.run(
         ["--input", os.path.join(shard_dir, "heldout-*.tfrecord"), "--model", model_path, "--output", labels_dir,
-         "--overwrite", *beam_args]
+         # --classes both: also box each image's own label, so a misclassified image still gets a box of its true
+         # class and "GT-known Loc" is not silently Top-1 Loc.
+         "--classes", "both", "--overwrite", *beam_args]
     )
 
     print("[5/5] scoring the boxes against the held-out truth", flush=True)

@@ -89,10 +89,16 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                      help='JSON {"default": t, "per_class": {"name": t}} (default: <model>.thresholds.json '
                           "beside the model, if present)")
     box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
-                     help="one box per class around the largest component, or every component")
+                     help="one box per class around the largest component, every component, or one box "
+                          "around all of them")
     box.add_argument("--min_box_area", type=float, default=0.01,
-                     help="--boxes all: smallest component kept, as a fraction of the image")
+                     help="--boxes all|union: smallest component kept, as a fraction of the image")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
+    box.add_argument("--box_stretch", metavar="FW,FH",
+                     help="scale box width and height about the centre (default: the thresholds file's "
+                          '"box_stretch", written by calibrate --fit_box_stretch, else 1,1)')
+    box.add_argument("--flip_tta", action="store_true",
+                     help="average each CAM with that of the mirrored picture (one extra forward pass)")
 
 
 @dataclasses.dataclass
@@ -150,6 +156,8 @@ class LabelConfig:
                 "min_box_area": self.box.min_area,
                 "batch_size": self.batch_size,
                 "emit_cams": self.box.emit_cams,
+                "flip_tta": self.spec.flip_tta,
+                "box_stretch": list(self.box.stretch),
                 "max_pixels": self.max_pixels,
                 "max_file_bytes": self.max_file_bytes,
                 "label_offset": self.label_offset,
@@ -193,6 +201,17 @@ def _parse_size(value: Optional[str]):
     except ValueError:
         raise OptionsError(f"--input_size expects H,W (e.g. 224,224), got {value!r}") from None
     return [h, w]
+
+
+def _parse_stretch(value, what: str) -> tuple[float, float]:
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        fw, fh = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise OptionsError(f"{what} expects two factors FW,FH (e.g. 0.85,1.3), got {value!r}") from None
+    if not (0.0 < fw <= 4.0 and 0.0 < fh <= 4.0):
+        raise OptionsError(f"{what} factors must lie within (0, 4], got {fw}, {fh}")
+    return fw, fh
 
 
 def check_beam_args(beam_args: list[str]) -> None:
@@ -302,6 +321,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
 
     # Model: fingerprint the bytes (or build a keras.applications classifier), load once, find the head,
     # reconcile with the sidecar.
+    if args.method == "gradcam" and args.flip_tta:
+        raise OptionsError("--flip_tta averages CAMs of the one-pass method; it is not available with --method gradcam")
     if args.method == "gradcam" and args.dense_layer:
         raise OptionsError("--dense_layer is for --method cam; Grad-CAM differentiates the class scores at the output")
     if keras_app:
@@ -343,11 +364,16 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         if FileSystems.exists(beside):
             thr_path = beside
             logger.warning("using calibrated thresholds found beside the model: %s", beside)
-    file_default, per_class = None, {}
+    file_default, per_class, stretch = None, {}, (1.0, 1.0)
     if thr_path is not None:
         if not FileSystems.exists(thr_path):
             raise OptionsError(f"--thresholds {thr_path} does not exist")
-        file_default, per_class = annotate.parse_thresholds(_read_json(thr_path, "thresholds"), prep.class_names)
+        thr_doc = _read_json(thr_path, "thresholds")
+        file_default, per_class = annotate.parse_thresholds(thr_doc, prep.class_names)
+        if isinstance(thr_doc, dict) and thr_doc.get("box_stretch") is not None:
+            stretch = _parse_stretch(thr_doc["box_stretch"], f"box_stretch in {thr_path}")
+    if args.box_stretch is not None:
+        stretch = _parse_stretch(args.box_stretch, "--box_stretch")
     tau = args.cam_threshold if args.cam_threshold is not None else file_default
     if tau is None:
         tau = 0.2
@@ -360,6 +386,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         mode=args.boxes,
         min_area=args.min_box_area,
         emit_cams=args.emit_cams,
+        stretch=stretch,
     )
     if args.top_k > num_classes:
         raise OptionsError(f"--top_k {args.top_k} is larger than the model's {num_classes} classes")
@@ -376,6 +403,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         safe_mode=not args.unsafe_load,
         method=args.method,
         keras_weights=None if args.keras_weights == "none" else (weights_file or args.keras_weights),
+        flip_tta=args.flip_tta,
     )
     previous, skip_patterns = [], []
     for prev, doc in previous_docs:

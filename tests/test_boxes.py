@@ -183,3 +183,85 @@ def test_evaluate_rows_against_hand_computed_scores():
     assert ev["baselines"]["centred_median"]["gt_known"][0.3] == 0.0
     with pytest.raises(ValueError, match="nothing to evaluate"):
         metrics.evaluate_rows([_row(0, [], [])], ["a"])
+
+
+def _core_halo_maps(n, halo, seed_offset=0):
+    """Maps with a bright core (1.0) in a halo of value `halo` on 0.1; the truth is the core."""
+    maps = np.full((n, 12, 12), 0.1, np.float32)
+    truths = []
+    for i in range(n):
+        y, x = i % 5, (2 * i + seed_offset) % 6
+        maps[i, y : y + 6, x : x + 6] = halo
+        maps[i, y + 2 : y + 4, x + 2 : x + 4] = 1.0
+        truths.append(np.array([[x + 2, y + 2, x + 4, y + 4]], np.float32))
+    return maps, truths
+
+
+def test_per_class_calibration_finds_each_class_threshold():
+    # Class 0: halo 0.4 -> normalised 1/3, so the core needs tau in (0.333, 1]: first best 0.34.
+    # Class 1: the truth is the core *with* its halo (6x6), halo 0.2 -> normalised 1/9, so tau in (0, 0.111]
+    # (tau 0.00 keeps the whole 12x12 map, IoU 0.25): first best 0.01. The two ranges do not overlap.
+    # Class 2 has 2 maps, below min_per_class.
+    m0, t0 = _core_halo_maps(6, 0.4)
+    m1, cores = _core_halo_maps(6, 0.2)
+    t1 = [np.array([[b[0, 0] - 2, b[0, 1] - 2, b[0, 2] + 2, b[0, 3] + 2]], np.float32) for b in cores]
+    m2, t2 = _core_halo_maps(2, 0.4)
+    maps = np.concatenate([m0, m1, m2])
+    normed, valid = boxes.normalize_cams(maps)
+    classes = [0] * 6 + [1] * 6 + [2] * 2
+    cal = metrics.calibrate(normed, t0 + t1 + t2, classes, valid=valid, min_per_class=3)
+    assert cal.per_class[0].best_threshold == pytest.approx(0.34)
+    assert cal.per_class[1].best_threshold == pytest.approx(0.01)
+    assert 2 not in cal.per_class and cal.counts == {0: 6, 1: 6, 2: 2}
+    doc = cal.thresholds(["zero", "one", "two"])
+    assert doc["per_class"] == {"zero": pytest.approx(0.34), "one": pytest.approx(0.01)}
+    # No single tau fits both: overall, classes 0 and 2 (8 maps) outvote class 1 (6 maps, whose 2x2 core has
+    # IoU 4/36 with its 6x6 truth at tau 0.34, a miss at every level).
+    assert doc["default"] == pytest.approx(0.34)
+    assert cal.overall.accuracy[cal.overall.best_index].mean() == pytest.approx(8 / 14)
+    # MaxBoxAccV2 of class 1 alone: every level reaches 100% at its best tau.
+    assert cal.per_class[1].max_box_acc_v2 == pytest.approx(100.0)
+
+
+def test_evaluate_rows_multiple_classes_and_boxes_per_image():
+    # One image, two true classes; class 0 has two true boxes and the prediction matches the second exactly;
+    # class 1's predicted box [0,0,10,10] against truth [5,0,15,10]: overlap 50, union 150 -> IoU 1/3.
+    rows = [_row(1, [(0, [40, 0, 50, 10]), (1, [0, 0, 10, 10])],
+                 [(0, [0, 0, 10, 10]), (0, [40, 0, 50, 10]), (1, [5, 0, 15, 10])])]
+    ev = metrics.evaluate_rows(rows, ["a", "b"])
+    assert ev["pairs"] == 2 and ev["images"] == 1 and ev["top1"] == 1.0
+    assert ev["gt_known"][0.3] == pytest.approx(1.0) and ev["gt_known"][0.5] == pytest.approx(0.5)
+    assert ev["top1_loc"][0.3] == pytest.approx(0.5)  # only class 1 is the top-1 class
+    assert ev["per_class"]["b"]["mean_iou"] == pytest.approx(1 / 3, rel=1e-5)
+    assert ev["mean_iou"] == pytest.approx((1 + 1 / 3) / 2, rel=1e-5)
+
+
+def test_union_mode_boxes_all_kept_components_together():
+    m = np.zeros((2, 10, 10), np.float32)
+    m[0, 1:3, 1:3] = 1.0  # 4 px
+    m[0, 6:9, 5:9] = 1.0  # 12 px
+    m[0, 0, 9] = 1.0  # 1 px: below the 3% floor, left out
+    m[1, 4, 4] = 1.0  # a lone pixel: below the floor but the largest of its map, so kept
+    found = boxes.boxes_from_cams(m, 0.5, mode="union", min_area=0.03)
+    assert found.map_index.tolist() == [0, 1]
+    assert found.xyxy.tolist() == [[1, 1, 9, 9], [4, 4, 5, 5]]
+    assert found.area.tolist() == [16, 1]
+    assert found.cam_score[0] == pytest.approx(16 / 64)  # 16 foreground pixels of the 8x8 box
+
+
+def test_stretch_boxes_about_the_centre_and_clip():
+    # Centre (15, 20), half size (5, 10) -> (2.5, 20): [12.5, 0, 17.5, 40], the top clipped from -0 to 0.
+    out = boxes.stretch_boxes(np.array([[10, 10, 20, 30]]), (0.5, 2.0), (100, 100))
+    assert out.tolist() == [[12.5, 0.0, 17.5, 40.0]]
+    assert boxes.stretch_boxes(np.array([[0, 0, 10, 10]]), (2.0, 1.0), (50, 12)).tolist() == [[0, 0, 12, 10]]
+
+
+def test_fit_box_stretch_finds_the_height_factor_truth_needs():
+    # Square 10x10 predictions, truths 10 wide and 14.6 tall with the same centre. IoU >= 0.9 needs a height
+    # of at least 13.14, i.e. factor >= 1.314: 1.35 is the first on the 0.05 grid (13.5 / 14.6 = 0.925, while
+    # 1.30 gives 0.890); any width change drops below 0.9 (0.95: 0.878; 1.05: 0.884).
+    pred = np.array([[10, 10, 20, 20], [40, 40, 50, 50]], np.float32)
+    truths = [np.array([[10, 7.7, 20, 22.3]], np.float32), np.array([[40, 37.7, 50, 52.3]], np.float32)]
+    (fw, fh), after, before = metrics.fit_box_stretch(pred, truths, (100, 100), levels=(0.5, 0.9))
+    assert (fw, fh) == (1.0, pytest.approx(1.35))
+    assert before == pytest.approx(0.5) and after == pytest.approx(1.0)

@@ -175,3 +175,16 @@ def test_input_checks(rng):
         cm(np.zeros((1, 31, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="out of range"):
         cm(_images(rng, 1), np.array([[9]]))
+
+
+def test_flip_tta_averages_the_cams_of_the_picture_and_its_mirror(rng):
+    model = tiny_gap_model(num_classes=3, seed=5)
+    plain = cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=1)
+    tta = cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=1, flip_tta=True)
+    imgs = _images(rng, 4)
+    extra = np.array([[0], [1], [2], [1]], np.int32)
+    a, b, t = plain(imgs, extra), plain(imgs[:, :, ::-1].copy(), extra), tta(imgs, extra)
+    np.testing.assert_allclose(t.scores, (a.scores + b.scores) / 2, rtol=1e-4, atol=1e-6)
+    # The requested class's map (column 1): mean of the map and the mirror's map flipped back.
+    np.testing.assert_allclose(t.low_res[:, 1], (a.low_res[:, 1] + b.low_res[:, 1, :, ::-1]) / 2, rtol=1e-4,
+                               atol=1e-5)

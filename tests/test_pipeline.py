@@ -570,3 +570,24 @@ def test_beam_flag_that_prefixes_a_weakloc_flag_passes_through(small_shard, tiny
 def test_refuses_bad_counts(small_shard, tiny_model_path, tmp_path, flags, match):
     out = tmp_path / "o"
     _expect_refusal(OptionsError, _argv(small_shard, tiny_model_path, out, *flags), out, match=match)
+
+
+def test_box_stretch_from_thresholds_file_scales_boxes_about_their_centres(small_shard, tiny_model_path, tmp_path):
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"default": 0.5}))
+    plain = run(*_argv(small_shard, tiny_model_path, tmp_path / "a", "--thresholds", str(thr)))
+    thr.write_text(json.dumps({"default": 0.5, "box_stretch": [0.5, 0.5]}))
+    half = run(*_argv(small_shard, tiny_model_path, tmp_path / "b", "--thresholds", str(thr)))
+    assert plain["options"]["box_stretch"] == [1.0, 1.0] and half["options"]["box_stretch"] == [0.5, 0.5]
+    key = lambda r: r["image_id"]
+    rows_a = sorted(results.read_table(str(tmp_path / "a")).to_pylist(), key=key)
+    rows_b = sorted(results.read_table(str(tmp_path / "b")).to_pylist(), key=key)
+    assert rows_a and all(r["boxes"] for r in rows_a)
+    for ra, rb in zip(rows_a, rows_b):
+        a, b = ra["boxes"][0], rb["boxes"][0]
+        # Half the width and height, same centre (input 32 px -> original 40 px: still a linear map).
+        assert b["xmax"] - b["xmin"] == pytest.approx((a["xmax"] - a["xmin"]) / 2, abs=1e-4)
+        assert b["ymax"] - b["ymin"] == pytest.approx((a["ymax"] - a["ymin"]) / 2, abs=1e-4)
+        assert b["xmin"] + b["xmax"] == pytest.approx(a["xmin"] + a["xmax"], abs=1e-4)
+    with pytest.raises(OptionsError, match="box_stretch"):
+        run(*_argv(small_shard, tiny_model_path, tmp_path / "c", "--thresholds", str(thr), "--box_stretch", "2"))

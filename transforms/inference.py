@@ -42,6 +42,7 @@ class ModelSpec:
     fingerprint: str = ""  # content hash checked on every worker; "" skips the check
     method: str = "cam"  # "cam" (GAP + Dense head, one pass) or "gradcam" (any head, gradients)
     keras_weights: Optional[str] = "imagenet"  # for path "keras:NAME": "imagenet", None (random) or a file path
+    flip_tta: bool = False  # average the CAMs of each picture and of its mirror image
 
 
 def fetch_to_local(path: str) -> str:
@@ -82,7 +83,7 @@ def load_cam_model(spec: ModelSpec, top_k: int):
                   feature_layer=spec.feature_layer)
     if spec.method == "gradcam":
         return GradCamModel(model, **common)
-    return CamModel(model, dense_layer=spec.dense_layer, **common)
+    return CamModel(model, dense_layer=spec.dense_layer, flip_tta=spec.flip_tta, **common)
 
 
 class CamModelHandler(ModelHandler):

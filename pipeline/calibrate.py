@@ -1,0 +1,164 @@
+"""`weakloc calibrate`: choose CAM thresholds on a few boxed images, for `weakloc label --thresholds`.
+
+    weakloc calibrate --input 'shards/calib-*.tfrecord' --model models/digits.keras --output models/digits.thresholds.json
+
+For every (image, class with true boxes) pair, the CAM of that class is box-thresholded at tau = 0.00, 0.01, ...,
+0.99; the chosen tau maximises box accuracy averaged over IoU 0.3/0.5/0.7 (the MaxBoxAccV2 criterion of
+clovaai/wsolevaluation), over all pairs and per class where a class has `--min_per_class` pairs. Writes
+`{"default": t, "per_class": {name: t}, "calibration": {...curve...}}` and prints the curve. Written as
+`<model>.thresholds.json`, `label` picks it up by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import numpy as np
+
+from weakloc.models import boxes as boxlib
+from weakloc.models import cam, metrics, sidecar
+from weakloc.transforms.inference import fetch_to_local
+
+from . import inputs
+from .options import OptionsError, _read_json
+
+logger = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="weakloc calibrate", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
+                    help="TFRecord shards whose examples carry true boxes (image/object/bbox/*); repeatable")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
+    ap.add_argument("--output", required=True, help="thresholds JSON to write")
+    ap.add_argument("--min_per_class", type=int, default=5,
+                    help="a class gets its own threshold only with at least this many boxed images")
+    ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
+    ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
+                    help="calibrate the box rule label will use (label --boxes)")
+    ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
+    ap.add_argument("--fit_box_stretch", action="store_true",
+                    help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--label_offset", type=int, default=0)
+    ap.add_argument("--input_format", choices=("tfrecord", "images"))
+    ap.add_argument("--unsafe_load", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return ap
+
+
+def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool = False, unsafe: bool = False):
+    """(CamModel, Preprocessing) for a model file and its sidecar, checked as `label` checks them."""
+    if not os.path.exists(model_path) and "://" not in model_path:
+        raise OptionsError(f"--model {model_path} does not exist")
+    keras_model = cam.load_keras_model(fetch_to_local(model_path), safe_mode=not unsafe)
+    head = cam.find_gap_head(keras_model)
+    side = sidecar_arg or sidecar.sidecar_path(model_path)
+    doc = _read_json(side, "sidecar") if os.path.exists(side) else None
+    if doc is None:
+        logger.warning("no sidecar at %s: preprocessing from defaults", side)
+    prep = sidecar.resolve_preprocessing(doc, overrides={}, model_input_size=cam.model_input_size(keras_model),
+                                         num_classes=int(head.dense.kernel.shape[1]))
+    model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
+                         flip_tta=flip_tta)
+    return model, prep
+
+
+def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64):
+    """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
+
+    Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
+    bool (N,), images used).
+    """
+    h, w = model.input_size
+    scale = np.array([w, h, w, h], np.float32)
+    pixels, classes, truths, used = [], [], [], 0
+    for ex in examples:
+        ids = np.asarray(ex.gt_ids[: len(ex.gt_boxes)])
+        known = sorted({int(c) for c in ids if c >= 0})
+        used += bool(known)
+        for c in known:
+            pixels.append(ex.pixels)
+            classes.append(c)
+            truths.append(ex.gt_boxes[: len(ids)][ids == c] * scale)
+    if not pixels:
+        raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on")
+    normed, valid, top1 = [], [], []
+    classes = np.asarray(classes, np.int32)
+    for s in range(0, len(pixels), batch_size):
+        out = model(np.stack(pixels[s : s + batch_size]), extra=classes[s : s + batch_size, None])
+        k = out.top_classes.shape[1]
+        n_, v_ = boxlib.normalize_cams(out.cams[:, k])
+        normed.append(n_)
+        valid.append(v_)
+        top1.append(out.top_classes[:, 0] == classes[s : s + batch_size])
+    return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
+
+
+def run(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
+    if args.min_per_class < 1:
+        raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
+    model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, unsafe=args.unsafe_load)
+    source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
+                         label_offset=args.label_offset)
+    examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
+    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size)
+    cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
+                            mode=args.boxes, min_area=args.min_box_area)
+    doc = cal.thresholds(prep.class_names)
+    sweep = cal.overall
+    stretch_note = ""
+    if args.fit_box_stretch:
+        # Boxes at the thresholds label will use (per class where calibrated), then the stretch that fits them.
+        taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
+                         for c in classes], np.float32)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
+        if args.boxes == "largest" and len(found.map_index) == len(classes):
+            stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index],
+                                                             model.input_size)
+            doc["box_stretch"] = list(stretch)
+            stretch_note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
+                            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
+        else:
+            logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
+    doc["calibration"] = {
+        "model": args.model,
+        "inputs": list(args.input),
+        "images": used,
+        "pairs": len(classes),
+        "flip_tta": args.flip_tta,
+        "boxes": args.boxes,
+        "min_box_area": args.min_box_area,
+        "top1": float(top1.mean()),
+        "max_box_acc_v2": sweep.max_box_acc_v2,
+        "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
+        "levels": list(sweep.levels),
+        "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
+        "per_class": {
+            prep.class_names[c]: {
+                "pairs": cal.counts[c],
+                "threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
+                "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
+            }
+            for c in sorted(cal.counts)
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(doc, f, indent=2)
+    lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
+    for t, a in zip(sweep.taus, sweep.accuracy):
+        if round(t * 100) % 5 == 0 or t == sweep.best_threshold:
+            mark = "  <- chosen" if t == sweep.best_threshold else ""
+            lines.append(f"  {t:.2f}  {a[0]:7.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
+    per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
+    print("\n".join(lines) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them {top1.mean():.1%}\n"
+          f"default threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: {sweep.max_box_acc_v2:.1f}\n"
+          f"per-class thresholds: {per}\n{stretch_note}written: {args.output}", flush=True)
+    return doc

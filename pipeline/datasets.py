@@ -1,0 +1,173 @@
+"""`weakloc datasets`: benchmark and demo datasets as TFRecord shards with image-level labels and true boxes.
+
+    weakloc datasets cluttered-mnist --idx_dir ../shared/data/mnist --output data/cmnist
+    weakloc datasets shapes --output data/shapes
+
+cluttered-mnist (see models/mnist.py) writes train-*, calib-* and eval-* shards. Digits 0-7999 of the MNIST test
+set feed training and calibration, 8000-9999 evaluation, so no source digit (nor clutter fragment) is shared
+between the canvases a model learns or calibrates on and those it is scored on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from weakloc.models import mnist, synthetic
+
+from .demo import write_shards
+from .options import OptionsError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_AT = 8000
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="weakloc datasets", allow_abbrev=False, description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="dataset", required=True)
+    cm = sub.add_parser("cluttered-mnist", help="the cluttered MNIST benchmark (96x96 canvases)")
+    cm.add_argument("--idx_dir", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+                                      "(default: download through keras.datasets, which needs the internet)")
+    cm.add_argument("--output", required=True)
+    cm.add_argument("--train", type=int, default=16000, help="training canvases")
+    cm.add_argument("--eval", type=int, default=2000, help="evaluation canvases")
+    cm.add_argument("--calib_per_class", type=int, default=10, help="calibration canvases per digit")
+    cm.add_argument("--size", type=int, default=96)
+    cm.add_argument("--shards", type=int, default=4)
+    cm.add_argument("--seed", type=int, default=0)
+    ph = sub.add_parser("photos", help="the shared real photos (fruit, kangaroo, raccoon) with VOC boxes")
+    ph.add_argument("--root", required=True, help="the photos folder (fruit/, kangaroo/, raccoon/)")
+    ph.add_argument("--output", required=True)
+    ph.add_argument("--calib_per_class", type=int, default=5, help="boxed training images set aside per class")
+    ph.add_argument("--test_percent", type=float, default=20.0, help="kangaroo/raccoon images held out for test")
+    ph.add_argument("--seed", type=int, default=0)
+    sh = sub.add_parser("shapes", help="the synthetic shapes set of `weakloc demo`")
+    sh.add_argument("--output", required=True)
+    sh.add_argument("--train", type=int, default=2400)
+    sh.add_argument("--eval", type=int, default=400)
+    sh.add_argument("--calib", type=int, default=40)
+    sh.add_argument("--size", type=int, default=64)
+    sh.add_argument("--shards", type=int, default=2)
+    sh.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def run(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    if os.path.isdir(args.output) and any(n.endswith(".tfrecord") for n in os.listdir(args.output)):
+        raise OptionsError(f"--output {args.output} already holds TFRecord shards; choose a new directory")
+    if args.dataset == "cluttered-mnist":
+        try:
+            digits, labels = mnist.load_idx_dir(args.idx_dir) if args.idx_dir else mnist.load_keras_mnist()
+        except mnist.MnistError as exc:
+            raise OptionsError(str(exc)) from None
+        if len(digits) <= SPLIT_AT:
+            raise OptionsError(f"expected the 10,000-digit MNIST test set, found {len(digits)} digits")
+        pools = {"train": (0, SPLIT_AT), "calib": (0, SPLIT_AT), "eval": (SPLIT_AT, len(digits))}
+        sets = {
+            "train": dict(n=args.train, seed=args.seed),
+            "calib": dict(n=0, per_class=args.calib_per_class, seed=args.seed + 1),
+            "eval": dict(n=args.eval, seed=args.seed + 2),
+        }
+        made = {}
+        for split, kw in sets.items():
+            lo, hi = pools[split]
+            data, picks = mnist.make_cluttered(digits[lo:hi], labels[lo:hi], size=args.size, **kw)
+            shards = args.shards if split != "calib" else 1
+            made[split] = {"images": len(data.labels), "digits": [lo, hi],
+                           "files": write_shards(data, args.output, shards, split)}
+            logger.info("%s: %d canvases from digits %d-%d", split, len(data.labels), lo, hi - 1)
+    elif args.dataset == "photos":
+        made = photos(args)
+    else:
+        made = {}
+        for split, n, seed in (("train", args.train, args.seed), ("calib", args.calib, args.seed + 1),
+                               ("eval", args.eval, args.seed + 2)):
+            data = synthetic.make_shapes(n, size=args.size, seed=seed)
+            made[split] = {"images": n, "files": write_shards(data, args.output, args.shards if split != "calib"
+                                                              else 1, split)}
+    os.makedirs(args.output, exist_ok=True)
+    doc = {"dataset": args.dataset, "options": vars(args), "splits": made}
+    with open(os.path.join(args.output, "dataset.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    for split, info in made.items():
+        if not info["files"]:
+            print(f"{split}: {info['images']} images", flush=True)
+            continue
+        print(f"{split:6s} {info['images']:6d} images  {os.path.join(args.output, split)}-*.tfrecord", flush=True)
+    return doc
+
+
+def _voc_pairs(images_dir: str, xml_dir: str) -> list[tuple[str, str]]:
+    out = []
+    for fn in sorted(os.listdir(images_dir)):
+        stem, ext = os.path.splitext(fn)
+        xml = os.path.join(xml_dir, stem + ".xml")
+        if ext.lower() in (".jpg", ".jpeg", ".png") and os.path.exists(xml):
+            out.append((os.path.join(images_dir, fn), xml))
+    return out
+
+
+def photos(args) -> dict:
+    """Fruit train/test as given; kangaroo and raccoon split by a seeded shuffle. Image-level labels are the
+    object names of each picture's VOC file; `calib_per_class` boxed training pictures per class go to a calib
+    split (out of training). Sizes come from the pictures themselves (some VOC files say 0x0)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from weakloc.models import records
+
+    from .evaluate import voc_boxes
+
+    os.makedirs(args.output, exist_ok=True)
+    root = args.root
+    fruit = os.path.join(root, "fruit")
+    splits = {"train": [], "test": []}
+    for split in ("train", "test"):
+        splits[split] += _voc_pairs(os.path.join(fruit, split), os.path.join(fruit, split))
+    rng = np.random.default_rng(args.seed)
+    for name, xml_dir in (("kangaroo", "annots"), ("raccoon", "annotations")):
+        pairs = _voc_pairs(os.path.join(root, name, "images"), os.path.join(root, name, xml_dir))
+        order = rng.permutation(len(pairs))
+        n_test = int(round(len(pairs) * args.test_percent / 100))
+        splits["test"] += [pairs[i] for i in order[:n_test]]
+        splits["train"] += [pairs[i] for i in order[n_test:]]
+    examples = {"train": [], "calib": [], "test": []}
+    per_class_calib: dict[str, int] = {}
+    skipped = 0
+    for split, pairs in splits.items():
+        for img_path, xml_path in pairs:
+            with open(xml_path, encoding="utf-8") as f:
+                _, _, _, objs = voc_boxes(f.read())
+            with open(img_path, "rb") as f:
+                encoded = f.read()
+            try:
+                with Image.open(img_path) as im:
+                    w, h = ImageOps.exif_transpose(im).size
+            except Exception as exc:  # a truncated JPEG still has a header; a broken one is left out, said so
+                logger.warning("skipping %s: %s", img_path, exc)
+                skipped += 1
+                continue
+            names = sorted({o[0] for o in objs})
+            if not names:
+                continue
+            target = split
+            if split == "train" and len(names) == 1 and per_class_calib.get(names[0], 0) < args.calib_per_class:
+                per_class_calib[names[0]] = per_class_calib.get(names[0], 0) + 1
+                target = "calib"
+            rel = os.path.relpath(img_path, root)
+            examples[target].append(records.make_example(
+                encoded, source_id=rel, filename=os.path.basename(img_path), label_texts=names,
+                boxes=[[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for _, b in objs], box_texts=[o[0] for o in objs],
+                width=w, height=h))
+    made = {}
+    for split, exs in examples.items():
+        path = os.path.join(args.output, f"{split}-00000-of-00001.tfrecord")
+        with open(path, "wb") as f:
+            for ex in exs:
+                f.write(records.frame_record(ex))
+        made[split] = {"images": len(exs), "files": [path]}
+    made["skipped_unreadable"] = {"images": skipped, "files": []}
+    return made

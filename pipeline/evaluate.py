@@ -1,0 +1,175 @@
+"""`weakloc evaluate`: how good are the boxes of a `weakloc label` run, beside two baselines on the same images.
+
+    weakloc evaluate --annotations labels/ --ground_truth 'shards/eval-*.tfrecord' [--output eval.json]
+
+Ground truth comes from TFRecord shards (image/object/bbox/*, matched on the image id), a Pascal VOC folder of
+XML files or a COCO JSON (both matched on the file name). Reports GT-known Loc (the box of the true class has
+IoU >= delta), Top-1 Loc (and the top-1 class is right), per-class CorLoc and mean IoU at delta 0.3/0.5/0.7, and
+the same for a full-image box and a centred box of the median true size. Boxes: x0y0x1y1 continuous pixels, max
+edge exclusive; VOC's 1-based inclusive corners are converted (xmin - 1, ymin - 1, xmax, ymax).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import posixpath
+import xml.etree.ElementTree as ET
+
+from apache_beam.io.filesystems import FileSystems
+
+from weakloc.models import metrics
+
+from . import inputs, results
+from .options import OptionsError
+
+logger = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="weakloc evaluate", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap.add_argument("--annotations", required=True, help="output folder of `weakloc label`")
+    ap.add_argument("--ground_truth", action="append",
+                    help="TFRecord pattern, VOC folder (*.xml) or COCO .json; repeatable (default: the boxes the "
+                         "annotation rows carry from their TFRecord inputs)")
+    ap.add_argument("--output", help="JSON report (default: <annotations>/evaluation.json)")
+    return ap
+
+
+def voc_boxes(xml_text: str) -> tuple[str, int, int, list[tuple[str, list[float]]]]:
+    """(file name, width, height, [(class name, x0y0x1y1 continuous)]) of one Pascal VOC XML document."""
+    root = ET.fromstring(xml_text)
+    name = (root.findtext("filename") or "").strip()
+    w = int(float(root.findtext("size/width") or 0))
+    h = int(float(root.findtext("size/height") or 0))
+    objs = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        objs.append(((obj.findtext("name") or "").strip(), [x0 - 1, y0 - 1, x1, y1]))
+    return name, w, h, objs
+
+
+def load_voc(folder: str) -> dict[str, list[tuple[str, list[float]]]]:
+    """{file base name: [(class, box in pixels)]} from every *.xml under `folder` (recursively)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for fn in files:
+            if fn.endswith(".xml"):
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    name, _, _, objs = voc_boxes(f.read())
+                # Some VOC files name another extension or nothing useful: fall back to the XML's own stem.
+                out[posixpath.splitext(posixpath.basename(name or fn))[0]] = objs
+                out.setdefault(posixpath.splitext(fn)[0], objs)
+    return out
+
+
+def load_coco(path: str) -> dict[str, list[tuple[str, list[float]]]]:
+    """{file base name: [(category name, x0y0x1y1)]} from a COCO detection JSON (bbox is x, y, w, h)."""
+    with FileSystems.open(path) as f:
+        doc = json.loads(f.read().decode("utf-8"))
+    cats = {c["id"]: c["name"] for c in doc.get("categories", [])}
+    names = {im["id"]: posixpath.splitext(posixpath.basename(im["file_name"]))[0] for im in doc.get("images", [])}
+    out = {n: [] for n in names.values()}
+    for a in doc.get("annotations", []):
+        x, y, w, h = a["bbox"]
+        out[names[a["image_id"]]].append((cats.get(a["category_id"], str(a["category_id"])), [x, y, x + w, y + h]))
+    return out
+
+
+def attach_ground_truth(rows: list[dict], spec: str, class_names) -> int:
+    """Replace each row's gt_boxes with those from `spec`; returns how many rows found theirs."""
+    index = {n: i for i, n in enumerate(class_names)}
+    if spec.endswith(".json"):
+        by_name, key = load_coco(spec), "file"
+    elif os.path.isdir(spec):
+        by_name, key = load_voc(spec), "file"
+    else:
+        source = inputs.scan([spec], class_names=class_names)
+        by_name, key = {}, "id"
+        for ex in inputs.iterate(source):
+            by_name[ex.image_id] = [(class_names[c] if 0 <= c < len(class_names) else str(c), list(b))
+                                    for c, b in zip(ex.gt_ids, ex.gt_boxes.tolist())]
+    matched = 0
+    for row in rows:
+        k = row["image_id"] if key == "id" else posixpath.splitext(posixpath.basename(row["source"]))[0]
+        if k not in by_name:
+            continue
+        matched += 1
+        gts = []
+        for name, b in by_name[k]:
+            if key == "id":  # normalised in TFRecords
+                b = [b[0] * row["width"], b[1] * row["height"], b[2] * row["width"], b[3] * row["height"]]
+            gts.append(dict(class_id=index.get(name, -1), label=name, xmin=b[0], ymin=b[1], xmax=b[2], ymax=b[3]))
+        row["gt_boxes"] = gts
+    return matched
+
+
+def _table(ev: dict) -> str:
+    levels = sorted(ev["gt_known"])
+    head = "".join(f"  @{lv:<5}" for lv in levels)
+    lines = [f"{'':34s}{head}"]
+
+    def line(name, vals):
+        lines.append(f"{name:34s}" + "".join(f"  {vals[lv]:6.1%}" for lv in levels))
+
+    line("GT-known Loc (weakloc)", ev["gt_known"])
+    line("Top-1 Loc (weakloc)", ev["top1_loc"])
+    line("GT-known Loc, full-image box", ev["baselines"]["full_image"]["gt_known"])
+    line("GT-known Loc, centred median box", ev["baselines"]["centred_median"]["gt_known"])
+    lines.append(f"\nimages {ev['images']}, image-class pairs {ev['pairs']}, top-1 classification {ev['top1']:.1%}")
+    lines.append(f"mean IoU: weakloc {ev['mean_iou']:.3f}, full image {ev['baselines']['full_image']['mean_iou']:.3f}, "
+                 f"centred median {ev['baselines']['centred_median']['mean_iou']:.3f}\n")
+    lines.append(f"{'class':16s} {'pairs':>6s} " + " ".join(f"CorLoc@{lv:<4}" for lv in levels) + "  mean IoU")
+    for name, pc in ev["per_class"].items():
+        lines.append(f"{name:16s} {pc['pairs']:6d} " + " ".join(f"{pc['corloc'][lv]:10.1%}" for lv in levels)
+                     + f"  {pc['mean_iou']:8.3f}")
+    return "\n".join(lines)
+
+
+def _json_keys(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_keys(v) for k, v in obj.items()}
+    return obj
+
+
+def run(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    try:
+        summary = results.read_summary(args.annotations)
+    except Exception:
+        raise OptionsError(f"--annotations {args.annotations} holds no summary.json of a finished label run") from None
+    class_names = summary["model"]["class_names"]
+    rows = results.read_table(args.annotations, "annotations").to_pylist()
+    if not rows:
+        raise OptionsError(f"--annotations {args.annotations} holds no annotation rows")
+    unmatched = 0
+    if args.ground_truth:
+        for row in rows:
+            row["gt_boxes"] = []
+        matched = sum(attach_ground_truth(rows, spec, class_names) for spec in args.ground_truth)
+        unmatched = len(rows) - matched
+        if unmatched:
+            logger.warning("%d of %d annotated images have no ground truth in %s", unmatched, len(rows),
+                           args.ground_truth)
+    unknown = sum(1 for r in rows for g in r["gt_boxes"] if g["class_id"] < 0)
+    if unknown:
+        logger.warning("%d true boxes name classes the model does not know; they are left out", unknown)
+        for r in rows:
+            r["gt_boxes"] = [g for g in r["gt_boxes"] if g["class_id"] >= 0]
+    try:
+        ev = metrics.evaluate_rows(rows, class_names)
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+    ev["annotations"] = args.annotations
+    ev["ground_truth"] = args.ground_truth or "carried in the annotation rows"
+    ev["rows"], ev["rows_without_ground_truth"], ev["unknown_class_boxes"] = len(rows), unmatched, unknown
+    ev["label_options"] = summary.get("options", {})
+    out = args.output or FileSystems.join(args.annotations.rstrip("/"), "evaluation.json")
+    with FileSystems.create(out) as f:
+        f.write(json.dumps(_json_keys(ev), indent=2).encode())
+    print(_table(ev) + f"\n\nwritten: {out}", flush=True)
+    return ev
