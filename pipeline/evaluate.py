@@ -67,16 +67,28 @@ def load_voc(folder: str) -> dict[str, list[tuple[str, list[float]]]]:
     return out
 
 
+def _stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
 def load_coco(path: str) -> dict[str, list[tuple[str, list[float]]]]:
-    """{file base name: [(category name, x0y0x1y1)]} from a COCO detection JSON (bbox is x, y, w, h)."""
+    """{file name, and its base-name stem: [(category name, x0y0x1y1)]} from a COCO detection JSON (bbox x, y, w, h).
+
+    Keyed by the full `file_name` (which `weakloc export` sets to the image id when it copies no picture) and by
+    its stem (how a dataset's own COCO file names the pictures weakloc read from disk).
+    """
     with FileSystems.open(path) as f:
         doc = json.loads(f.read().decode("utf-8"))
     cats = {c["id"]: c["name"] for c in doc.get("categories", [])}
-    names = {im["id"]: posixpath.splitext(posixpath.basename(im["file_name"]))[0] for im in doc.get("images", [])}
-    out = {n: [] for n in names.values()}
+    boxes = {im["id"]: [] for im in doc.get("images", [])}
     for a in doc.get("annotations", []):
         x, y, w, h = a["bbox"]
-        out[names[a["image_id"]]].append((cats.get(a["category_id"], str(a["category_id"])), [x, y, x + w, y + h]))
+        boxes[a["image_id"]].append((cats.get(a["category_id"], str(a["category_id"])), [x, y, x + w, y + h]))
+    out = {}
+    for im in doc.get("images", []):
+        out.setdefault(_stem(im["file_name"]), boxes[im["id"]])
+    for im in doc.get("images", []):
+        out[im["file_name"]] = boxes[im["id"]]  # an exact name wins over a stem that happens to equal it
     return out
 
 
@@ -95,7 +107,10 @@ def attach_ground_truth(rows: list[dict], spec: str, class_names) -> int:
                                     for c, b in zip(ex.gt_ids, ex.gt_boxes.tolist())]
     matched = 0
     for row in rows:
-        k = row["image_id"] if key == "id" else posixpath.splitext(posixpath.basename(row["source"]))[0]
+        if key == "id":
+            k = row["image_id"]
+        else:  # the exact id first, then the picture's file stem
+            k = next((c for c in (row["image_id"], _stem(row["source"])) if c in by_name), None)
         if k not in by_name:
             continue
         matched += 1

@@ -460,3 +460,18 @@ def test_split_source_tells_records_from_files(tmp_path):
     assert sources.split_source(f"{shard}:12") == (str(shard), 12)
     assert sources.split_source(str(odd)) == (str(odd), None)
     assert sources.split_source(str(tmp_path / "a.png")) == (str(tmp_path / "a.png"), None)
+
+
+@pytest.mark.parametrize("fmt, truth", [("tfrecord", "*.tfrecord"), ("coco", "instances.json")])
+def test_exported_boxes_read_back_as_ground_truth_by_evaluate(labelled_run, tmp_path, fmt, truth):
+    """A run scored against its own exported boxes: every (image, class) pair finds its box again (IoU 1)."""
+    from weakloc.pipeline import evaluate
+
+    out = tmp_path / fmt
+    assert run_export("--annotations", labelled_run["out"], "--format", fmt, "--output", str(out)) == 0
+    rows = results.read_table(labelled_run["out"]).to_pylist()
+    pairs = {(r["image_id"], b["class_id"]) for r in rows for b in r["boxes"]}
+    ev = evaluate.run(["--annotations", labelled_run["out"], "--ground_truth", str(out / truth),
+                       "--output", str(tmp_path / "evaluation.json")])
+    assert ev["pairs"] == len(pairs) and ev["rows_without_ground_truth"] == 0
+    assert ev["gt_known"][0.7] == 1.0 and ev["mean_iou"] == pytest.approx(1.0, abs=1e-4)
