@@ -296,6 +296,48 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
     }
 
 
+def sweeps(workdir: str, n: int = 128) -> dict:
+    """How the cost grows: decode with image size (draft on/off), forward+CAM with batch size, CAM+boxes with
+    top-k. In-process and per stage, MobileNetV2-224 with random weights."""
+    import tensorflow as tf
+
+    from weakloc.models import annotate, images
+    from weakloc.models.cam import CamModel
+
+    out = {"decode_ms_per_image": {}, "forward_img_s": {}, "cam_boxes_ms_per_image": {}}
+    for size in ((320, 240), (640, 480), (1280, 960), (2560, 1920)):
+        enc = make_images(max(n // 4, 8), size, "JPEG", seed=1)
+        for draft in (True, False):
+            t, _ = timed(lambda: [images.decode_image(e, (224, 224), draft=draft) for e in enc], repeat=2)
+            out["decode_ms_per_image"][f"{size[0]}x{size[1]} draft={draft}"] = 1000 * t / len(enc)
+    model = build_model("mobilenetv2", (224, 224), 1000)
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8)])
+    def forward(x):
+        return model(tf.cast(x, tf.float32) / 127.5 - 1.0, training=False)
+
+    for bs in (1, 8, 32, 64):
+        batches = [pixels[i : i + bs] for i in range(0, min(n, 16 * bs) if bs < 8 else n, bs)]
+        forward(batches[0])
+        t, _ = timed(lambda: [forward(b).numpy() for b in batches], repeat=2)
+        out["forward_img_s"][bs] = sum(len(b) for b in batches) / t
+    names = tuple(f"c{i}" for i in range(1000))
+    metas = [annotate.ImageMeta(f"i{i}", "s", 640, 480) for i in range(32)]
+    for k in (1, 3, 5):
+        cam = CamModel(model, input_size=(224, 224), scale=1 / 127.5, offset=-1.0, top_k=k)
+        batch = pixels[:32]
+        cam(batch)
+        t_fwd, _ = timed(lambda: forward(batch).numpy(), repeat=3)
+        t_cam, o = timed(lambda: cam(batch), repeat=3)
+        opts = annotate.BoxOptions(top_k=k)
+        t_box, _ = timed(lambda: annotate.annotate_batch(o, metas, names, opts, "m", np.zeros((32, 0), np.int32)),
+                         repeat=3)
+        out["cam_boxes_ms_per_image"][k] = {"cam": 1000 * max(t_cam - t_fwd, 0) / 32, "boxes": 1000 * t_box / 32,
+                                            "forward": 1000 * t_fwd / 32}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="mobilenetv2,small")
@@ -304,6 +346,8 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also measure how stage costs grow with image size, batch size and top-k")
     args = ap.parse_args(argv)
     import logging
 
@@ -321,12 +365,18 @@ def main(argv=None):
                 print(f"  {key:34s} " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             else:
                 print(f"  {key:34s} {val}")
+    sweep = None
+    if args.sweep:
+        print("== sweeps (MobileNetV2-224, in-process)", flush=True)
+        sweep = sweeps(workdir)
+        for name, table in sweep.items():
+            print(f"  {name}: " + ", ".join(f"{k}: {v if isinstance(v, dict) else round(v, 2)}" for k, v in table.items()))
     peak = {
         "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     print(f"peak RSS: this process {peak['self_mb']:.0f} MB, largest child {peak['children_mb']:.0f} MB")
-    doc = {"results": results, "peak_rss": peak, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    doc = {"results": results, "sweeps": sweep, "peak_rss": peak, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
