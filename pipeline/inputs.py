@@ -21,7 +21,7 @@ from weakloc.models import images, records
 from weakloc.models.annotate import resolve_labels
 from weakloc.transforms.read import open_maybe_gzip
 
-from .options import OptionsError, _GLOB_CHARS, infer_input_format
+from .options import OptionsError, input_layout
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,7 @@ def scan(
     (TFRecord); with integer labels only, `class_0`... up to the largest label.
     """
     files = _match(patterns)
-    formats = {input_format or infer_input_format(p) for p in patterns}
-    if len(formats) != 1:
-        raise OptionsError(f"--input patterns mix formats {sorted(formats)}; use one format")
-    fmt = formats.pop()
-    if labels_from_folder == "auto":
-        folder = fmt == "images" and all(_GLOB_CHARS.search(posixpath.basename(posixpath.dirname(p))) for p in patterns)
-    else:
-        folder = labels_from_folder == "yes"
+    fmt, folder = input_layout(patterns, input_format, labels_from_folder)
     texts, ints, keys = set(), set(), []
     for kind, rid, payload, folder_label in _raw_records(files, fmt):
         if kind == "image":

@@ -175,6 +175,23 @@ def _version() -> str:
         return "unknown"
 
 
+def input_layout(patterns, input_format: Optional[str], labels_from_folder: str) -> tuple[str, bool]:
+    """(format, folder labels) of a set of input patterns, as `label`, `train` and `calibrate` all read them.
+
+    The format is the flag's or each pattern's extension (all must agree); folder labels are on when asked, or
+    with "auto" for images whose pattern has a wildcard in its folder part (root/*/*.jpg).
+    """
+    formats = {input_format or infer_input_format(p) for p in patterns}
+    if len(formats) != 1:
+        raise OptionsError(f"--input patterns mix formats {sorted(formats)}; run them separately")
+    fmt = formats.pop()
+    if labels_from_folder == "auto":
+        folder = fmt == "images" and all(_GLOB_CHARS.search(posixpath.basename(posixpath.dirname(p))) for p in patterns)
+    else:
+        folder = labels_from_folder == "yes"
+    return fmt, folder
+
+
 def infer_input_format(pattern: str) -> str:
     if _TFRECORD_RE.search(pattern):
         return "tfrecord"
@@ -284,21 +301,10 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
                                "shared filesystem) for the model, inputs and output")
 
     # Inputs: every pattern must match something now, so an empty nightly drop fails at once, not on a worker.
-    formats = set()
     for pattern in args.input:
-        matched = FileSystems.match([pattern])[0].metadata_list
-        if not matched:
+        if not FileSystems.match([pattern])[0].metadata_list:
             raise OptionsError(f"--input {pattern!r} matches no file")
-        formats.add(args.input_format or infer_input_format(pattern))
-    if len(formats) != 1:
-        raise OptionsError(f"--input patterns mix formats {sorted(formats)}; run them separately")
-    input_format = formats.pop()
-    if args.labels_from_folder == "auto":
-        folder_labels = input_format == "images" and all(
-            _GLOB_CHARS.search(posixpath.basename(posixpath.dirname(p))) for p in args.input
-        )
-    else:
-        folder_labels = args.labels_from_folder == "yes"
+    input_format, folder_labels = input_layout(args.input, args.input_format, args.labels_from_folder)
 
     # Output: never mix a new run's files with an old one's.
     existing = _existing_outputs(args.output)
