@@ -9,7 +9,6 @@ keras.applications network with GAP + Dense.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import numpy as np
 
@@ -32,7 +31,7 @@ def small_gap_cnn(input_size: tuple[int, int], num_classes: int, *, width: int =
         x = layers.ReLU(name=f"relu{i}a")(x)
         x = layers.Conv2D(width * mult, 3, padding="same", use_bias=False, name=f"conv{i}b")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}b")(x)
-        x = layers.ReLU(name=f"features" if i == 2 else f"relu{i}b")(x)
+        x = layers.ReLU(name="features" if i == 2 else f"relu{i}b")(x)
         if i < 2:
             x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
@@ -53,12 +52,11 @@ def fit_in_memory(
     seed: int = 0,
     verbose: int = 0,
 ) -> dict:
-    """Train on uint8 images (N, H, W, 3) with integer labels; returns the final validation accuracy.
+    """Train on uint8 images (N, H, W, 3) with integer labels, through `fit_datasets` (early stopping, best
+    weights restored); returns its {"val_accuracy" (of the kept weights), "epochs", "history"}.
 
-    Horizontal flips augment the data (a flipped shape is still the same class). Early stopping on the
-    validation loss keeps the best weights.
+    Horizontal flips augment the data (a flipped shape is still the same class).
     """
-    import keras
     import tensorflow as tf
 
     n = len(images)
@@ -85,23 +83,7 @@ def fit_in_memory(
         .batch(batch_size)
         .map(lambda x, y: prep_fn(x, y, False))
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(2e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[stop], verbose=verbose, shuffle=False)
-    return {"val_accuracy": float(max(hist.history["val_accuracy"])), "epochs": len(hist.history["loss"])}
-
-
-def predict_classes(model, images: np.ndarray, prep: Preprocessing, batch_size: int = 128) -> np.ndarray:
-    x = images.astype(np.float32) * prep.scale + prep.offset
-    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=1)
-
-
-def class_names_or_default(names: Sequence[str] | None, n: int) -> tuple[str, ...]:
-    return tuple(names) if names else tuple(f"class_{i}" for i in range(n))
+    return fit_datasets(model, train_ds, val_ds, epochs=epochs, verbose=verbose)
 
 
 ARCHES = ("small", "mobilenetv2", "resnet50", "efficientnetb0")

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 from weakloc.models import sidecar, train
 
