@@ -12,6 +12,7 @@ import numpy as np
 
 from . import boxes as boxlib
 from .cam import CamOutputs
+from .refine import BoxRefiner
 
 CLASS_MODES = ("predicted", "labels", "both")
 BOX_MODES = ("largest", "all", "union")
@@ -24,6 +25,7 @@ class BoxOptions:
     classes: "predicted" (top_k classes with probability >= min_score), "labels" (the image's own labels), "both".
     default_threshold: tau for classes without their own; per_class: class id -> tau.
     mode: "largest" component or "all" components covering >= min_area of the map.
+    refine: a BoxRefiner fitted by calibrate (mode "largest" only; replaces the stretch).
     """
 
     classes: str = "predicted"
@@ -35,6 +37,7 @@ class BoxOptions:
     min_area: float = 0.01
     emit_cams: bool = False
     stretch: tuple[float, float] = (1.0, 1.0)
+    refine: BoxRefiner | None = None
 
     def __post_init__(self):
         if self.classes not in CLASS_MODES:
@@ -49,6 +52,10 @@ class BoxOptions:
                 raise ValueError(f"{name} must be within [0, 1], got {val}")
         if len(self.stretch) != 2 or not all(0.0 < float(f) <= 4.0 for f in self.stretch):
             raise ValueError(f"box stretch must be two factors within (0, 4], got {self.stretch!r}")
+        if self.refine is not None and self.mode != "largest":
+            raise ValueError(f"box refinement is fitted on largest-component boxes; it cannot refine --boxes {self.mode}")
+        if self.refine is not None and tuple(self.stretch) != (1.0, 1.0):
+            raise ValueError("box refinement and a box stretch both correct box sizes; use one of them")
         for cid, tau in self.per_class.items():
             if not 0.0 <= float(tau) <= 1.0:
                 raise ValueError(f"threshold for class {cid} must be within [0, 1], got {tau}")
@@ -167,6 +174,8 @@ def annotate_batch(
         taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
         xyxy = found.xyxy
+        if opts.refine is not None:
+            xyxy = opts.refine.apply(normed[found.map_index], valid[found.map_index], xyxy)
         if tuple(opts.stretch) != (1.0, 1.0):
             xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
         for i, map_i in enumerate(found.map_index):

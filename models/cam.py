@@ -270,6 +270,10 @@ class CamModel:
     With `flip_tta`, each batch also runs mirrored; scores and CAMs are the means of both passes (the mirrored
     CAM flipped back), which evens out the left/right bias of a single map.
 
+    With `contrast`, the map of class c weighs the features by w_c minus the mean of all classes' weights: the
+    CAM of c's logit margin over the average class. Evidence every class shares (strokes of any digit, clutter)
+    cancels; the scores are unchanged. Needs at least two classes.
+
     The function has a fixed signature (batch dimension None), so a short last batch does not retrace.
     """
 
@@ -284,6 +288,7 @@ class CamModel:
         feature_layer: str | None = None,
         dense_layer: str | None = None,
         flip_tta: bool = False,
+        contrast: bool = False,
     ):
         import keras
         import tensorflow as tf
@@ -297,6 +302,10 @@ class CamModel:
         self.feature_size = tuple(int(v) if v is not None else None for v in self.head.feature.shape[1:3])
         cam_model = keras.Model(model.inputs, [self.head.feature, model.outputs[0]])
         kernel_t = tf.transpose(tf.convert_to_tensor(self.head.dense.kernel))  # (C, K)
+        if contrast:
+            if self.num_classes < 2:
+                raise ValueError("contrast CAMs need at least two classes")
+            kernel_t = kernel_t - tf.reduce_mean(kernel_t, axis=0, keepdims=True)
         apply_softmax = self.head.output_activation == "linear"
         h_in, w_in = self.input_size
         k = self.top_k
@@ -334,6 +343,7 @@ class CamModel:
 
         self._forward = forward
         self.flip_tta = bool(flip_tta)
+        self.contrast = bool(contrast)
 
     @property
     def tracing_count(self) -> int:

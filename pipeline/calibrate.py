@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, metrics, sidecar
+from weakloc.models import cam, metrics, refine, sidecar
 from weakloc.transforms.inference import fetch_to_local
 
 from . import inputs
@@ -42,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
     ap.add_argument("--fit_box_stretch", action="store_true",
                     help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
+    ap.add_argument("--cam_contrast", action="store_true",
+                    help="calibrate contrast CAMs (label --cam_contrast; recorded, so label follows by itself)")
+    ap.add_argument("--refine_boxes", action="store_true",
+                    help="also fit a box refinement on these images from each map's profile across thresholds "
+                         "(models/refine.py; label applies it); kept only if cross-validation says it helps")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--label_offset", type=int, default=0)
     ap.add_argument("--input_format", choices=("tfrecord", "images"))
@@ -50,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool = False, unsafe: bool = False):
+def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool = False, contrast: bool = False,
+                   unsafe: bool = False):
     """(CamModel, Preprocessing) for a model file and its sidecar, checked as `label` checks them."""
     if not os.path.exists(model_path) and "://" not in model_path:
         raise OptionsError(f"--model {model_path} does not exist")
@@ -63,7 +69,7 @@ def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool =
     prep = sidecar.resolve_preprocessing(doc, overrides={}, model_input_size=cam.model_input_size(keras_model),
                                          num_classes=int(head.dense.kernel.shape[1]))
     model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
-                         flip_tta=flip_tta)
+                         flip_tta=flip_tta, contrast=contrast)
     return model, prep
 
 
@@ -104,7 +110,11 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
     if args.min_per_class < 1:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
-    model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, unsafe=args.unsafe_load)
+    if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
+        raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
+                           "--fit_box_stretch and --boxes union")
+    model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, contrast=args.cam_contrast,
+                                 unsafe=args.unsafe_load)
     source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
                          label_offset=args.label_offset)
     examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
@@ -127,6 +137,34 @@ def run(argv=None) -> dict:
                             f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
         else:
             logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
+    refine_note = ""
+    if args.refine_boxes:
+        taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
+                         for c in classes], np.float32)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid)
+        if len(found.map_index) < len(classes):
+            logger.warning("%d maps carry no box; the refinement is fitted on the others",
+                           len(classes) - len(found.map_index))
+        try:
+            refiner, rep = refine.fit(normed[found.map_index], valid[found.map_index], found.xyxy,
+                                      [truths[i] for i in found.map_index])
+        except refine.RefineError as exc:
+            raise OptionsError(str(exc)) from None
+        after = rep.refined[rep.chosen_alpha]
+
+        def fmt(acc):
+            return " / ".join(f"{v:.1%}" for v in acc)
+
+        keep = rep.gain > 0
+        refine_note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
+                       f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
+                       f"({'kept' if keep else 'NOT kept: no gain'})\n")
+        if keep:
+            doc["box_refine"] = refiner.to_json()
+        doc["box_refine_fit"] = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha,
+                                 "kept": keep, "cv_accuracy_before": rep.base.tolist(),
+                                 "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
+    doc["cam_contrast"] = bool(args.cam_contrast)
     doc["calibration"] = {
         "model": args.model,
         "inputs": list(args.input),
@@ -160,5 +198,5 @@ def run(argv=None) -> dict:
     per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
     print("\n".join(lines) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them {top1.mean():.1%}\n"
           f"default threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: {sweep.max_box_acc_v2:.1f}\n"
-          f"per-class thresholds: {per}\n{stretch_note}written: {args.output}", flush=True)
+          f"per-class thresholds: {per}\n{stretch_note}{refine_note}written: {args.output}", flush=True)
     return doc

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, gradcam, images, sidecar, zoo
+from weakloc.models import annotate, cam, gradcam, images, refine, sidecar, zoo
 from weakloc.transforms.inference import ModelSpec, fetch_to_local
 from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
 
@@ -99,6 +99,11 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                           '"box_stretch", written by calibrate --fit_box_stretch, else 1,1)')
     box.add_argument("--flip_tta", action="store_true",
                      help="average each CAM with that of the mirrored picture (one extra forward pass)")
+    box.add_argument("--cam_contrast", action="store_true",
+                     help="weigh features by the class's weights minus the mean of all classes' (evidence every "
+                          "class shares cancels; default: the thresholds file's \"cam_contrast\", else off)")
+    box.add_argument("--no_box_refine", action="store_true",
+                     help="ignore the box refinement in the thresholds file (written by calibrate --refine_boxes)")
 
 
 @dataclasses.dataclass
@@ -157,7 +162,9 @@ class LabelConfig:
                 "batch_size": self.batch_size,
                 "emit_cams": self.box.emit_cams,
                 "flip_tta": self.spec.flip_tta,
+                "cam_contrast": self.spec.contrast,
                 "box_stretch": list(self.box.stretch),
+                "box_refine": self.box.refine is not None,
                 "max_pixels": self.max_pixels,
                 "max_file_bytes": self.max_file_bytes,
                 "label_offset": self.label_offset,
@@ -329,6 +336,9 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
     # reconcile with the sidecar.
     if args.method == "gradcam" and args.flip_tta:
         raise OptionsError("--flip_tta averages CAMs of the one-pass method; it is not available with --method gradcam")
+    if args.method == "gradcam" and args.cam_contrast:
+        raise OptionsError("--cam_contrast changes the weights of the one-pass CAM; it is not available with "
+                           "--method gradcam")
     if args.method == "gradcam" and args.dense_layer:
         raise OptionsError("--dense_layer is for --method cam; Grad-CAM differentiates the class scores at the output")
     if keras_app:
@@ -370,7 +380,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         if FileSystems.exists(beside):
             thr_path = beside
             logger.warning("using calibrated thresholds found beside the model: %s", beside)
-    file_default, per_class, stretch = None, {}, (1.0, 1.0)
+    file_default, per_class, stretch, refiner, contrast = None, {}, (1.0, 1.0), None, args.cam_contrast
     if thr_path is not None:
         if not FileSystems.exists(thr_path):
             raise OptionsError(f"--thresholds {thr_path} does not exist")
@@ -378,8 +388,28 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         file_default, per_class = annotate.parse_thresholds(thr_doc, prep.class_names)
         if isinstance(thr_doc, dict) and thr_doc.get("box_stretch") is not None:
             stretch = _parse_stretch(thr_doc["box_stretch"], f"box_stretch in {thr_path}")
+        if isinstance(thr_doc, dict) and thr_doc.get("box_refine") is not None and not args.no_box_refine:
+            try:
+                refiner = refine.BoxRefiner.from_json(thr_doc["box_refine"])
+            except refine.RefineError as exc:
+                raise OptionsError(f"{exc} (in {thr_path})") from None
+        if isinstance(thr_doc, dict) and thr_doc.get("cam_contrast") is not None:
+            # Thresholds and refinement were chosen on these maps: label with the same kind.
+            if not isinstance(thr_doc["cam_contrast"], bool):
+                raise OptionsError(f"cam_contrast in {thr_path} must be true or false")
+            if args.cam_contrast and not thr_doc["cam_contrast"]:
+                logger.warning("--cam_contrast, but %s was calibrated on plain CAMs", thr_path)
+            contrast = contrast or thr_doc["cam_contrast"]
     if args.box_stretch is not None:
         stretch = _parse_stretch(args.box_stretch, "--box_stretch")
+        if refiner is not None:
+            raise OptionsError(f"--box_stretch and the box refinement in {thr_path} both correct box sizes; pass "
+                               "--no_box_refine to use the stretch")
+    if refiner is not None and args.boxes != "largest":
+        raise OptionsError(f"the box refinement in {thr_path} is fitted on largest-component boxes; pass "
+                           f"--no_box_refine to use --boxes {args.boxes}")
+    if contrast and args.method == "gradcam":
+        raise OptionsError(f"{thr_path} was calibrated on contrast CAMs, which --method gradcam cannot make")
     tau = args.cam_threshold if args.cam_threshold is not None else file_default
     if tau is None:
         tau = 0.2
@@ -393,7 +423,10 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         min_area=args.min_box_area,
         emit_cams=args.emit_cams,
         stretch=stretch,
+        refine=refiner,
     )
+    if contrast and num_classes < 2:
+        raise OptionsError("--cam_contrast needs a model with at least two classes")
     if args.top_k > num_classes:
         raise OptionsError(f"--top_k {args.top_k} is larger than the model's {num_classes} classes")
     spec = ModelSpec(
@@ -410,6 +443,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         method=args.method,
         keras_weights=None if args.keras_weights == "none" else (weights_file or args.keras_weights),
         flip_tta=args.flip_tta,
+        contrast=contrast,
     )
     previous, skip_patterns = [], []
     for prev, doc in previous_docs:

@@ -23,9 +23,11 @@ def test_train_calibrate_label_evaluate_on_shapes(tmp_path, capsys):
     assert side["training"]["final_feature_map"] == [12, 12]
     thr = tmp_path / "m" / "shapes.thresholds.json"
     assert cli.main(["calibrate", "--input", str(data / "calib-*.tfrecord"), "--model", str(model),
-                     "--output", str(thr), "--min_per_class", "4"]) == 0
+                     "--output", str(thr), "--min_per_class", "4", "--cam_contrast", "--refine_boxes"]) == 0
     doc = json.loads(thr.read_text())
     assert 0.0 <= doc["default"] <= 1.0 and doc["calibration"]["pairs"] == 24
+    assert doc["cam_contrast"] is True and doc["box_refine_fit"]["pairs"] == 24
+    assert ("box_refine" in doc) == doc["box_refine_fit"]["kept"]  # written only where cross-validation gained
     assert set(doc["per_class"]) == set(side["class_names"])  # 6 calibration images per class >= 4
     assert len(doc["calibration"]["curve"]) == 100
     labels = tmp_path / "labels"
@@ -34,6 +36,8 @@ def test_train_calibrate_label_evaluate_on_shapes(tmp_path, capsys):
     summary = results.read_summary(str(labels))
     assert summary["options"]["thresholds_file"] == str(thr)  # picked up beside the model
     assert summary["options"]["per_class_thresholds"] == doc["per_class"]
+    assert summary["options"]["cam_contrast"] is True  # followed the calibration without a flag
+    assert summary["options"]["box_refine"] == doc["box_refine_fit"]["kept"]
     capsys.readouterr()
     assert cli.main(["evaluate", "--annotations", str(labels)]) == 0
     printed = capsys.readouterr().out

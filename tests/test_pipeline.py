@@ -591,3 +591,49 @@ def test_box_stretch_from_thresholds_file_scales_boxes_about_their_centres(small
         assert b["xmin"] + b["xmax"] == pytest.approx(a["xmin"] + a["xmax"], abs=1e-4)
     with pytest.raises(OptionsError, match="box_stretch"):
         run(*_argv(small_shard, tiny_model_path, tmp_path / "c", "--thresholds", str(thr), "--box_stretch", "2"))
+
+
+def _halving_refiner(taus=(0.3, 0.6)) -> dict:
+    """A refinement whose only non-zero coefficient is the intercept: log(w'/w) = log(h'/h) = log 0.5."""
+    f = 2 + 4 * len(taus)
+    coef = np.zeros((f + 1, 4))
+    coef[-1, 2:] = np.log(0.5)
+    return {"taus": list(taus), "alpha": 1.0, "mean": [0.0] * f, "scale": [1.0] * f, "coef": coef.tolist()}
+
+
+def test_box_refine_and_cam_contrast_from_thresholds_file(small_shard, tiny_model_path, tmp_path):
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"default": 0.5}))
+    plain = run(*_argv(small_shard, tiny_model_path, tmp_path / "a", "--thresholds", str(thr)))
+    thr.write_text(json.dumps({"default": 0.5, "box_refine": _halving_refiner()}))
+    half = run(*_argv(small_shard, tiny_model_path, tmp_path / "b", "--thresholds", str(thr)))
+    assert not plain["options"]["box_refine"] and half["options"]["box_refine"]
+    key = lambda r: r["image_id"]
+    rows_a = sorted(results.read_table(str(tmp_path / "a")).to_pylist(), key=key)
+    rows_b = sorted(results.read_table(str(tmp_path / "b")).to_pylist(), key=key)
+    assert rows_a and all(r["boxes"] for r in rows_a)
+    for ra, rb in zip(rows_a, rows_b):
+        a, b = ra["boxes"][0], rb["boxes"][0]
+        assert b["xmax"] - b["xmin"] == pytest.approx((a["xmax"] - a["xmin"]) / 2, abs=1e-3)
+        assert b["ymax"] - b["ymin"] == pytest.approx((a["ymax"] - a["ymin"]) / 2, abs=1e-3)
+        assert b["ymin"] + b["ymax"] == pytest.approx(a["ymin"] + a["ymax"], abs=1e-3)
+    # --no_box_refine gives the plain boxes back; the file's cam_contrast switches contrast CAMs on.
+    thr.write_text(json.dumps({"default": 0.5, "box_refine": _halving_refiner(), "cam_contrast": True}))
+    off = run(*_argv(small_shard, tiny_model_path, tmp_path / "c", "--thresholds", str(thr), "--no_box_refine"))
+    assert not off["options"]["box_refine"] and off["options"]["cam_contrast"]
+    assert not plain["options"]["cam_contrast"]
+
+
+@pytest.mark.parametrize("doc, flags, match", [
+    ({"box_refine": {"taus": [0.5]}}, [], "malformed"),
+    ({"box_refine": _halving_refiner()}, ["--box_stretch", "2,2"], "--no_box_refine"),
+    ({"box_refine": _halving_refiner()}, ["--boxes", "all"], "largest-component"),
+    ({"cam_contrast": "yes"}, [], "true or false"),
+    ({}, ["--cam_contrast", "--method", "gradcam"], "gradcam"),
+])
+def test_refuses_refinement_that_cannot_apply(small_shard, tiny_model_path, tmp_path, doc, flags, match):
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"default": 0.5, **doc}))
+    out = tmp_path / "o"
+    _expect_refusal(OptionsError, _argv(small_shard, tiny_model_path, out, "--thresholds", str(thr), *flags), out,
+                    match=match)

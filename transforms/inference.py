@@ -43,6 +43,7 @@ class ModelSpec:
     method: str = "cam"  # "cam" (GAP + Dense head, one pass) or "gradcam" (any head, gradients)
     keras_weights: Optional[str] = "imagenet"  # for path "keras:NAME": "imagenet", None (random) or a file path
     flip_tta: bool = False  # average the CAMs of each picture and of its mirror image
+    contrast: bool = False  # CAMs of each class's margin over the mean class (models/cam.py)
 
 
 def fetch_to_local(path: str) -> str:
@@ -83,7 +84,7 @@ def load_cam_model(spec: ModelSpec, top_k: int):
                   feature_layer=spec.feature_layer)
     if spec.method == "gradcam":
         return GradCamModel(model, **common)
-    return CamModel(model, dense_layer=spec.dense_layer, flip_tta=spec.flip_tta, **common)
+    return CamModel(model, dense_layer=spec.dense_layer, flip_tta=spec.flip_tta, contrast=spec.contrast, **common)
 
 
 class CamModelHandler(ModelHandler):
