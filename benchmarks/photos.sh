@@ -21,6 +21,12 @@ weakloc evaluate --annotations "$W/labels" | tee "$W/evaluation.txt"
 weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/photos.keras" --output "$W/labels_tta" \
   --thresholds "$W/model/photos_tta.thresholds.json" --flip_tta --classes both --overwrite --runner=FnApiRunner
 weakloc evaluate --annotations "$W/labels_tta" | tee "$W/evaluation_tta.txt"
+# Contrast CAMs and box refinement, both fitted on the same 25 boxed calibration photos (flip averaging kept).
+weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" --flip_tta --cam_contrast \
+  --refine_boxes --output "$W/model/photos_refined.thresholds.json" --min_per_class 5 --overwrite
+weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/photos.keras" --output "$W/labels_refined" \
+  --thresholds "$W/model/photos_refined.thresholds.json" --flip_tta --classes both --overwrite --runner=FnApiRunner
+weakloc evaluate --annotations "$W/labels_refined" | tee "$W/evaluation_refined.txt"
 # A pretrained backbone needs ImageNet weights, which this machine cannot download: this shows the message.
 weakloc train --input "$W/data/train-*.tfrecord" --output "$W/model/mnv2.keras" --arch mobilenetv2 --epochs 1 \
   --overwrite \

@@ -2,7 +2,8 @@
 
 1. make a shapes dataset (image-level labels only for training; true boxes kept aside),
 2. train a small GAP CNN on the labels alone and save it with its sidecar,
-3. choose the CAM threshold on 40 boxed calibration images and save it beside the model,
+3. choose the CAM threshold (contrast CAMs) and fit the box refinement on 40 boxed calibration images, and save
+   both beside the model,
 4. write held-out images as TFRecord shards and run the Beam labeling pipeline on them,
 5. read the Parquet back and score the boxes against the held-out truth.
 """
@@ -17,7 +18,7 @@ import time
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import metrics, records, sidecar, synthetic, train
+from weakloc.models import metrics, records, refine, sidecar, synthetic, train
 from weakloc.models.cam import CamModel
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,22 @@ def write_shards(data: synthetic.ShapesSet, directory: str, shards: int, prefix:
     return paths
 
 
-def calibrate(model: CamModel, data: synthetic.ShapesSet) -> metrics.Sweep:
-    """Sweep tau on boxed images using the CAM of each image's true class."""
+def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep, dict]:
+    """Sweep tau on boxed images using the CAM of each image's true class, then fit the box refinement at the
+    chosen tau; returns the sweep and the thresholds document `label` reads."""
     out = model(data.images, extra=data.labels.reshape(-1, 1))
     k = out.top_classes.shape[1]
     normed, valid = boxlib.normalize_cams(out.cams[:, k])
-    return metrics.sweep_thresholds(normed, [b[None] for b in data.boxes], valid=valid)
+    truths = [b[None] for b in data.boxes]
+    sweep = metrics.sweep_thresholds(normed, truths, valid=valid)
+    doc = {"default": sweep.best_threshold, "per_class": {}, "cam_contrast": model.contrast,
+           "calibration": {"images": len(data.images), "max_box_acc_v2": sweep.max_box_acc_v2}}
+    found = boxlib.boxes_from_cams(normed, sweep.best_threshold, valid=valid)
+    refiner, report = refine.fit(normed[found.map_index], valid[found.map_index], found.xyxy,
+                                 [truths[i] for i in found.map_index])
+    if report.gain > 0:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
+        doc["box_refine"] = refiner.to_json()
+    return sweep, doc
 
 
 def run(argv=None) -> dict:
@@ -97,11 +108,9 @@ def run(argv=None) -> dict:
     with open(sidecar.sidecar_path(model_path), "w") as f:
         json.dump(meta, f, indent=2)
 
-    print("[3/5] choosing the CAM threshold on the boxed calibration images", flush=True)
-    cam_model = CamModel(keras_model, input_size=size, scale=prep.scale, offset=prep.offset)
-    sweep = calibrate(cam_model, calib_set)
-    thresholds = {"default": sweep.best_threshold, "per_class": {},
-                  "calibration": {"images": args.calibration_images, "max_box_acc_v2": sweep.max_box_acc_v2}}
+    print("[3/5] choosing the CAM threshold and box refinement on the boxed calibration images", flush=True)
+    cam_model = CamModel(keras_model, input_size=size, scale=prep.scale, offset=prep.offset, contrast=True)
+    sweep, thresholds = calibrate(cam_model, calib_set)
     with open(os.path.join(model_dir, "shapes.thresholds.json"), "w") as f:
         json.dump(thresholds, f, indent=2)
 
@@ -127,6 +136,7 @@ def run(argv=None) -> dict:
         "annotations": os.path.join(labels_dir, "annotations-*.parquet"),
         "summary": os.path.join(labels_dir, "summary.json"),
         "threshold": sweep.best_threshold,
+        "box_refine": "box_refine" in thresholds,
         "calibration_max_box_acc_v2": round(sweep.max_box_acc_v2, 1),
         "validation_accuracy": fit["val_accuracy"],
         **score,
@@ -142,7 +152,8 @@ def run(argv=None) -> dict:
         f"Boxes with IoU>=0.5: {score['gt_known_loc_50']:.1%} (box of the true class; "
         f"{score['top1_loc_50']:.1%} also classified right)\n"
         f"Full-image baseline: {score['full_image_baseline_50']:.1%} at IoU>=0.5\n"
-        f"CAM threshold:       {sweep.best_threshold:.2f}, chosen on {args.calibration_images} boxed images\n"
+        f"CAM threshold:       {sweep.best_threshold:.2f} (contrast CAMs), chosen on {args.calibration_images} boxed "
+        f"images; box refinement {'fitted there too' if result['box_refine'] else 'not kept (no gain)'}\n"
         f"Wall time:           {result['seconds']} s",
         flush=True,
     )

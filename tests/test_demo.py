@@ -17,6 +17,7 @@ def test_demo_trains_labels_and_localizes(tmp_path):
     # The calibrated threshold was found beside the model and used, not the 0.2 default.
     assert summary["options"]["thresholds_file"].endswith("shapes.thresholds.json")
     assert summary["options"]["cam_threshold"] == out["threshold"]
+    assert summary["options"]["cam_contrast"] is True and summary["options"]["box_refine"] == out["box_refine"]
     with open(tmp_path / "demo" / "model" / "shapes.json") as f:
         assert json.load(f)["class_names"] == ["circle", "square", "triangle", "cross"]
     # Shapes on clutter are easy: a working pipeline classifies nearly all and boxes most of them well.
