@@ -53,7 +53,8 @@ class BoxOptions:
         if len(self.stretch) != 2 or not all(0.0 < float(f) <= 4.0 for f in self.stretch):
             raise ValueError(f"box stretch must be two factors within (0, 4], got {self.stretch!r}")
         if self.refine is not None and self.mode != "largest":
-            raise ValueError(f"box refinement is fitted on largest-component boxes; it cannot refine --boxes {self.mode}")
+            raise ValueError(f"box refinement is fitted on largest-component boxes; it cannot refine boxes "
+                             f"{self.mode!r}")
         if self.refine is not None and tuple(self.stretch) != (1.0, 1.0):
             raise ValueError("box refinement and a box stretch both correct box sizes; use one of them")
         for cid, tau in self.per_class.items():
