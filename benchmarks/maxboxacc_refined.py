@@ -1,5 +1,6 @@
-"""MaxBoxAccV2 of refined boxes: for every base threshold, the refinement is fitted on the calibration images only,
-then the evaluation images are scored; each IoU level takes its best threshold and the three are averaged (as
+"""MaxBoxAccV2 of refined boxes: for every base threshold, the refinement is fitted on the calibration images only
+(and, as `calibrate` decides, used only where its cross-validation there gains), then the evaluation images are
+scored; each IoU level takes its best threshold and the three are averaged (as
 wsolevaluation defines MaxBoxAccV2 for plain CAM boxes). Nothing is fitted on the evaluation images.
 
     python benchmarks/maxboxacc_refined.py --calib 'W/data/calib-*.tfrecord' --eval 'W/data/eval-*.tfrecord' \
@@ -12,7 +13,6 @@ import json
 
 import numpy as np
 
-from weakloc.models import boxes as boxlib
 from weakloc.models import metrics, refine
 from weakloc.pipeline import calibrate, inputs
 
@@ -39,16 +39,17 @@ def main(argv=None):
     plain = metrics.sweep_thresholds(ev[0], ev[2], valid=ev[1], taus=taus)
     refined = np.zeros((len(taus), len(metrics.IOU_LEVELS)))
     for i, tau in enumerate(taus):
-        base_c = boxlib.boxes_from_cams(cal[0], float(tau), valid=cal[1])
-        base_e = boxlib.boxes_from_cams(ev[0], float(tau), valid=ev[1])
         try:
-            refiner, _ = refine.fit(cal[0][base_c.map_index], cal[1][base_c.map_index], base_c.xyxy,
-                                    [cal[2][j] for j in base_c.map_index])
+            refiner, rep = refine.fit(cal[0], float(tau), cal[2], valid=cal[1])
         except refine.RefineError:
+            refined[i] = plain.accuracy[i]
             continue
-        boxes = refiner.apply(ev[0][base_e.map_index], ev[1][base_e.map_index], base_e.xyxy)
+        if rep.gain <= 0:  # calibrate would not keep it: the plain boxes stand
+            refined[i] = plain.accuracy[i]
+            continue
+        boxes, has = refiner.apply(ev[0], float(tau), ev[1])
         ious = np.zeros(len(ev[0]), np.float32)
-        ious[base_e.map_index] = metrics.best_iou(boxes, [ev[2][j] for j in base_e.map_index])
+        ious[has] = metrics.best_iou(boxes[has], [ev[2][j] for j in np.flatnonzero(has)])
         refined[i] = [(ious >= lv).mean() for lv in metrics.IOU_LEVELS]
         if round(tau * 100) % 10 == 0:
             print(f"  tau {tau:.2f}: plain {plain.accuracy[i].round(3)}  refined {refined[i].round(3)}", flush=True)

@@ -176,7 +176,7 @@ def annotate_batch(
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
         xyxy = found.xyxy
         if opts.refine is not None:
-            xyxy = opts.refine.apply(normed[found.map_index], valid[found.map_index], xyxy)
+            xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
         if tuple(opts.stretch) != (1.0, 1.0):
             xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
         for i, map_i in enumerate(found.map_index):

@@ -3,12 +3,13 @@
 A thresholded CAM gives boxes whose size is squeezed towards the size of the network's receptive field: on
 cluttered MNIST, digits under 15 px get boxes 1.7x too large and digits over 25 px boxes 0.7x too small, while
 their centres are almost always right (BENCHMARKS.md). The profile of the map around the object carries the
-missing information: the boxes of the same component at several thresholds (0.2, 0.3, ... 0.8) shrink at a rate
-that depends on the object's true extent. A ridge regression from that profile to the true box, fitted on the
+missing information: the boxes of the same object at several thresholds (0.2, 0.3, ... 0.8) shrink at a rate
+that depends on the object's true extent. "The same object": below the base threshold, the component that
+contains the base component; above it, the largest piece of the base component that survives. A ridge regression from that profile to the true box, fitted on the
 same boxed calibration images that choose the threshold, corrects the box's centre and size.
 
 Features of a map whose box at its threshold is b (centre cx, cy; size w, h; map size W x H):
-  log(w / W), log(h / H), and for each profile threshold t with largest-component box b_t:
+  log(w / W), log(h / H), and for each profile threshold t with the same object's box b_t:
   log(w_t / w), log(h_t / h), (cx_t - cx) / w, (cy_t - cy) / h.
 Targets, from the true box g: (gx - cx) / w, (gy - cy) / h, log(gw / w), log(gh / h).
 The features are standardised; the intercept is not penalised; the penalty is chosen by k-fold cross-validation
@@ -20,6 +21,7 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from . import boxes as boxlib
 
@@ -27,6 +29,9 @@ PROFILE_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ALPHAS = (10.0, 30.0, 100.0, 300.0, 1000.0)
 LEVELS = (0.3, 0.5, 0.7)
 MIN_PAIRS = 20  # fewer boxed maps than this cannot fit 4 x 31 coefficients with any confidence
+MAX_COEF = 1e4  # a fitted coefficient is far below this; a file above it is not one calibrate wrote
+_STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)  # 8-connectivity inside each map, none across maps
+_STRUCTURE_8[1] = True
 
 
 class RefineError(ValueError):
@@ -39,23 +44,89 @@ def _cwh(xyxy: np.ndarray) -> np.ndarray:
                      np.maximum(xyxy[:, 2] - xyxy[:, 0], 1e-3), np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-3)], 1)
 
 
-def profile_features(normed: np.ndarray, valid: np.ndarray | None, base_xyxy: np.ndarray,
-                     taus: Sequence[float] = PROFILE_TAUS) -> np.ndarray:
-    """float64 (N, 2 + 4 * len(taus)) features of N normalised maps (N, H, W) whose boxes are base_xyxy (N, 4).
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    return ndimage.label(mask, structure=_STRUCTURE_8)
 
-    A map with no component at a profile threshold (a map marked invalid) contributes its base box there.
+
+def _largest(labels: np.ndarray, count: int, n: int) -> np.ndarray:
+    """Per map, the label of its largest component (ties: first in raster order, as boxes_from_cams); 0 if none."""
+    if count == 0:
+        return np.zeros(n, np.int64)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    ids = np.arange(1, count + 1)
+    owner = np.zeros(count + 1, np.int64)
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        owner[lab] = sl[0].start
+    # Sort by map, then size descending, then label (raster order); keep the first of each map.
+    order = np.lexsort((ids, -sizes[1:], owner[1:]))
+    out = np.zeros(n, np.int64)
+    seen = np.zeros(n, bool)
+    for lab in ids[order]:
+        m = owner[lab]
+        if not seen[m]:
+            seen[m], out[m] = True, lab
+    return out
+
+
+def _box_of(labels: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) of one chosen label per map (0 = none) and which maps have one."""
+    slices = ndimage.find_objects(labels)
+    out = np.zeros((len(which), 4), np.float64)
+    for i, lab in enumerate(which):
+        if lab:
+            _, ys, xs = slices[lab - 1]
+            out[i] = (xs.start, ys.start, xs.stop, ys.stop)
+    return out, which > 0
+
+
+def base_components(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | None = None):
+    """The largest component of each map at its own threshold: (bool masks (N, H, W), boxes (N, 4), has (N,)).
+
+    The same component `boxes.boxes_from_cams` boxes in mode "largest".
+    """
+    normed = np.asarray(normed, np.float32)
+    mask = normed >= np.asarray(taus, np.float32).reshape(-1, 1, 1)
+    if valid is not None:
+        mask &= np.asarray(valid, bool)[:, None, None]
+    labels, count = _label(mask)
+    which = _largest(labels, count, len(normed))
+    xyxy, has = _box_of(labels, which)
+    return labels == which[:, None, None], xyxy, has & (which > 0)
+
+
+def profile_features(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | None = None,
+                     profile: Sequence[float] = PROFILE_TAUS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of N normalised maps (N, H, W) boxed at their thresholds `taus` (N,).
+
+    The profile follows the object the base box holds: at a lower threshold, the component that contains the
+    base component; at a higher one, the largest component inside it. Where the higher threshold leaves nothing
+    of it, the base box stands in.
+
+    Returns (base boxes (N, 4), has a base component (N,), float64 features (N, 2 + 4 * len(profile))).
     """
     normed = np.asarray(normed, np.float32)
     n, h, w = normed.shape
-    base = _cwh(base_xyxy)
+    taus = np.broadcast_to(np.asarray(taus, np.float32), (n,))
+    base_mask, base_xyxy, has = base_components(normed, taus, valid)
+    base = _cwh(np.where(has[:, None], base_xyxy, [0, 0, w, h]))
+    seed = np.argmax(base_mask.reshape(n, -1), axis=1)  # any pixel of the base component
+    seed_y, seed_x = np.divmod(seed, w)
     cols = [np.log(base[:, 2:] / np.array([w, h], np.float64))]
-    for tau in taus:
-        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid)
+    for t in profile:
+        lower = taus >= t
         at = base.copy()
-        at[found.map_index] = _cwh(found.xyxy)
+        # Lower thresholds: the (unique) component around the base one, found from one of its pixels.
+        labels, _ = _label((normed >= t) & has[:, None, None])
+        around = np.where(lower & has, labels[np.arange(n), seed_y, seed_x], 0)
+        xyxy, got = _box_of(labels, around)
+        at[got] = _cwh(xyxy[got])
+        # Higher thresholds: the largest piece of the base component that survives.
+        labels, count = _label((normed >= t) & base_mask & ~lower[:, None, None])
+        xyxy, got = _box_of(labels, _largest(labels, count, n))
+        at[got] = _cwh(xyxy[got])
         cols.append(np.log(at[:, 2:] / base[:, 2:]))
         cols.append((at[:, :2] - base[:, :2]) / base[:, 2:])
-    return np.concatenate(cols, axis=1)
+    return base_xyxy.astype(np.float32), has, np.concatenate(cols, axis=1)
 
 
 def _targets(base_xyxy: np.ndarray, true_xyxy: np.ndarray) -> np.ndarray:
@@ -64,11 +135,14 @@ def _targets(base_xyxy: np.ndarray, true_xyxy: np.ndarray) -> np.ndarray:
 
 
 def _decode(base_xyxy: np.ndarray, pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Predicted (offset, log size ratio) -> boxes inside the map, at least one pixel wide and high."""
+    h, w = size
     b = _cwh(base_xyxy)
-    centre = b[:, :2] + pred[:, :2] * b[:, 2:]
-    half = b[:, 2:] * np.exp(np.clip(pred[:, 2:], -3.0, 3.0)) / 2
-    out = np.concatenate([centre - half, centre + half], axis=1)
-    return np.clip(out, 0, np.array([size[1], size[0], size[1], size[0]], np.float64)).astype(np.float32)
+    centre = np.clip(b[:, :2] + pred[:, :2] * b[:, 2:], 0.5, [w - 0.5, h - 0.5])
+    half = np.maximum(b[:, 2:] * np.exp(np.clip(pred[:, 2:], -3.0, 3.0)) / 2, 0.5)
+    lo = np.clip(centre - half, 0, [w - 1, h - 1])
+    hi = np.clip(centre + half, lo + 1, [w, h])
+    return np.concatenate([lo, hi], axis=1).astype(np.float32)
 
 
 def _solve(x: np.ndarray, y: np.ndarray, alpha: float):
@@ -99,15 +173,21 @@ class BoxRefiner:
                               f"{self.mean.shape}, scale {self.scale.shape}, coef {self.coef.shape}")
         if not all(np.isfinite(a).all() for a in (self.mean, self.scale, self.coef)) or (self.scale <= 0).any():
             raise RefineError("box_refine: coefficients must be finite and scales positive")
+        if np.abs(self.coef).max() > MAX_COEF or not all(0.0 <= t <= 1.0 for t in self.taus):
+            raise RefineError(f"box_refine: coefficients must be within +-{MAX_COEF:g} and thresholds within [0, 1]")
 
-    def apply(self, normed: np.ndarray, valid: np.ndarray | None, base_xyxy: np.ndarray) -> np.ndarray:
-        """Refined float32 (N, 4) boxes, x0y0x1y1 in the maps' pixels, clipped to the map."""
-        base_xyxy = np.asarray(base_xyxy, np.float32).reshape(-1, 4)
-        if not len(base_xyxy):
-            return base_xyxy
-        x = profile_features(normed, valid, base_xyxy, self.taus)
+    def apply(self, normed: np.ndarray, taus, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Refined boxes of N normalised maps (N, H, W) at their base thresholds `taus` (scalar or (N,)).
+
+        Returns (float32 (N, 4) x0y0x1y1 in the maps' pixels, inside the map and at least 1 px wide and high;
+        bool (N,) which maps had a component to refine: the others' rows are zeros).
+        """
+        normed = np.asarray(normed, np.float32)
+        if not len(normed):
+            return np.zeros((0, 4), np.float32), np.zeros(0, bool)
+        base, has, x = profile_features(normed, taus, valid, self.taus)
         pred = np.c_[(x - self.mean) / self.scale, np.ones(len(x))] @ self.coef
-        return _decode(base_xyxy, pred, normed.shape[1:])
+        return np.where(has[:, None], _decode(base, pred, normed.shape[1:]), 0).astype(np.float32), has
 
     def to_json(self) -> dict:
         return {"taus": list(self.taus), "alpha": self.alpha, "mean": self.mean.tolist(),
@@ -150,20 +230,22 @@ class FitReport:
         return float((self.refined[self.chosen_alpha].mean() - self.base.mean()) * 100)
 
 
-def fit(normed: np.ndarray, valid: np.ndarray | None, base_xyxy: np.ndarray, truths: Sequence[np.ndarray], *,
-        taus: Sequence[float] = PROFILE_TAUS, alphas: Sequence[float] = ALPHAS, folds: int = 5
+def fit(normed: np.ndarray, taus, truths: Sequence[np.ndarray], *, valid: np.ndarray | None = None,
+        profile: Sequence[float] = PROFILE_TAUS, alphas: Sequence[float] = ALPHAS, folds: int = 5
         ) -> tuple[BoxRefiner, FitReport]:
-    """Fit a refiner on boxed maps: normed (N, H, W), their base boxes (N, 4) and true boxes (N arrays (m, 4)).
+    """Fit a refiner on boxed maps: normed (N, H, W), their base thresholds (scalar or (N,)) and true boxes (N
+    arrays (m, 4)). Maps with no component at their threshold (nothing to refine) are left out.
 
     Each map's target is the true box that best overlaps its base box. The penalty is chosen by `folds`-fold
     cross-validation (map i in fold i % folds) for the mean accuracy over IoU 0.3/0.5/0.7; the refiner returned
     is refitted on all maps with it.
     """
     normed = np.asarray(normed, np.float32)
-    base_xyxy = np.asarray(base_xyxy, np.float32).reshape(-1, 4)
-    n = len(normed)
-    if n != len(base_xyxy) or n != len(truths):
-        raise RefineError(f"expected as many base boxes and truths as maps, got {n}, {len(base_xyxy)}, {len(truths)}")
+    if len(normed) != len(truths):
+        raise RefineError(f"expected one truth list per map, got {len(normed)} maps and {len(truths)} truths")
+    base_xyxy, has, x = profile_features(normed, taus, valid, profile)
+    base_xyxy, x, truths = base_xyxy[has], x[has], [t for t, h in zip(truths, has) if h]
+    n = len(x)
     if n < MIN_PAIRS:
         raise RefineError(f"box refinement needs at least {MIN_PAIRS} boxed maps to fit on, got {n}")
     target_boxes = np.empty((n, 4), np.float32)
@@ -172,7 +254,6 @@ def fit(normed: np.ndarray, valid: np.ndarray | None, base_xyxy: np.ndarray, tru
         if not len(t):
             raise RefineError(f"map {i} has no true box")
         target_boxes[i] = t[np.argmax(boxlib.box_iou(base_xyxy[i : i + 1], t)[0])]
-    x = profile_features(normed, valid, base_xyxy, taus)
     y = _targets(base_xyxy, target_boxes)
     folds = max(2, min(folds, n))
     fold = np.arange(n) % folds
@@ -189,4 +270,4 @@ def fit(normed: np.ndarray, valid: np.ndarray | None, base_xyxy: np.ndarray, tru
     chosen = max(refined, key=lambda a: (refined[a].mean(), a))  # ties: the stronger penalty
     mean, scale, coef = _solve(x, y, chosen)
     report = FitReport(pairs=n, folds=folds, base=_accuracy(base_xyxy, truths), refined=refined, chosen_alpha=chosen)
-    return BoxRefiner(tuple(float(t) for t in taus), mean, scale, coef, chosen), report
+    return BoxRefiner(tuple(float(t) for t in profile), mean, scale, coef, chosen), report

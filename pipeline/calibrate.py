@@ -68,6 +68,8 @@ def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool =
         logger.warning("no sidecar at %s: preprocessing from defaults", side)
     prep = sidecar.resolve_preprocessing(doc, overrides={}, model_input_size=cam.model_input_size(keras_model),
                                          num_classes=int(head.dense.kernel.shape[1]))
+    if contrast and len(prep.class_names) < 2:
+        raise OptionsError("--cam_contrast needs a model with at least two classes")
     model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
                          flip_tta=flip_tta, contrast=contrast)
     return model, prep
@@ -141,13 +143,8 @@ def run(argv=None) -> dict:
     if args.refine_boxes:
         taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
                          for c in classes], np.float32)
-        found = boxlib.boxes_from_cams(normed, taus, valid=valid)
-        if len(found.map_index) < len(classes):
-            logger.warning("%d maps carry no box; the refinement is fitted on the others",
-                           len(classes) - len(found.map_index))
         try:
-            refiner, rep = refine.fit(normed[found.map_index], valid[found.map_index], found.xyxy,
-                                      [truths[i] for i in found.map_index])
+            refiner, rep = refine.fit(normed, taus, truths, valid=valid)
         except refine.RefineError as exc:
             raise OptionsError(str(exc)) from None
         after = rep.refined[rep.chosen_alpha]

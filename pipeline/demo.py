@@ -73,9 +73,11 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
     sweep = metrics.sweep_thresholds(normed, truths, valid=valid)
     doc = {"default": sweep.best_threshold, "per_class": {}, "cam_contrast": model.contrast,
            "calibration": {"images": len(data.images), "max_box_acc_v2": sweep.max_box_acc_v2}}
-    found = boxlib.boxes_from_cams(normed, sweep.best_threshold, valid=valid)
-    refiner, report = refine.fit(normed[found.map_index], valid[found.map_index], found.xyxy,
-                                 [truths[i] for i in found.map_index])
+    try:
+        refiner, report = refine.fit(normed, sweep.best_threshold, truths, valid=valid)
+    except refine.RefineError as exc:  # e.g. fewer boxed images than a refinement needs
+        print(f"      no box refinement: {exc}", flush=True)
+        return sweep, doc
     if report.gain > 0:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
         doc["box_refine"] = refiner.to_json()
     return sweep, doc

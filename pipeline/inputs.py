@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import images, records
+from weakloc.models import boxes, images, records
 from weakloc.models.annotate import resolve_labels
 from weakloc.transforms.read import open_maybe_gzip
 
@@ -154,6 +154,9 @@ def iterate(
                 logger.warning("skipping %s: %s", rid, exc)
                 continue
             item.pixels, item.width, item.height = img.pixels, img.width, img.height
+            if len(item.gt_boxes) and img.orientation != 1:
+                # As the label pipeline's decode step: truth stored for the un-rotated grid turns with the picture.
+                item.gt_boxes = boxes.orient_normalized_boxes(item.gt_boxes, img.orientation)
         yield item
 
 

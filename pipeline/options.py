@@ -400,14 +400,27 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
             if args.cam_contrast and not thr_doc["cam_contrast"]:
                 logger.warning("--cam_contrast, but %s was calibrated on plain CAMs", thr_path)
             contrast = contrast or thr_doc["cam_contrast"]
+        calibrated = (thr_doc.get("calibration") or {}) if isinstance(thr_doc, dict) else {}
+        if isinstance(calibrated, dict) and calibrated.get("flip_tta") not in (None, args.flip_tta):
+            logger.warning("%s was calibrated %s --flip_tta but this run is %s it", thr_path,
+                           "with" if calibrated["flip_tta"] else "without", "with" if args.flip_tta else "without")
     if args.box_stretch is not None:
         stretch = _parse_stretch(args.box_stretch, "--box_stretch")
-        if refiner is not None:
-            raise OptionsError(f"--box_stretch and the box refinement in {thr_path} both correct box sizes; pass "
-                               "--no_box_refine to use the stretch")
-    if refiner is not None and args.boxes != "largest":
-        raise OptionsError(f"the box refinement in {thr_path} is fitted on largest-component boxes; pass "
-                           f"--no_box_refine to use --boxes {args.boxes}")
+    if refiner is not None:
+        # The refinement reads a map's boxes relative to its box at the calibrated threshold: anything that
+        # changes that box, or the boxes it is fitted on, makes its corrections meaningless.
+        conflicts = [
+            ("--box_stretch", args.box_stretch is not None),
+            ("the file's box_stretch", args.box_stretch is None and tuple(stretch) != (1.0, 1.0)),
+            (f"--boxes {args.boxes}", args.boxes != "largest"),
+            ("--cam_threshold", args.cam_threshold is not None),
+            ("--method gradcam", args.method == "gradcam"),
+        ]
+        for what, present in conflicts:
+            if present:
+                raise OptionsError(f"the box refinement in {thr_path} was fitted on largest-component CAM boxes at "
+                                   f"the file's thresholds; it cannot be combined with {what}: pass --no_box_refine "
+                                   "to label without it")
     if contrast and args.method == "gradcam":
         raise OptionsError(f"{thr_path} was calibrated on contrast CAMs, which --method gradcam cannot make")
     tau = args.cam_threshold if args.cam_threshold is not None else file_default

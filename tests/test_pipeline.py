@@ -626,8 +626,12 @@ def test_box_refine_and_cam_contrast_from_thresholds_file(small_shard, tiny_mode
 
 @pytest.mark.parametrize("doc, flags, match", [
     ({"box_refine": {"taus": [0.5]}}, [], "malformed"),
-    ({"box_refine": _halving_refiner()}, ["--box_stretch", "2,2"], "--no_box_refine"),
-    ({"box_refine": _halving_refiner()}, ["--boxes", "all"], "largest-component"),
+    ({"box_refine": _halving_refiner()}, ["--box_stretch", "2,2"], "combined with --box_stretch"),
+    ({"box_refine": _halving_refiner(), "box_stretch": [1.2, 1.0]}, [], "combined with the file's box_stretch"),
+    ({"box_refine": _halving_refiner()}, ["--boxes", "all"], "combined with --boxes all"),
+    ({"box_refine": _halving_refiner()}, ["--cam_threshold", "0.3"], "combined with --cam_threshold"),
+    ({"box_refine": _halving_refiner()}, ["--method", "gradcam"], "combined with --method gradcam"),
+    ({"cam_contrast": True}, ["--method", "gradcam"], "calibrated on contrast CAMs"),
     ({"cam_contrast": "yes"}, [], "true or false"),
     ({}, ["--cam_contrast", "--method", "gradcam"], "gradcam"),
 ])
@@ -637,3 +641,77 @@ def test_refuses_refinement_that_cannot_apply(small_shard, tiny_model_path, tmp_
     out = tmp_path / "o"
     _expect_refusal(OptionsError, _argv(small_shard, tiny_model_path, out, "--thresholds", str(thr), *flags), out,
                     match=match)
+
+
+def test_contrast_cams_are_the_class_cam_minus_the_mean_class_cam(small_shard, tiny_model_path, tmp_path):
+    """Through the whole pipeline: with all 3 classes' CAMs emitted, contrast CAM_c = CAM_c - mean_c' CAM_c'."""
+    flags = ("--emit_cams", "--top_k", "3", "--cam_threshold", "0.5")
+    run(*_argv(small_shard, tiny_model_path, tmp_path / "plain", *flags))
+    run(*_argv(small_shard, tiny_model_path, tmp_path / "contrast", *flags, "--cam_contrast"))
+
+    def cams(out):
+        rows = results.read_table(str(tmp_path / out)).to_pylist()
+        return {r["image_id"]: {c["class_id"]: np.array(c["values"]) for c in r["cams"]} for r in rows}
+
+    plain, contrast = cams("plain"), cams("contrast")
+    assert sorted(plain) == sorted(contrast) == ["s0", "s1", "s2"]
+    for image_id, maps in plain.items():
+        mean = np.mean([maps[c] for c in range(3)], axis=0)
+        for c in range(3):
+            np.testing.assert_allclose(contrast[image_id][c], maps[c] - mean, rtol=1e-4, atol=1e-5)
+
+
+def test_label_refines_exactly_as_calibrate_fitted(tiny_model_path, tmp_path):
+    """A refinement fitted on calibrate's own maps (per-class thresholds, contrast CAMs) and written to the file
+    gives label's boxes: the same maps, thresholds and order (refine at model resolution, then scale)."""
+    from weakloc.models import boxes as boxlib
+    from weakloc.models import refine
+    from weakloc.pipeline import calibrate, inputs
+
+    data = synthetic.make_shapes(24, size=40, seed=3)
+    shard = tmp_path / "boxed.tfrecord"
+    shard.write_bytes(b"".join(records.frame_record(records.make_example(
+        png_bytes(data.images[i]), source_id=f"b{i}", labels=[int(data.labels[i]) % 3],
+        boxes=[list(np.asarray(data.boxes[i]) / 40)], box_labels=[int(data.labels[i]) % 3])) for i in range(24)))
+    model, prep = calibrate.load_cam_model(tiny_model_path, None, contrast=True)
+    source = inputs.scan([str(shard)], class_names=prep.class_names)
+    examples = list(inputs.iterate(source, input_size=prep.input_size))
+    normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples))
+    per_class = {"cat": 0.3, "dog": 0.7}
+    taus = np.array([per_class.get(prep.class_names[c], 0.5) for c in classes], np.float32)
+    refiner, _ = refine.fit(normed, taus, truths, valid=valid)
+    expected, has = refiner.apply(normed, taus, valid)
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"default": 0.5, "per_class": per_class, "box_refine": refiner.to_json(),
+                               "cam_contrast": True}))
+    out = tmp_path / "o"
+    run("--input", str(shard), "--model", tiny_model_path, "--output", str(out), "--thresholds", str(thr),
+        "--classes", "labels")
+    rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
+    assert has.sum() >= 20
+    for i in np.flatnonzero(has):
+        ex = examples[i]
+        (box,) = [b for b in rows[ex.image_id]["boxes"] if b["class_id"] == classes[i]]
+        want = boxlib.scale_boxes(expected[i], prep.input_size, (ex.height, ex.width))[0]
+        np.testing.assert_allclose([box["xmin"], box["ymin"], box["xmax"], box["ymax"]], want, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--refine_boxes", "--fit_box_stretch"], "--refine_boxes"),
+    (["--refine_boxes", "--boxes", "union"], "--refine_boxes"),
+    (["--cam_contrast", "ONE_CLASS"], "at least two classes"),
+])
+def test_calibrate_refuses_what_cannot_be_calibrated(small_shard, tiny_model_path, tmp_path, capsys, extra, match):
+    from tests.conftest import save_model, tiny_gap_model
+    from weakloc.pipeline import cli
+
+    model = tiny_model_path
+    if "ONE_CLASS" in extra:
+        extra = [e for e in extra if e != "ONE_CLASS"]
+        model = save_model(tiny_gap_model(num_classes=1, activation="sigmoid"), tmp_path, "one",
+                           {"input_size": [32, 32], "scale": 1 / 255, "offset": 0.0, "class_names": ["thing"]})
+    code = cli.main(["calibrate", "--input", small_shard, "--model", model, "--output", str(tmp_path / "t.json"),
+                     *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "t.json").exists()
