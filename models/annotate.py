@@ -234,14 +234,21 @@ def gt_rows(meta: ImageMeta) -> list[dict]:
 
 
 def resolve_labels(
-    ids: Sequence[int], texts: Sequence[str], class_names: Sequence[str], *, id_offset: int = 0
+    ids: Sequence[int],
+    texts: Sequence[str],
+    class_names: Sequence[str],
+    *,
+    id_offset: int = 0,
+    index: Mapping[str, int] | None = None,
 ) -> tuple[list[int], list[str]]:
     """Image-level labels to model class ids.
 
     A text that names a model class wins; otherwise the integer, minus `id_offset` (1 for the TF Object
-    Detection API's 1-based label maps), if it indexes a class. Unknown labels keep class id -1.
+    Detection API's 1-based label maps), if it indexes a class. Unknown labels keep class id -1. `index`
+    ({name: position in class_names}) saves rebuilding it for every image.
     """
-    index = {n: i for i, n in enumerate(class_names)}
+    if index is None:
+        index = {n: i for i, n in enumerate(class_names)}
     n = max(len(ids), len(texts))
     out_ids, out_texts = [], []
     for j in range(n):
