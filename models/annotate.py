@@ -162,7 +162,11 @@ def annotate_batch(
     if picks:
         pick_b = np.array([p[0] for p in picks])
         pick_m = np.array([p[1] for p in picks])
-        stack = out.cams[pick_b, pick_m]
+        if len(picks) == b_count and (pick_b == np.arange(b_count)).all() and (pick_m == pick_m[0]).all():
+            # The usual case (one map per image, top-1): a view, not a copy of the batch's maps.
+            stack = out.cams[:, pick_m[0]]
+        else:
+            stack = out.cams[pick_b, pick_m]
         normed, valid = boxlib.normalize_cams(stack)
         taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
