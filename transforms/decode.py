@@ -28,8 +28,9 @@ class DecodedInput:
 
 # Decoding ahead of the forward pass (issue 6). Pillow releases the GIL while it decodes and resizes, as TensorFlow
 # does while it runs a batch, so a small pool decodes the next images while the bundle's thread runs the model on
-# the current batch. Two threads keep a 2-core worker busy without starving TensorFlow's own pool; the window of
-# two batches in flight means a whole batch is decoded (or decoding) whenever BatchElements hands one to the model.
+# the current batch; with two batches in flight, one is ready (or nearly) whenever BatchElements hands one to the
+# model. It pays where the model leaves CPU idle (a GPU worker, more cores than TensorFlow keeps busy); on the
+# 2-core benchmark machine, where TensorFlow already uses both cores, the gain is within the noise (BENCHMARKS.md).
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_DECODE_WINDOW = 64
 
@@ -71,6 +72,7 @@ class DecodeDoFn(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "decode_failures")
         self.skipped = Metrics.counter(NAMESPACE, "skipped_labeled")
         self._pool = None
+        self._index = None
         self._pending: collections.deque = collections.deque()
 
     def setup(self):
