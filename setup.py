@@ -35,7 +35,10 @@ setuptools.setup(
         "pillow>=10.0",
         "numpy>=1.24",
         "pyarrow>=14",
-        # Connected components (scipy.ndimage.label); never hand-written.
+        # Connected components: OpenCV labels a batch of maps 5-8x faster than scipy.ndimage.label (issue 6);
+        # the headless wheel has no GUI libraries, so it installs on workers without X11. Never hand-written.
+        "opencv-python-headless>=4.8",
+        # find_objects boxes every component at once when a map splits into many (--boxes all).
         "scipy>=1.10",
         # CRC32C of TFRecord frames, in C; we read frames ourselves to survive damaged shards.
         "google-crc32c>=1.5",

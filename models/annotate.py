@@ -170,7 +170,11 @@ def annotate_batch(
     if picks:
         pick_b = np.array([p[0] for p in picks])
         pick_m = np.array([p[1] for p in picks])
-        stack = out.cams[pick_b, pick_m]
+        if len(picks) == b_count and (pick_b == np.arange(b_count)).all() and (pick_m == pick_m[0]).all():
+            # The usual case (one map per image, top-1): a view, not a copy of the batch's maps.
+            stack = out.cams[:, pick_m[0]]
+        else:
+            stack = out.cams[pick_b, pick_m]
         normed, valid = boxlib.normalize_cams(stack)
         taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
@@ -244,14 +248,21 @@ def gt_rows(meta: ImageMeta) -> list[dict]:
 
 
 def resolve_labels(
-    ids: Sequence[int], texts: Sequence[str], class_names: Sequence[str], *, id_offset: int = 0
+    ids: Sequence[int],
+    texts: Sequence[str],
+    class_names: Sequence[str],
+    *,
+    id_offset: int = 0,
+    index: Mapping[str, int] | None = None,
 ) -> tuple[list[int], list[str]]:
     """Image-level labels to model class ids.
 
     A text that names a model class wins; otherwise the integer, minus `id_offset` (1 for the TF Object
-    Detection API's 1-based label maps), if it indexes a class. Unknown labels keep class id -1.
+    Detection API's 1-based label maps), if it indexes a class. Unknown labels keep class id -1. `index`
+    ({name: position in class_names}) saves rebuilding it for every image.
     """
-    index = {n: i for i, n in enumerate(class_names)}
+    if index is None:
+        index = {n: i for i, n in enumerate(class_names)}
     n = max(len(ids), len(texts))
     out_ids, out_texts = [], []
     for j in range(n):

@@ -3,18 +3,19 @@
 The recipe is the CAM paper's as clovaai/wsolevaluation evaluates it: min-max normalise each map to [0, 1], keep
 pixels >= tau, take the bounding box of the largest 8-connected component. Box convention everywhere in weakloc:
 x0y0x1y1 in continuous pixel coordinates, pixel (i, j) covering [j, j+1) x [i, i+1), so the max edge is exclusive
-and a one-pixel box is (j, i, j+1, i+1). The whole batch is labelled by one `scipy.ndimage.label` call.
+and a one-pixel box is (j, i, j+1, i+1). The whole batch is labelled by one OpenCV call (see `label_maps`).
 """
 from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
-# 8-connectivity inside each map and none across maps, so a stack of N maps is labelled in one call.
-_STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)
-_STRUCTURE_8[1] = True
+# Components boxed together by `_component_boxes`: bounds the (chunk, H, W) scratch arrays (32 x 224 x 224 is
+# 1.6 MB of booleans).
+_CHUNK = 32
 
 
 def normalize_cams(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,34 +105,96 @@ def boxes_from_cams(
     empty = Boxes(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
     if n == 0 or not mask.any():
         return empty
-    labels, count = ndimage.label(mask, structure=_STRUCTURE_8)
-    slices = ndimage.find_objects(labels)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    map_of = np.fromiter((s[0].start for s in slices), dtype=np.int64, count=count)
+    whole, count = _label_stack(mask)
+    labels = whole.reshape(n, h + 1, w)[:, :h]
+    # Both passes run over the contiguous stack, separator rows (background) included: no copy.
+    sizes = np.bincount(whole.ravel(), minlength=count + 1)[1:]
+    # Labels run in raster order through the stack, so each map owns one contiguous range of them: the running
+    # maximum of each map's largest label says where every map's range ends.
+    last = np.maximum.accumulate(whole.max(axis=1))
+    map_of = np.searchsorted(last, np.arange(1, count + 1), side="left").astype(np.int64)
     # Sort components by map, then by decreasing size, then by label (raster order) for deterministic ties.
     order = np.lexsort((np.arange(count), -sizes, map_of))
+    _, first = np.unique(map_of[order], return_index=True)
     if mode == "largest":
-        _, first = np.unique(map_of[order], return_index=True)
         keep = order[first]
     else:  # "all" and "union"
         is_largest = np.zeros(count, dtype=bool)
-        _, first = np.unique(map_of[order], return_index=True)
         is_largest[order[first]] = True
         big_enough = sizes >= min_area * h * w
         keep = order[(big_enough | is_largest)[order]]
-    xyxy = np.empty((len(keep), 4), np.float32)
-    score = np.empty(len(keep), np.float32)
-    for i, lab in enumerate(keep):
-        z, ys, xs = slices[lab]
-        xyxy[i] = (xs.start, ys.start, xs.stop, ys.stop)
-        score[i] = normed[z.start, ys, xs].mean()
+    xyxy = _component_boxes(labels, map_of[keep], keep + 1, count)
     if mode == "union":
         maps, first = np.unique(map_of[keep], return_index=True)
         xyxy = np.concatenate([np.minimum.reduceat(xyxy[:, :2], first), np.maximum.reduceat(xyxy[:, 2:], first)], 1)
-        score = np.array([normed[m, int(b[1]) : int(b[3]), int(b[0]) : int(b[2])].mean() for m, b in zip(maps, xyxy)],
-                         np.float32)
-        return Boxes(maps.astype(np.int64), xyxy, score, np.add.reduceat(sizes[keep], first).astype(np.int64))
-    return Boxes(map_of[keep], xyxy, score, sizes[keep].astype(np.int64))
+        return Boxes(maps.astype(np.int64), xyxy, _box_means(normed, maps, xyxy),
+                     np.add.reduceat(sizes[keep], first).astype(np.int64))
+    return Boxes(map_of[keep], xyxy, _box_means(normed, map_of[keep], xyxy), sizes[keep].astype(np.int64))
+
+
+def label_maps(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a stack of masks, none crossing from one map to the next.
+
+    Args:
+      mask: bool (N, H, W).
+
+    Returns:
+      (labels, count): int32 (N, H, W), 0 for background and 1..count for components, numbered in raster order of
+      their first pixel through the whole stack (map 0 first), exactly as `scipy.ndimage.label` numbers them.
+    """
+    n, h, w = mask.shape
+    whole, count = _label_stack(mask)
+    return whole.reshape(n, h + 1, w)[:, :h], count
+
+
+def _label_stack(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """`label_maps` as OpenCV returns it: int32 (N, (H + 1) * W), each map followed by an empty separator row.
+
+    One OpenCV call labels the whole batch: the maps are stacked into one tall image with an empty row between
+    them, so no component reaches across. OpenCV's SAUF algorithm (CCL_WU) numbers components by their first
+    pixel in raster order, which the box tie rule relies on (OpenCV's default, block-based algorithms do not);
+    `tests/test_boxes.py` checks the numbering against scipy's on random maps. It is 5-8x faster than
+    `scipy.ndimage.label` on a batch of 224x224 maps.
+    """
+    n, h, w = mask.shape
+    tall = np.zeros((n, h + 1, w), np.uint8)
+    tall[:, :h] = mask
+    count, labels = cv2.connectedComponentsWithAlgorithm(
+        tall.reshape(n * (h + 1), w), connectivity=8, ltype=cv2.CV_32S, ccltype=cv2.CCL_WU
+    )
+    return labels.reshape(n, (h + 1) * w), int(count) - 1
+
+
+def _component_boxes(labels: np.ndarray, maps: np.ndarray, ids: np.ndarray, count: int) -> np.ndarray:
+    """float32 (k, 4) x0y0x1y1 (max edge exclusive) of component ids[i], which lies in map maps[i].
+
+    A few components per map (the usual case: one, the largest) are boxed by comparing their own map with their
+    id, vectorised over a chunk of components; many (mode "all" on fragmented maps) by one pass over the whole
+    stack that boxes every component at once.
+    """
+    k = len(ids)
+    if k > 8 * labels.shape[0]:
+        slices = ndimage.find_objects(labels, max_label=count)
+        return np.array([(s[2].start, s[1].start, s[2].stop, s[1].stop) for s in (slices[i - 1] for i in ids)],
+                        np.float32).reshape(-1, 4)
+    h, w = labels.shape[1:]
+    out = np.empty((k, 4), np.float32)
+    for lo in range(0, k, _CHUNK):
+        sel = slice(lo, lo + _CHUNK)
+        inside = labels[maps[sel]] == ids[sel, None, None].astype(labels.dtype)  # (chunk, H, W)
+        rows = inside.any(axis=2)
+        cols = inside.any(axis=1)
+        out[sel, 0] = cols.argmax(axis=1)
+        out[sel, 1] = rows.argmax(axis=1)
+        out[sel, 2] = w - cols[:, ::-1].argmax(axis=1)
+        out[sel, 3] = h - rows[:, ::-1].argmax(axis=1)
+    return out
+
+
+def _box_means(normed: np.ndarray, maps: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+    """float32 (k,) mean of normed[maps[i]] inside box i (the cam_score)."""
+    b = xyxy.astype(np.int64)
+    return np.array([normed[m, y0:y1, x0:x1].mean() for m, (x0, y0, x1, y1) in zip(maps, b)], np.float32)
 
 
 def stretch_boxes(xyxy: np.ndarray, factors: tuple[float, float], size: tuple[int, int]) -> np.ndarray:

@@ -70,6 +70,9 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
         config.spec.class_names,
         max_pixels=config.max_pixels,
         label_offset=config.label_offset,
+        threads=config.decode_threads,
+        # Two batches ahead: one for the forward pass about to start, one decoding while it runs.
+        window=2 * config.batch_size,
     )
     side = {"skip_ids": skip_ids} if skip_ids is not None else {}
     decoded = read["inputs"] | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(

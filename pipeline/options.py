@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
 from weakloc.models import annotate, cam, gradcam, images, refine, sidecar, zoo
+from weakloc.transforms.decode import DEFAULT_DECODE_THREADS
 from weakloc.transforms.inference import ModelSpec, fetch_to_local
 from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
 
@@ -74,6 +75,9 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     mdl.add_argument("--class_names", help="comma-separated names in output order; overrides the sidecar")
     mdl.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
     mdl.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    mdl.add_argument("--decode_threads", type=int, default=DEFAULT_DECODE_THREADS,
+                     help="threads per worker that decode images ahead of the forward pass, up to two batches "
+                          "ahead (0: decode in the worker's own thread, between forward passes)")
     mdl.add_argument("--unsafe_load", action="store_true",
                      help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
 
@@ -126,6 +130,7 @@ class LabelConfig:
     thresholds_used: Optional[str]
     skip_patterns: list[str] = dataclasses.field(default_factory=list)
     previous: list[dict] = dataclasses.field(default_factory=list)
+    decode_threads: int = DEFAULT_DECODE_THREADS
 
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
@@ -160,6 +165,7 @@ class LabelConfig:
                 "boxes": self.box.mode,
                 "min_box_area": self.box.min_area,
                 "batch_size": self.batch_size,
+                "decode_threads": self.decode_threads,
                 "emit_cams": self.box.emit_cams,
                 "flip_tta": self.spec.flip_tta,
                 "cam_contrast": self.spec.contrast,
@@ -287,6 +293,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
     for name in ("max_pixels", "max_file_bytes"):
         if getattr(args, name) < 1:
             raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.decode_threads < 0:
+        raise OptionsError(f"--decode_threads must be >= 0, got {args.decode_threads}")
     for name in ("min_score", "cam_threshold", "min_box_area"):
         val = getattr(args, name)
         if val is not None and not 0.0 <= val <= 1.0:
@@ -490,6 +498,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         spec=spec,
         box=box,
         batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
         sidecar_used=side_path,
         thresholds_used=thr_path,
     )

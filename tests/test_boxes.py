@@ -265,3 +265,96 @@ def test_fit_box_stretch_finds_the_height_factor_truth_needs():
     (fw, fh), after, before = metrics.fit_box_stretch(pred, truths, (100, 100), levels=(0.5, 0.9))
     assert (fw, fh) == (1.0, pytest.approx(1.35))
     assert before == pytest.approx(0.5) and after == pytest.approx(1.0)
+
+
+def _reference_boxes(normed, thresholds, *, valid=None, mode="largest", min_area=0.0):
+    """The box step as it was before OpenCV labelled components: one scipy.ndimage.label call and find_objects.
+
+    Kept here, independent of models/boxes.py, as the reference the faster path must match box for box.
+    """
+    from scipy import ndimage
+
+    n, h, w = normed.shape
+    tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
+    mask = normed >= tau[:, None, None]
+    if valid is not None:
+        mask &= np.asarray(valid, dtype=bool)[:, None, None]
+    if not mask.any():
+        return [], [], [], []
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    labels, count = ndimage.label(mask, structure=structure)
+    slices = ndimage.find_objects(labels)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    map_of = np.array([s[0].start for s in slices])
+    order = np.lexsort((np.arange(count), -sizes, map_of))
+    _, first = np.unique(map_of[order], return_index=True)
+    is_largest = np.zeros(count, dtype=bool)
+    is_largest[order[first]] = True
+    if mode == "largest":
+        keep = order[first]
+    else:
+        keep = order[((sizes >= min_area * h * w) | is_largest)[order]]
+    boxes_ = [[s[2].start, s[1].start, s[2].stop, s[1].stop] for s in (slices[k] for k in keep)]
+    maps = map_of[keep].tolist()
+    areas = sizes[keep].tolist()
+    if mode == "union":
+        merged = {}
+        for m, b, a in zip(maps, boxes_, areas):
+            old = merged.get(m)
+            merged[m] = (b, a) if old is None else (
+                [min(old[0][0], b[0]), min(old[0][1], b[1]), max(old[0][2], b[2]), max(old[0][3], b[3])], old[1] + a)
+        maps = sorted(merged)
+        boxes_ = [merged[m][0] for m in maps]
+        areas = [merged[m][1] for m in maps]
+    scores = [float(normed[m, y0:y1, x0:x1].mean()) for m, (x0, y0, x1, y1) in zip(maps, boxes_)]
+    return maps, boxes_, scores, areas
+
+
+@pytest.mark.parametrize("mode", ["largest", "all", "union"])
+def test_boxes_match_the_scipy_reference_on_fragmented_random_maps(mode):
+    # Noise maps split into hundreds of components with many equal sizes, so the tie rule (first in raster
+    # order) and the per-map separation are exercised, not just the one-blob case.
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        n, h, w = rng.integers(1, 7), rng.integers(1, 40), rng.integers(1, 40)
+        if trial % 3 == 0:
+            maps = rng.random((n, h, w)).astype(np.float32)
+        elif trial % 3 == 1:
+            maps = rng.integers(0, 3, (n, h, w)).astype(np.float32)  # plateaus: many ties
+        else:
+            maps = (rng.random((n, h, w)) < 0.3).astype(np.float32)
+        normed, valid = boxes.normalize_cams(maps)
+        valid &= rng.random(n) < 0.9
+        tau = rng.random(n).astype(np.float32) if trial % 2 else float(rng.random())
+        for min_area in (0.0, 0.01, 0.1):
+            found = boxes.boxes_from_cams(normed, tau, valid=valid, mode=mode, min_area=min_area)
+            maps_, xyxy, scores, areas = _reference_boxes(normed, tau, valid=valid, mode=mode, min_area=min_area)
+            assert found.map_index.tolist() == maps_
+            assert found.xyxy.tolist() == xyxy
+            assert found.cam_score.tolist() == scores
+            assert found.area.tolist() == areas
+
+
+def test_label_maps_numbers_components_as_scipy_does():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    for _ in range(20):
+        mask = rng.random((8, 33, 47)) < rng.uniform(0.2, 0.7)
+        labels, count = boxes.label_maps(mask)
+        expected, expected_count = ndimage.label(mask, structure=structure)
+        assert count == expected_count
+        np.testing.assert_array_equal(labels, expected)
+
+
+def test_boxes_of_many_components_in_one_map_use_the_whole_stack_pass():
+    # 18 isolated pixels in a 1-map stack: more than 8 kept components per map takes the find_objects branch.
+    m = np.zeros((1, 6, 12), np.float32)
+    m[0, ::2, ::2] = 1.0
+    found = boxes.boxes_from_cams(m, 0.5, mode="all", min_area=0.0)
+    assert len(found.xyxy) == 18
+    assert found.xyxy[:3].tolist() == [[0, 0, 1, 1], [2, 0, 3, 1], [4, 0, 5, 1]]
+    assert set(found.area.tolist()) == {1}

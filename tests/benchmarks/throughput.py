@@ -4,7 +4,8 @@
 
 For each configuration (model + images), everything is measured in one run so the ratios hold on a noisy machine:
   1. the limit: the model's compiled forward pass on preprocessed uint8 batches already in memory;
-  2. weakloc end to end on the local runner (FnApiRunner), TFRecord shards in, Parquet out;
+  2. weakloc end to end on the local runner (FnApiRunner), TFRecord shards in, Parquet out; and again with
+     --decode_threads 0 (decoding between forward passes instead of ahead of them);
   3. the same with --direct_num_workers=2 --direct_running_mode=multi_processing;
   4. Beam's stock RunInference + TFModelHandlerNumpy (classification only) through the same read and decode;
   5. per-image Grad-CAM from tf-keras-vis for the top class (what users of CAM libraries do today);
@@ -241,8 +242,9 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         marginal = (n - n_small) / max(t_all - t_few, 1e-9)
         return t_all, marginal, max(t_few - n_small / marginal, 0.0)
 
-    def local_run(glob_, name):
-        t, summary = run_weakloc(glob_, model_path, os.path.join(d, name), batch_size, ["--runner=FnApiRunner"])
+    def local_run(glob_, name, extra=()):
+        t, summary = run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
+                                 ["--runner=FnApiRunner", *extra])
         assert summary["counts"]["annotated"] in (n, n_small), summary["counts"]
         return t
 
@@ -251,6 +253,8 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
                            ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])[0]
 
     t_local, local_marginal, local_fixed = both(local_run, "out_local")
+    # The same with decoding in the bundle's thread, between forward passes: what decoding ahead buys.
+    t_seq, seq_marginal, _ = both(lambda glob_, name: local_run(glob_, name, ["--decode_threads", "0"]), "out_seq")
     t_mp, mp_marginal, mp_fixed = both(mp_run, "out_mp")
     t_stock, stock_marginal, stock_fixed = both(
         lambda glob_, name: run_stock(glob_, model_path, prep, os.path.join(d, name), batch_size), "out_stock")
@@ -278,6 +282,9 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         "weakloc_local_marginal_img_s": local_marginal,
         "weakloc_local_marginal_vs_limit": local_marginal / limit,
         "weakloc_local_startup_s": local_fixed,
+        "weakloc_local_sequential_decode_img_s": n / t_seq,
+        "weakloc_local_sequential_decode_marginal_img_s": seq_marginal,
+        "weakloc_local_sequential_decode_marginal_vs_limit": seq_marginal / limit,
         "weakloc_mp2_img_s": n / t_mp,
         "weakloc_mp2_vs_limit": (n / t_mp) / limit,
         "weakloc_mp2_marginal_img_s": mp_marginal,
