@@ -30,8 +30,6 @@ ALPHAS = (10.0, 30.0, 100.0, 300.0, 1000.0)
 LEVELS = (0.3, 0.5, 0.7)
 MIN_PAIRS = 20  # fewer boxed maps than this cannot fit 4 x 31 coefficients with any confidence
 MAX_COEF = 1e4  # a fitted coefficient is far below this; a file above it is not one calibrate wrote
-_STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)  # 8-connectivity inside each map, none across maps
-_STRUCTURE_8[1] = True
 
 
 class RefineError(ValueError):
@@ -45,7 +43,8 @@ def _cwh(xyxy: np.ndarray) -> np.ndarray:
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    return ndimage.label(mask, structure=_STRUCTURE_8)
+    """8-connected components per map, numbered in raster order through the stack (boxes.label_maps)."""
+    return boxlib.label_maps(mask)
 
 
 def _largest(labels: np.ndarray, count: int, n: int) -> np.ndarray:
