@@ -44,7 +44,7 @@ def main(argv=None):
         except refine.RefineError:
             refined[i] = plain.accuracy[i]
             continue
-        if rep.gain <= 0:  # calibrate would not keep it: the plain boxes stand
+        if not rep.helps:  # calibrate would not keep it: the plain boxes stand
             refined[i] = plain.accuracy[i]
             continue
         boxes, has = refiner.apply(ev[0], float(tau), ev[1])

@@ -3,7 +3,7 @@
 The recipe is the CAM paper's as clovaai/wsolevaluation evaluates it: min-max normalise each map to [0, 1], keep
 pixels >= tau, take the bounding box of the largest 8-connected component. Box convention everywhere in weakloc:
 x0y0x1y1 in continuous pixel coordinates, pixel (i, j) covering [j, j+1) x [i, i+1), so the max edge is exclusive
-and a one-pixel box is (j, i, j+1, i+1). The whole batch is labelled by one OpenCV call (see `label_maps`).
+and a one-pixel box is (j, i, j+1, i+1). The whole batch is labelled by one OpenCV call (see `components`).
 """
 from __future__ import annotations
 
@@ -105,25 +105,17 @@ def boxes_from_cams(
     empty = Boxes(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
     if n == 0 or not mask.any():
         return empty
-    whole, count = _label_stack(mask)
-    labels = whole.reshape(n, h + 1, w)[:, :h]
-    # Both passes run over the contiguous stack, separator rows (background) included: no copy.
-    sizes = np.bincount(whole.ravel(), minlength=count + 1)[1:]
-    # Labels run in raster order through the stack, so each map owns one contiguous range of them: the running
-    # maximum of each map's largest label says where every map's range ends.
-    last = np.maximum.accumulate(whole.max(axis=1))
-    map_of = np.searchsorted(last, np.arange(1, count + 1), side="left").astype(np.int64)
-    # Sort components by map, then by decreasing size, then by label (raster order) for deterministic ties.
-    order = np.lexsort((np.arange(count), -sizes, map_of))
-    _, first = np.unique(map_of[order], return_index=True)
+    comps = components(mask)
+    sizes, map_of = comps.sizes, comps.map_of
+    order, first = comps.ranked()
     if mode == "largest":
         keep = order[first]
     else:  # "all" and "union"
-        is_largest = np.zeros(count, dtype=bool)
+        is_largest = np.zeros(comps.count, dtype=bool)
         is_largest[order[first]] = True
         big_enough = sizes >= min_area * h * w
         keep = order[(big_enough | is_largest)[order]]
-    xyxy = _component_boxes(labels, map_of[keep], keep + 1, count)
+    xyxy = comps.boxes(keep + 1)
     if mode == "union":
         maps, first = np.unique(map_of[keep], return_index=True)
         xyxy = np.concatenate([np.minimum.reduceat(xyxy[:, :2], first), np.maximum.reduceat(xyxy[:, 2:], first)], 1)
@@ -132,19 +124,58 @@ def boxes_from_cams(
     return Boxes(map_of[keep], xyxy, _box_means(normed, map_of[keep], xyxy), sizes[keep].astype(np.int64))
 
 
-def label_maps(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a stack of masks, none crossing from one map to the next.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Components:
+    """The 8-connected components of a stack of masks (see `components`).
 
-    Args:
-      mask: bool (N, H, W).
-
-    Returns:
-      (labels, count): int32 (N, H, W), 0 for background and 1..count for components, numbered in raster order of
-      their first pixel through the whole stack (map 0 first), exactly as `scipy.ndimage.label` numbers them.
+    labels: int32 (N, H, W), 0 for background and 1..count, numbered in raster order of their first pixel
+      through the whole stack (map 0 first), exactly as `scipy.ndimage.label` numbers them.
+    sizes: int64 (count,) pixels of component i + 1; map_of: int64 (count,) the map it lies in.
     """
+
+    labels: np.ndarray
+    count: int
+    sizes: np.ndarray
+    map_of: np.ndarray
+
+    def ranked(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, first): component indices sorted by map, then decreasing size, then raster order (the tie
+        rule of every largest-component choice); order[first] is each map's largest, for maps that have one."""
+        order = np.lexsort((np.arange(self.count), -self.sizes, self.map_of))
+        _, first = np.unique(self.map_of[order], return_index=True)
+        return order, first
+
+    def largest(self) -> np.ndarray:
+        """int64 (N,) the label of each map's largest component; 0 for a map with none."""
+        out = np.zeros(self.labels.shape[0], np.int64)
+        order, first = self.ranked()
+        out[self.map_of[order[first]]] = order[first] + 1
+        return out
+
+    def boxes(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (k, 4) x0y0x1y1 (max edge exclusive) of the components labelled ids (k,)."""
+        ids = np.asarray(ids, np.int64)
+        return _component_boxes(self.labels, self.map_of[ids - 1], ids, self.count)
+
+
+def components(mask: np.ndarray) -> Components:
+    """8-connected components of a bool stack (N, H, W), none crossing from one map to the next, labelled by one
+    OpenCV call for the whole stack."""
     n, h, w = mask.shape
     whole, count = _label_stack(mask)
-    return whole.reshape(n, h + 1, w)[:, :h], count
+    # Both passes run over the contiguous stack, separator rows (background) included: no copy.
+    sizes = np.bincount(whole.ravel(), minlength=count + 1)[1:].astype(np.int64)
+    # Labels run in raster order through the stack, so each map owns one contiguous range of them: the running
+    # maximum of each map's largest label says where every map's range ends.
+    last = np.maximum.accumulate(whole.max(axis=1))
+    map_of = np.searchsorted(last, np.arange(1, count + 1), side="left").astype(np.int64)
+    return Components(whole.reshape(n, h + 1, w)[:, :h], count, sizes, map_of)
+
+
+def label_maps(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(labels, count) of `components(mask)`: int32 (N, H, W) labels numbered as scipy.ndimage.label numbers them."""
+    comps = components(mask)
+    return comps.labels, comps.count
 
 
 def _label_stack(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -21,7 +21,6 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from . import boxes as boxlib
 
@@ -42,55 +41,27 @@ def _cwh(xyxy: np.ndarray) -> np.ndarray:
                      np.maximum(xyxy[:, 2] - xyxy[:, 0], 1e-3), np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-3)], 1)
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components per map, numbered in raster order through the stack (boxes.label_maps)."""
-    return boxlib.label_maps(mask)
-
-
-def _largest(labels: np.ndarray, count: int, n: int) -> np.ndarray:
-    """Per map, the label of its largest component (ties: first in raster order, as boxes_from_cams); 0 if none."""
-    if count == 0:
-        return np.zeros(n, np.int64)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    ids = np.arange(1, count + 1)
-    owner = np.zeros(count + 1, np.int64)
-    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
-        owner[lab] = sl[0].start
-    # Sort by map, then size descending, then label (raster order); keep the first of each map.
-    order = np.lexsort((ids, -sizes[1:], owner[1:]))
-    out = np.zeros(n, np.int64)
-    seen = np.zeros(n, bool)
-    for lab in ids[order]:
-        m = owner[lab]
-        if not seen[m]:
-            seen[m], out[m] = True, lab
-    return out
-
-
-def _box_of(labels: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (N, 4) of one chosen label per map (0 = none) and which maps have one."""
-    slices = ndimage.find_objects(labels)
-    out = np.zeros((len(which), 4), np.float64)
-    for i, lab in enumerate(which):
-        if lab:
-            _, ys, xs = slices[lab - 1]
-            out[i] = (xs.start, ys.start, xs.stop, ys.stop)
-    return out, which > 0
-
-
 def base_components(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | None = None):
     """The largest component of each map at its own threshold: (bool masks (N, H, W), boxes (N, 4), has (N,)).
 
-    The same component `boxes.boxes_from_cams` boxes in mode "largest".
+    The same component `boxes.boxes_from_cams` boxes in mode "largest" (the same tie rule, `Components.ranked`).
     """
     normed = np.asarray(normed, np.float32)
     mask = normed >= np.asarray(taus, np.float32).reshape(-1, 1, 1)
     if valid is not None:
         mask &= np.asarray(valid, bool)[:, None, None]
-    labels, count = _label(mask)
-    which = _largest(labels, count, len(normed))
-    xyxy, has = _box_of(labels, which)
-    return labels == which[:, None, None], xyxy, has & (which > 0)
+    comps = boxlib.components(mask)
+    which = comps.largest()
+    xyxy, has = _boxes_of(comps, which)
+    return (comps.labels == which[:, None, None]) & has[:, None, None], xyxy, has
+
+
+def _boxes_of(comps: boxlib.Components, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) of one chosen label per map (0 = none; those rows stay zero) and which maps have one."""
+    has = which > 0
+    out = np.zeros((len(which), 4), np.float64)
+    out[has] = comps.boxes(which[has])
+    return out, has
 
 
 def profile_features(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | None = None,
@@ -115,13 +86,12 @@ def profile_features(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | N
         lower = taus >= t
         at = base.copy()
         # Lower thresholds: the (unique) component around the base one, found from one of its pixels.
-        labels, _ = _label((normed >= t) & has[:, None, None])
-        around = np.where(lower & has, labels[np.arange(n), seed_y, seed_x], 0)
-        xyxy, got = _box_of(labels, around)
+        comps = boxlib.components((normed >= t) & has[:, None, None])
+        xyxy, got = _boxes_of(comps, np.where(lower & has, comps.labels[np.arange(n), seed_y, seed_x], 0))
         at[got] = _cwh(xyxy[got])
         # Higher thresholds: the largest piece of the base component that survives.
-        labels, count = _label((normed >= t) & base_mask & ~lower[:, None, None])
-        xyxy, got = _box_of(labels, _largest(labels, count, n))
+        comps = boxlib.components((normed >= t) & base_mask & ~lower[:, None, None])
+        xyxy, got = _boxes_of(comps, comps.largest())
         at[got] = _cwh(xyxy[got])
         cols.append(np.log(at[:, 2:] / base[:, 2:]))
         cols.append((at[:, :2] - base[:, :2]) / base[:, 2:])
@@ -227,6 +197,11 @@ class FitReport:
     def gain(self) -> float:
         """Mean accuracy gained by the chosen refiner, in points (cross-validated)."""
         return float((self.refined[self.chosen_alpha].mean() - self.base.mean()) * 100)
+
+    @property
+    def helps(self) -> bool:
+        """Whether to use the refiner at all: only where cross-validation saw it gain (calibrate's rule)."""
+        return self.gain > 0
 
 
 def fit(normed: np.ndarray, taus, truths: Sequence[np.ndarray], *, valid: np.ndarray | None = None,

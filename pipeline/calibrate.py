@@ -125,11 +125,11 @@ def run(argv=None) -> dict:
                             mode=args.boxes, min_area=args.min_box_area)
     doc = cal.thresholds(prep.class_names)
     sweep = cal.overall
+    # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
+    taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
+                     for c in classes], np.float32)
     stretch_note = ""
     if args.fit_box_stretch:
-        # Boxes at the thresholds label will use (per class where calibrated), then the stretch that fits them.
-        taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
-                         for c in classes], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
         if args.boxes == "largest" and len(found.map_index) == len(classes):
             stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index],
@@ -141,8 +141,6 @@ def run(argv=None) -> dict:
             logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
     refine_note = ""
     if args.refine_boxes:
-        taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
-                         for c in classes], np.float32)
         try:
             refiner, rep = refine.fit(normed, taus, truths, valid=valid)
         except refine.RefineError as exc:
@@ -152,7 +150,7 @@ def run(argv=None) -> dict:
         def fmt(acc):
             return " / ".join(f"{v:.1%}" for v in acc)
 
-        keep = rep.gain > 0
+        keep = rep.helps
         refine_note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
                        f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
                        f"({'kept' if keep else 'NOT kept: no gain'})\n")

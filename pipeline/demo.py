@@ -78,7 +78,7 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
     except refine.RefineError as exc:  # e.g. fewer boxed images than a refinement needs
         print(f"      no box refinement: {exc}", flush=True)
         return sweep, doc
-    if report.gain > 0:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
+    if report.helps:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
         doc["box_refine"] = refiner.to_json()
     return sweep, doc
 
