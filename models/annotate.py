@@ -151,31 +151,26 @@ def annotate_batch(
     k = out.top_classes.shape[1]
     # (image, map index, class id) for every CAM that becomes boxes.
     picks: list[tuple[int, int, int]] = []
+    top_classes, top_scores = out.top_classes.tolist(), out.top_scores.tolist()
+    wanted = extra.tolist()
     for b in range(b_count):
         seen = set()
         if opts.classes in ("predicted", "both"):
-            for m in range(k):
-                if out.top_scores[b, m] >= opts.min_score:
-                    c = int(out.top_classes[b, m])
+            for m, (c, score) in enumerate(zip(top_classes[b], top_scores[b])):
+                if score >= opts.min_score:
                     seen.add(c)
                     picks.append((b, m, c))
         if opts.classes in ("labels", "both"):
-            for j in range(extra.shape[1]):
-                c = int(extra[b, j])
+            for j, c in enumerate(wanted[b]):
                 if c >= 0 and c not in seen:
                     seen.add(c)
                     picks.append((b, k + j, c))
-    h_in, w_in = out.cams.shape[2:]
+    h_in, w_in = out.size
     boxes_per_image: list[list[dict]] = [[] for _ in range(b_count)]
     if picks:
         pick_b = np.array([p[0] for p in picks])
         pick_m = np.array([p[1] for p in picks])
-        if len(picks) == b_count and (pick_b == np.arange(b_count)).all() and (pick_m == pick_m[0]).all():
-            # The usual case (one map per image, top-1): a view, not a copy of the batch's maps.
-            stack = out.cams[:, pick_m[0]]
-        else:
-            stack = out.cams[pick_b, pick_m]
-        normed, valid = boxlib.normalize_cams(stack)
+        normed, valid = boxlib.normalize_cams(out.maps(pick_b, pick_m))
         taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
         xyxy = found.xyxy
@@ -183,20 +178,26 @@ def annotate_batch(
             xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
         if tuple(opts.stretch) != (1.0, 1.0):
             xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
-        for i, map_i in enumerate(found.map_index):
-            b, _, c = picks[map_i]
-            meta = metas[b]
-            x0, y0, x1, y1 = boxlib.scale_boxes(xyxy[i], (h_in, w_in), (meta.height, meta.width))[0]
+        # Every box to original pixels at once (boxlib.scale_boxes' arithmetic, vectorised over the batch).
+        box_b = pick_b[found.map_index]
+        box_c = np.array([p[2] for p in picks], np.int64)[found.map_index]
+        sizes = np.array([(m.width, m.height) for m in metas], np.float64).reshape(-1, 2)[box_b]
+        factors = np.concatenate([sizes / (w_in, h_in)] * 2, axis=1)
+        scaled = (np.asarray(xyxy, np.float64) * factors).astype(np.float32).tolist()
+        scores = out.scores[box_b, box_c].tolist()
+        cam_scores = found.cam_score.tolist()
+        for b, c, (x0, y0, x1, y1), score, cam_score in zip(box_b.tolist(), box_c.tolist(), scaled, scores,
+                                                            cam_scores):
             boxes_per_image[b].append(
                 {
                     "class_id": c,
                     "label": class_names[c],
-                    "score": float(out.scores[b, c]),
-                    "cam_score": float(found.cam_score[i]),
-                    "xmin": float(x0),
-                    "ymin": float(y0),
-                    "xmax": float(x1),
-                    "ymax": float(y1),
+                    "score": score,
+                    "cam_score": cam_score,
+                    "xmin": x0,
+                    "ymin": y0,
+                    "xmax": x1,
+                    "ymax": y1,
                 }
             )
     rows = []
@@ -207,8 +208,8 @@ def annotate_batch(
             "width": int(meta.width),
             "height": int(meta.height),
             "classes": [
-                {"class_id": int(c), "label": class_names[int(c)], "score": float(s)}
-                for c, s in zip(out.top_classes[b], out.top_scores[b])
+                {"class_id": c, "label": class_names[c], "score": s}
+                for c, s in zip(top_classes[b], top_scores[b])
             ],
             "boxes": boxes_per_image[b],
             "labels": [{"class_id": int(c), "label": t} for c, t in zip(meta.label_ids, meta.label_texts)],

@@ -26,7 +26,6 @@ from .cam import (
     _producer,
     _step_back,
     check_batch,
-    upsample_maps,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ class GradCamModel:
             fmap = tf.cast(fmap, tf.float32)
             alpha = tf.stack(alphas, axis=1)  # (B, M, K)
             low = tf.nn.relu(tf.einsum("bhwk,bmk->bmhw", fmap, alpha))
-            return probs, top_classes, top_scores, classes, upsample_maps(low, (h_in, w_in)), low
+            return probs, top_classes, top_scores, classes, low
 
         self._functions[m_extra] = forward
         return forward
@@ -213,4 +212,4 @@ class GradCamModel:
     def __call__(self, images: np.ndarray, extra: np.ndarray | None = None) -> CamOutputs:
         """Run one batch; same contract as `cam.CamModel.__call__` (uint8 (B, H_in, W_in, 3), extra -1 padded)."""
         images, extra = check_batch(images, extra, self.input_size, self.num_classes)
-        return CamOutputs.from_tensors(self._function(extra.shape[1])(images, extra))
+        return CamOutputs.from_tensors(self._function(extra.shape[1])(images, extra), self.input_size)
