@@ -18,7 +18,7 @@ from apache_beam.options import pipeline_options as beam_options
 
 from weakloc.models import annotate, cam, gradcam, images, refine, sidecar, zoo
 from weakloc.transforms.decode import DEFAULT_DECODE_THREADS
-from weakloc.transforms.inference import ModelSpec, fetch_to_local
+from weakloc.transforms.inference import ModelSpec, fetch_to_local, remember_model
 from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
 
 logger = logging.getLogger(__name__)
@@ -466,6 +466,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         flip_tta=args.flip_tta,
         contrast=contrast,
     )
+    remember_model(spec, keras_model)
     previous, skip_patterns = [], []
     for prev, doc in previous_docs:
         model = doc.get("model") or {}

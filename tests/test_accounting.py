@@ -82,3 +82,23 @@ def test_reading_a_run_without_summary_is_refused(folder_tree, tiny_model_path, 
     with pytest.raises(results.IncompleteRunError, match="no summary.json"):
         results.read_table(str(out))
     assert len(results.read_table(str(out), allow_incomplete=True)) == 2 * len(truth)
+
+
+def test_a_worker_in_the_launching_process_takes_the_model_validated_at_launch(tiny_model_path, monkeypatch):
+    from weakloc.models.cam import file_fingerprint, load_keras_model
+
+    with open(tiny_model_path, "rb") as f:
+        fingerprint = file_fingerprint(f.read())
+    spec = inference.ModelSpec(path=tiny_model_path, name="tiny", input_size=(32, 32), scale=1 / 255, offset=0.0,
+                               class_names=("cat", "dog", "bird"), fingerprint=fingerprint)
+    validated = load_keras_model(tiny_model_path)
+    inference.remember_model(spec, validated)
+    loads = []
+    monkeypatch.setattr(inference, "load_keras_model", lambda *a, **k: loads.append(a) or load_keras_model(*a, **k))
+    cm = inference.load_cam_model(spec, top_k=1)
+    assert loads == [] and cm.head.dense is validated.get_layer(cm.head.dense.name)
+    # Without a content hash to vouch for the file, or for other contents, the worker loads the file itself.
+    for other in ({"fingerprint": ""}, {"safe_mode": False}):
+        inference.load_cam_model(inference.ModelSpec(**{**spec.__dict__, **other}), top_k=1)
+    assert len(loads) == 2
+    inference.remember_model(spec, None)
