@@ -152,12 +152,13 @@ def annotate_batch(
     # (image, map index, class id) for every CAM that becomes boxes.
     picks: list[tuple[int, int, int]] = []
     top_classes, top_scores = out.top_classes.tolist(), out.top_scores.tolist()
+    passes = (out.top_scores >= opts.min_score).tolist()  # compared in float32, as the scores are
     wanted = extra.tolist()
     for b in range(b_count):
         seen = set()
         if opts.classes in ("predicted", "both"):
-            for m, (c, score) in enumerate(zip(top_classes[b], top_scores[b])):
-                if score >= opts.min_score:
+            for m, (c, ok) in enumerate(zip(top_classes[b], passes[b])):
+                if ok:
                     seen.add(c)
                     picks.append((b, m, c))
         if opts.classes in ("labels", "both"):

@@ -95,11 +95,10 @@ def boxes_from_cams(
         raise ValueError(f"mode must be 'largest', 'all' or 'union', got {mode!r}")
     n, h, w = normed.shape
     tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
-    if valid is not None:
-        # An invalid map gets a threshold no value reaches (normalised maps never exceed 1).
-        tau = np.where(np.asarray(valid, dtype=bool), tau, np.float32(2.0))
     tall = _tall_stack(n, h, w)
     np.greater_equal(normed, tau[:, None, None], out=tall[:, :h].view(bool))
+    if valid is not None:
+        tall[~np.asarray(valid, dtype=bool)] = 0
     comps = _components_of(tall)
     if comps.count == 0:
         return Boxes(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32),

@@ -8,7 +8,8 @@ feature map f (h x w x K) -> GlobalAveragePooling2D -> Dense(W: K x C), the map 
 (the Dense bias is a constant shift and vanishes under the min-max normalisation applied later). We find f and W
 in the Keras graph, build once a model with the feature map as an extra output (the tf-keras-vis way, no hooks,
 no gradients) and compile one `tf.function` that returns scores, the top-k classes and the CAMs of the chosen
-classes together, at the model input resolution.
+classes together, at the feature-map resolution; `CamOutputs` upsamples them to the model input size (OpenCV,
+outside the graph) for the maps that are used.
 """
 from __future__ import annotations
 
@@ -247,6 +248,11 @@ class CamOutputs:
     def maps(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """float32 (n, H_in, W_in): the maps cams[images[i], indices[i]], upsampling only those."""
         return upsample(self.low_res[images, indices], self.size)
+
+    def column(self, index: int) -> np.ndarray:
+        """float32 (B, H_in, W_in): cams[:, index], upsampling only that map of each image."""
+        b = self.low_res.shape[0]
+        return self.maps(np.arange(b), np.full(b, int(index)))
 
 
 def upsample(low: np.ndarray, size) -> np.ndarray:

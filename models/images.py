@@ -76,20 +76,6 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """An RGB picture at (size[0], size[1]) = (H, W).
-
-    Shrinking (both axes) averages the source pixels each output pixel covers (Pillow's box filter, an area
-    average like OpenCV's INTER_AREA): no aliasing, and 30% faster than Pillow's filtered bilinear, which cost
-    as much as decoding a 640x480 JPEG in draft mode. Enlarging in any axis is bilinear.
-    """
-    h_out, w_out = int(size[0]), int(size[1])
-    if img.size == (w_out, h_out):
-        return img
-    shrink = img.size[0] >= w_out and img.size[1] >= h_out
-    return img.resize((w_out, h_out), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
-
-
 def decode_image(
     data: bytes,
     input_size: tuple[int, int],
@@ -97,7 +83,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
 ) -> DecodedImage:
-    """Decode image bytes and resize them to the model input size (see `resize`).
+    """Decode image bytes and resize (bilinear) to the model input size.
 
     Args:
       data: the encoded file (JPEG, PNG, BMP, GIF (first frame), WebP, TIFF, ...).
@@ -164,7 +150,9 @@ def decode_image(
         else:
             # Some decoders (TIFF) already rotate at open; the transposed picture's own size is the truth.
             width, height = rgb.size
-        pixels = np.asarray(resize(rgb, (h_in, w_in)), dtype=np.uint8)
+        if rgb.size != (w_in, h_in):
+            rgb = rgb.resize((w_in, h_in), Image.Resampling.BILINEAR)
+        pixels = np.asarray(rgb, dtype=np.uint8)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_large", str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

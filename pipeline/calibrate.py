@@ -99,7 +99,7 @@ def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64):
     for s in range(0, len(pixels), batch_size):
         out = model(np.stack(pixels[s : s + batch_size]), extra=classes[s : s + batch_size, None])
         k = out.top_classes.shape[1]
-        n_, v_ = boxlib.normalize_cams(out.cams[:, k])
+        n_, v_ = boxlib.normalize_cams(out.column(k))
         normed.append(n_)
         valid.append(v_)
         top1.append(out.top_classes[:, 0] == classes[s : s + batch_size])

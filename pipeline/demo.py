@@ -68,7 +68,7 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
     chosen tau; returns the sweep and the thresholds document `label` reads."""
     out = model(data.images, extra=data.labels.reshape(-1, 1))
     k = out.top_classes.shape[1]
-    normed, valid = boxlib.normalize_cams(out.cams[:, k])
+    normed, valid = boxlib.normalize_cams(out.column(k))
     truths = [b[None] for b in data.boxes]
     sweep = metrics.sweep_thresholds(normed, truths, valid=valid)
     doc = {"default": sweep.best_threshold, "per_class": {}, "cam_contrast": model.contrast,

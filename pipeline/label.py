@@ -16,11 +16,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from weakloc.models.schema import failure_row
 from weakloc.transforms.decode import DecodeDoFn
-from weakloc.transforms.inference import CamModelHandler
+from weakloc.transforms.inference import CamModelHandler, forget_model
 from weakloc.transforms.read import FAILURES, NAMESPACE, SKIPPED, ReadInputs
 from weakloc.transforms.write import WriteOutputs, write_json_atomically
 
@@ -107,12 +107,25 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Runners whose workers (in their default, in-memory mode) run in the launching process: they can take the model
+# that launch-time validation loaded (transforms/inference.py). Others get it from the model file.
+_IN_PROCESS_RUNNERS = (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+def _workers_in_this_process(pipeline_options: PipelineOptions) -> bool:
+    runner = pipeline_options.view_as(StandardOptions).runner
+    mode = pipeline_options.view_as(DirectOptions).direct_running_mode
+    return runner in _IN_PROCESS_RUNNERS and mode != "multi_processing"
+
+
 def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
     """Parse, validate and build; returns (config, pipeline) ready to run."""
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
     pipeline_options = PipelineOptions(beam_args)
     config = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
+    if not _workers_in_this_process(pipeline_options):
+        forget_model()  # no worker here to take it: the launcher need not hold a copy while the job runs
     if config.overwrite:
         options.remove_previous_outputs(config.output)
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.
@@ -128,7 +141,10 @@ def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipelin
     return at once with a running job.
     """
     config, p = prepare(argv, test_pipeline)
-    return config, p.run()
+    try:
+        return config, p.run()
+    finally:
+        forget_model()
 
 
 def run(
@@ -146,10 +162,13 @@ def run(
     """
     config, p = prepare(argv, test_pipeline)
     # Around p.run() itself: the local runner only returns from it when the job is over.
-    with Progress(progress_stream) as shown:
-        result = p.run()
-        shown.attach(result)
-        result.wait_until_finish()
+    try:
+        with Progress(progress_stream) as shown:
+            result = p.run()
+            shown.attach(result)
+            result.wait_until_finish()
+    finally:
+        forget_model()
     summary_path = FileSystems.join(config.output.rstrip("/"), "summary.json")
     if not FileSystems.exists(summary_path):
         # A runner that returns before the job ends (e.g. Dataflow without waiting): nothing to report yet.

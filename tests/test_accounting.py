@@ -101,4 +101,18 @@ def test_a_worker_in_the_launching_process_takes_the_model_validated_at_launch(t
     for other in ({"fingerprint": ""}, {"safe_mode": False}):
         inference.load_cam_model(inference.ModelSpec(**{**spec.__dict__, **other}), top_k=1)
     assert len(loads) == 2
-    inference.remember_model(spec, None)
+    inference.forget_model()
+
+
+def test_the_launcher_holds_the_validated_model_only_while_its_own_process_runs_the_job(
+        folder_tree, tiny_model_path, tmp_path):  # noqa: F811
+    root, _ = folder_tree
+    args = ["--input", str(root / "*" / "*.png"), "--labels_from_folder", "yes", "--model", tiny_model_path,
+            "--output", str(tmp_path / "out")]
+    label.prepare([*args, f"--runner={RUNNER}"])
+    assert len(inference._REMEMBERED) == 1
+    # Workers in other processes load the file themselves: nothing to keep for them.
+    label.prepare([*args, "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert inference._REMEMBERED == {}
+    label.run([*args, f"--runner={RUNNER}"])
+    assert inference._REMEMBERED == {}, "the model is let go once the job has run"

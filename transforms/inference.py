@@ -92,6 +92,11 @@ def remember_model(spec: ModelSpec, model) -> None:
         _REMEMBERED[key] = model
 
 
+def forget_model() -> None:
+    """Drop the remembered model (once its job has run, or when the workers are other processes)."""
+    _REMEMBERED.clear()
+
+
 def load_cam_model(spec: ModelSpec, top_k: int):
     """The model named by `spec`, ready to run: a CamModel, or a GradCamModel for method "gradcam"."""
     model = _REMEMBERED.get(_model_key(spec))
