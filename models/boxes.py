@@ -134,6 +134,8 @@ class Components:
     count: int
     sizes: np.ndarray
     map_of: np.ndarray
+    masks: np.ndarray | None = None  # uint8 (N, H, W) the labelled masks, for maps with a single component
+    per_map: np.ndarray | None = None  # int64 (N,) components in each map
 
     def ranked(self) -> tuple[np.ndarray, np.ndarray]:
         """(order, first): component indices sorted by map, then decreasing size, then raster order (the tie
@@ -152,7 +154,7 @@ class Components:
     def boxes(self, ids: np.ndarray) -> np.ndarray:
         """float32 (k, 4) x0y0x1y1 (max edge exclusive) of the components labelled ids (k,)."""
         ids = np.asarray(ids, np.int64)
-        return _component_boxes(self.labels, self.map_of[ids - 1], ids, self.count)
+        return _component_boxes(self.labels, self.map_of[ids - 1], ids, self.count, self.masks, self.per_map)
 
 
 def components(mask: np.ndarray) -> Components:
@@ -207,7 +209,7 @@ def _components_of(tall: np.ndarray) -> Components:
     if len(multi):
         ids = np.concatenate([np.arange(last[m] - per_map[m], last[m]) for m in multi.tolist()])
         sizes[ids] = _pixel_counts(whole[multi] if len(multi) < n else whole, count)[ids]
-    return Components(labels.reshape(n, h1, w)[:, : h1 - 1], count, sizes, map_of)
+    return Components(labels.reshape(n, h1, w)[:, : h1 - 1], count, sizes, map_of, tall[:, : h1 - 1], per_map)
 
 
 def _pixel_counts(labels: np.ndarray, count: int) -> np.ndarray:
@@ -222,12 +224,13 @@ def _pixel_counts(labels: np.ndarray, count: int) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64)
 
 
-def _component_boxes(labels: np.ndarray, maps: np.ndarray, ids: np.ndarray, count: int) -> np.ndarray:
+def _component_boxes(labels: np.ndarray, maps: np.ndarray, ids: np.ndarray, count: int,
+                     masks: np.ndarray | None = None, per_map: np.ndarray | None = None) -> np.ndarray:
     """float32 (k, 4) x0y0x1y1 (max edge exclusive) of component ids[i], which lies in map maps[i].
 
     A few components per map (the usual case: one, the largest) are boxed one by one by OpenCV's bounding
-    rectangle of their own pixels; many (mode "all" on fragmented maps) by one pass over the whole stack that
-    boxes every component at once.
+    rectangle of their own pixels (of the whole mask, when `per_map` says the map has no other component);
+    many (mode "all" on fragmented maps) by one pass over the whole stack that boxes every component at once.
     """
     k = len(ids)
     if k > 8 * labels.shape[0]:
@@ -235,8 +238,10 @@ def _component_boxes(labels: np.ndarray, maps: np.ndarray, ids: np.ndarray, coun
         return np.array([(s[2].start, s[1].start, s[2].stop, s[1].stop) for s in (slices[i - 1] for i in ids)],
                         np.float32).reshape(-1, 4)
     out = np.empty((k, 4), np.float32)
+    alone = per_map.tolist() if per_map is not None and masks is not None else [0] * labels.shape[0]
     for i, (m, c) in enumerate(zip(maps.tolist(), ids.tolist())):
-        x, y, bw, bh = cv2.boundingRect((labels[m] == c).view(np.uint8))
+        own = masks[m] if alone[m] == 1 else (labels[m] == c).view(np.uint8)
+        x, y, bw, bh = cv2.boundingRect(own)
         out[i] = (x, y, x + bw, y + bh)
     return out
 
