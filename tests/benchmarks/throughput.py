@@ -91,7 +91,6 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tensorflow as tf
 
     from weakloc.models import annotate, images, records, schema
     from weakloc.models.cam import CamModel, load_keras_model
@@ -108,11 +107,7 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
     pixels = np.stack([d.pixels for d in decoded])
     model = load_keras_model(model_path)
     scale, offset = prep["scale"], prep["offset"]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *prep["input_size"], 3], tf.uint8)])
-    def forward(x):
-        return model(tf.cast(x, tf.float32) * scale + offset, training=False)
-
+    forward = compiled_forward(model, prep)
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
     forward(batches[0])
     cam = CamModel(model, input_size=prep["input_size"], scale=scale, offset=offset)
@@ -164,19 +159,24 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
     }
 
 
-def forward_limit(model_path, prep, pixels, batch_size, rounds: int = 2) -> float:
-    """images/s of the best of `rounds` sustained forward passes over `pixels` (as in `stage_times`)."""
+def compiled_forward(model, prep):
+    """The limit's function: the model's own forward pass, compiled, on uint8 batches (preprocessing inside)."""
     import tensorflow as tf
 
-    from weakloc.models.cam import load_keras_model
-
-    model = load_keras_model(model_path)
     scale, offset = prep["scale"], prep["offset"]
 
     @tf.function(input_signature=[tf.TensorSpec([None, *prep["input_size"], 3], tf.uint8)])
     def forward(x):
         return model(tf.cast(x, tf.float32) * scale + offset, training=False)
 
+    return forward
+
+
+def forward_limit(model_path, prep, pixels, batch_size, rounds: int = 2) -> float:
+    """images/s of the best of `rounds` sustained forward passes over `pixels` (as in `stage_times`)."""
+    from weakloc.models.cam import load_keras_model
+
+    forward = compiled_forward(load_keras_model(model_path), prep)
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
     forward(batches[0])
     return len(pixels) / timed(lambda: [forward(b).numpy() for b in batches], repeat=rounds)[0]
