@@ -94,12 +94,7 @@ def boxes_from_cams(
     if mode not in ("largest", "all", "union"):
         raise ValueError(f"mode must be 'largest', 'all' or 'union', got {mode!r}")
     n, h, w = normed.shape
-    tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
-    tall = _tall_stack(n, h, w)
-    np.greater_equal(normed, tau[:, None, None], out=tall[:, :h].view(bool))
-    if valid is not None:
-        tall[~np.asarray(valid, dtype=bool)] = 0
-    comps = _components_of(tall)
+    comps = threshold_components(normed, thresholds, valid)
     if comps.count == 0:
         return Boxes(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                      np.zeros(0, np.int64))
@@ -134,8 +129,8 @@ class Components:
     count: int
     sizes: np.ndarray
     map_of: np.ndarray
-    masks: np.ndarray | None = None  # uint8 (N, H, W) the labelled masks, for maps with a single component
-    per_map: np.ndarray | None = None  # int64 (N,) components in each map
+    masks: np.ndarray  # uint8 (N, H, W) the masks that were labelled
+    per_map: np.ndarray  # int64 (N,) how many components each map has
 
     def ranked(self) -> tuple[np.ndarray, np.ndarray]:
         """(order, first): component indices sorted by map, then decreasing size, then raster order (the tie
@@ -152,9 +147,24 @@ class Components:
         return out
 
     def boxes(self, ids: np.ndarray) -> np.ndarray:
-        """float32 (k, 4) x0y0x1y1 (max edge exclusive) of the components labelled ids (k,)."""
+        """float32 (k, 4) x0y0x1y1 (max edge exclusive) of the components labelled ids (k,).
+
+        A few components per map (the usual case: one, the largest) are boxed one by one by OpenCV's bounding
+        rectangle of their own pixels (of the whole mask, when the map has no other component); many (mode
+        "all" on fragmented maps) by one pass over the whole stack that boxes every component at once.
+        """
         ids = np.asarray(ids, np.int64)
-        return _component_boxes(self.labels, self.map_of[ids - 1], ids, self.count, self.masks, self.per_map)
+        if len(ids) > 8 * self.labels.shape[0]:
+            slices = ndimage.find_objects(self.labels, max_label=self.count)
+            return np.array([(s[2].start, s[1].start, s[2].stop, s[1].stop) for s in (slices[i - 1] for i in ids)],
+                            np.float32).reshape(-1, 4)
+        out = np.empty((len(ids), 4), np.float32)
+        alone = (self.per_map == 1).tolist()
+        for i, (m, c) in enumerate(zip(self.map_of[ids - 1].tolist(), ids.tolist())):
+            own = self.masks[m] if alone[m] else (self.labels[m] == c).view(np.uint8)
+            x, y, bw, bh = cv2.boundingRect(own)
+            out[i] = (x, y, x + bw, y + bh)
+        return out
 
 
 def components(mask: np.ndarray) -> Components:
@@ -166,10 +176,19 @@ def components(mask: np.ndarray) -> Components:
     return _components_of(tall)
 
 
-def label_maps(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """(labels, count) of `components(mask)`: int32 (N, H, W) labels numbered as scipy.ndimage.label numbers them."""
-    comps = components(mask)
-    return comps.labels, comps.count
+def threshold_components(normed: np.ndarray, thresholds, valid: np.ndarray | None = None) -> Components:
+    """`components` of the masks normed >= tau (tau scalar or one per map), with maps marked invalid left empty.
+
+    The threshold writes straight into the stack OpenCV labels. Used by `boxes_from_cams` and by the box
+    refinement, which must find the same components.
+    """
+    n, h, w = normed.shape
+    tau = np.broadcast_to(np.asarray(thresholds, dtype=np.float32), (n,))
+    tall = _tall_stack(n, h, w)
+    np.greater_equal(normed, tau[:, None, None], out=tall[:, :h].view(bool))
+    if valid is not None:
+        tall[~np.asarray(valid, dtype=bool)] = 0
+    return _components_of(tall)
 
 
 def _tall_stack(n: int, h: int, w: int) -> np.ndarray:
@@ -189,7 +208,8 @@ def _components_of(tall: np.ndarray) -> Components:
     n, h1, w = tall.shape
     if tall.size == 0:
         empty = np.zeros(0, np.int64)
-        return Components(np.zeros((n, h1 - 1, w), np.int32), 0, empty, empty)
+        return Components(np.zeros((n, h1 - 1, w), np.int32), 0, empty, empty, tall[:, : h1 - 1],
+                          np.zeros(n, np.int64))
     count, labels = cv2.connectedComponentsWithAlgorithm(
         tall.reshape(n * h1, w), connectivity=8, ltype=cv2.CV_32S, ccltype=cv2.CCL_WU
     )
@@ -222,28 +242,6 @@ def _pixel_counts(labels: np.ndarray, count: int) -> np.ndarray:
         hist = cv2.calcHist([labels.astype(np.uint16)], [0], None, [count + 1], [0, count + 1])
         return hist.ravel()[1:].astype(np.int64)
     return np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64)
-
-
-def _component_boxes(labels: np.ndarray, maps: np.ndarray, ids: np.ndarray, count: int,
-                     masks: np.ndarray | None = None, per_map: np.ndarray | None = None) -> np.ndarray:
-    """float32 (k, 4) x0y0x1y1 (max edge exclusive) of component ids[i], which lies in map maps[i].
-
-    A few components per map (the usual case: one, the largest) are boxed one by one by OpenCV's bounding
-    rectangle of their own pixels (of the whole mask, when `per_map` says the map has no other component);
-    many (mode "all" on fragmented maps) by one pass over the whole stack that boxes every component at once.
-    """
-    k = len(ids)
-    if k > 8 * labels.shape[0]:
-        slices = ndimage.find_objects(labels, max_label=count)
-        return np.array([(s[2].start, s[1].start, s[2].stop, s[1].stop) for s in (slices[i - 1] for i in ids)],
-                        np.float32).reshape(-1, 4)
-    out = np.empty((k, 4), np.float32)
-    alone = per_map.tolist() if per_map is not None and masks is not None else [0] * labels.shape[0]
-    for i, (m, c) in enumerate(zip(maps.tolist(), ids.tolist())):
-        own = masks[m] if alone[m] == 1 else (labels[m] == c).view(np.uint8)
-        x, y, bw, bh = cv2.boundingRect(own)
-        out[i] = (x, y, x + bw, y + bh)
-    return out
 
 
 def _box_means(normed: np.ndarray, maps: np.ndarray, xyxy: np.ndarray) -> np.ndarray:

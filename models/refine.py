@@ -46,11 +46,7 @@ def base_components(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | No
 
     The same component `boxes.boxes_from_cams` boxes in mode "largest" (the same tie rule, `Components.ranked`).
     """
-    normed = np.asarray(normed, np.float32)
-    mask = normed >= np.asarray(taus, np.float32).reshape(-1, 1, 1)
-    if valid is not None:
-        mask &= np.asarray(valid, bool)[:, None, None]
-    comps = boxlib.components(mask)
+    comps = boxlib.threshold_components(np.asarray(normed, np.float32), taus, valid)
     which = comps.largest()
     xyxy, has = _boxes_of(comps, which)
     return (comps.labels == which[:, None, None]) & has[:, None, None], xyxy, has
@@ -86,7 +82,7 @@ def profile_features(normed: np.ndarray, taus: np.ndarray, valid: np.ndarray | N
         lower = taus >= t
         at = base.copy()
         # Lower thresholds: the (unique) component around the base one, found from one of its pixels.
-        comps = boxlib.components((normed >= t) & has[:, None, None])
+        comps = boxlib.threshold_components(normed, t, has)
         xyxy, got = _boxes_of(comps, np.where(lower & has, comps.labels[np.arange(n), seed_y, seed_x], 0))
         at[got] = _cwh(xyxy[got])
         # Higher thresholds: the largest piece of the base component that survives.
