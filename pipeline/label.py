@@ -123,9 +123,8 @@ def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
     pipeline_options = PipelineOptions(beam_args)
-    config = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
-    if not _workers_in_this_process(pipeline_options):
-        forget_model()  # no worker here to take it: the launcher need not hold a copy while the job runs
+    config = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner,
+                              keep_model=_workers_in_this_process(pipeline_options))
     if config.overwrite:
         options.remove_previous_outputs(config.output)
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.

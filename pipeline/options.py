@@ -279,10 +279,12 @@ def _existing_outputs(output: str) -> list[str]:
 REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 
 
-def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> LabelConfig:
+def validate(args: argparse.Namespace, *, runner: Optional[str] = None, keep_model: bool = False) -> LabelConfig:
     """Check every flag and the files they name; load the model once to read its structure.
 
     `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
+    `keep_model`: the workers run in this process, so the loaded model is kept for them
+    (`transforms.inference.remember_model`) instead of being loaded again; otherwise nothing is kept.
 
     Raises:
       OptionsError, cam.ModelStructureError, sidecar.SidecarError, annotate.ThresholdsError.
@@ -466,7 +468,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> Label
         flip_tta=args.flip_tta,
         contrast=contrast,
     )
-    remember_model(spec, keras_model)
+    remember_model(spec, keras_model if keep_model else None)
     previous, skip_patterns = [], []
     for prev, doc in previous_docs:
         model = doc.get("model") or {}

@@ -85,7 +85,8 @@ def _model_key(spec: ModelSpec):
 
 
 def remember_model(spec: ModelSpec, model) -> None:
-    """Keep `model` (a Keras model loaded from `spec`) for `load_cam_model` in this process."""
+    """Keep `model` (a Keras model loaded from `spec`) for `load_cam_model` in this process, in place of any
+    model kept before; None keeps nothing."""
     _REMEMBERED.clear()
     key = _model_key(spec)
     if key is not None and model is not None:
