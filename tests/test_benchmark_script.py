@@ -7,7 +7,7 @@ def test_throughput_script_runs_on_a_tiny_config(tmp_path):
     from tests.benchmarks import throughput
 
     doc = throughput.main(["--configs", "small", "--images", "16", "--gradcam_images", "2", "--batch_size", "8",
-                           "--workdir", str(tmp_path), "--out", str(tmp_path / "bench.json")])
+                           "--rounds", "1", "--workdir", str(tmp_path), "--out", str(tmp_path / "bench.json")])
     (r,) = doc["results"]
     assert r["images"] == 16 and (tmp_path / "bench.json").exists()
     # Every measured rate is a positive number and the stage shares add up to one.
@@ -15,6 +15,30 @@ def test_throughput_script_runs_on_a_tiny_config(tmp_path):
                 "tf_keras_vis_gradcam_img_s"):
         assert r[key] > 0, key
     assert sum(r["stage_share"].values()) == pytest.approx(1.0)
+    # One round: the limit before and after it, each measured in its own process.
+    assert len(r["forward_limit_each_img_s"]) == 2 and min(r["forward_limit_each_img_s"]) > 0
+    assert len(r["weakloc_local_marginal_vs_limit_each"]) == 1
+    assert set(r["targets"]) >= {"end to end (marginal) >= 0.85 of the limit", "CAM + boxes <= 5% of the forward time"}
+
+
+def test_interleaved_rounds_divides_each_round_by_the_limits_around_it():
+    from tests.benchmarks import throughput
+
+    limits = iter([100.0, 120.0, 80.0])
+    # Seconds per run, in call order: round 1 (a: big, small; b: big, small), then round 2.
+    seconds = iter([10.0, 4.0, 13.0, 4.0, 20.0, 8.0, 30.0, 6.0])
+    doc = throughput.interleaved_rounds(2, lambda: next(limits), {"a": lambda big: next(seconds),
+                                                                  "b": lambda big: next(seconds)}, 1000, 250)
+    assert doc["limits_img_s"] == [100.0, 120.0, 80.0]
+    a, b = doc["a"]["rounds"], doc["b"]["rounds"]
+    # Round 1: 750 more images in 6 s = 125 img/s against the mean limit 110; round 2: 750 / 12 s against 100.
+    assert a[0]["marginal_img_s"] == pytest.approx(125.0) and a[0]["marginal_vs_limit"] == pytest.approx(125 / 110)
+    assert a[1]["marginal_vs_limit"] == pytest.approx(62.5 / 100)
+    assert b[0]["marginal_vs_limit"] == pytest.approx(750 / 9 / 110)
+    assert b[1]["whole_run_vs_limit"] == pytest.approx(1000 / 30 / 100)
+    # Start-up: the small run's time less its images at the marginal rate (4 s - 250 / 125 img/s).
+    assert a[0]["startup_s"] == pytest.approx(2.0)
+    assert doc["a"]["marginal_vs_limit_median"] == pytest.approx((125 / 110 + 0.625) / 2)
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ For each configuration (model + images), everything is measured in one run so th
   1. the limit: the model's compiled forward pass on preprocessed uint8 batches already in memory;
   2. weakloc end to end on the local runner (FnApiRunner), TFRecord shards in, Parquet out, each run a
      `weakloc label` command in its own process as a user runs it; and again with --decode_threads 0 (decoding
-     between forward passes instead of ahead of them);
+     between forward passes instead of ahead of them). Both run in --rounds interleaved rounds, each bracketed
+     by the limit measured in a fresh process too, and the median round's ratio is the figure
+     (`interleaved_rounds`);
   3. the same with --direct_num_workers=2 --direct_running_mode=multi_processing;
   4. Beam's stock RunInference + TFModelHandlerNumpy (classification only) through the same read and decode;
   5. per-image Grad-CAM from tf-keras-vis for the top class (what users of CAM libraries do today);
@@ -95,6 +97,8 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
     from weakloc.models import annotate, images, records, schema
     from weakloc.models.cam import CamModel, load_keras_model
 
+    from tensorflow.core.example import example_pb2  # noqa: F401  imported here, not inside the timed read
+
     def read():
         out = []
         for path in sorted(glob.glob(shard_glob)):
@@ -180,6 +184,30 @@ def forward_limit(model_path, prep, pixels, batch_size, rounds: int = 2) -> floa
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
     forward(batches[0])
     return len(pixels) / timed(lambda: [forward(b).numpy() for b in batches], repeat=rounds)[0]
+
+
+# The fresh-process limit passes over at most this many preprocessed images (best of two sustained passes).
+LIMIT_IMAGES = 512
+
+
+def limit_process(model_path, prep, pixels_path, batch_size, log_path) -> float:
+    """`forward_limit` in a fresh process, as each `weakloc label` run gets one: images/s.
+
+    The pixels are the benchmark's own decoded images (saved once with np.save), loaded into memory first.
+    """
+    out = log_path + ".json"
+    doc = json.dumps([model_path, {**prep, "input_size": list(prep["input_size"])}, pixels_path, batch_size, out])
+    _timed_process(["-c", "import json, sys; from tests.benchmarks.throughput import _limit_main; "
+                          "_limit_main(*json.loads(sys.argv[1]))", doc], log_path)
+    with open(out) as f:
+        return float(json.load(f)["img_s"])
+
+
+def _limit_main(model_path, prep, pixels_path, batch_size, out):
+    prep = {**prep, "input_size": tuple(prep["input_size"])}
+    img_s = forward_limit(model_path, prep, np.load(pixels_path), batch_size)
+    with open(out, "w") as f:
+        json.dump({"img_s": img_s}, f)
 
 
 def _timed_process(args, log_path) -> float:
@@ -271,7 +299,7 @@ def run_tf_keras_vis(model_path, prep, encoded, n):
     return n / (time.perf_counter() - t)
 
 
-def bench_config(name, n, batch_size, n_gradcam, workdir):
+def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
     kind, input_size, image_size, fmt, classes = CONFIGS[name]
     d = os.path.join(workdir, name)
     os.makedirs(d, exist_ok=True)
@@ -292,6 +320,9 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
     mean_bytes = sum(map(len, encoded)) / n
 
     stages = stage_times(model_path, prep, shard_glob, batch_size, d)
+    pixels_path = os.path.join(d, "pixels.npy")
+    np.save(pixels_path, stages.pop("pixels")[:LIMIT_IMAGES])
+
     def both(fn, *args):
         """(seconds for n images, marginal images/s, fixed start-up seconds) from a run over n and one over n/4,
         each in a fresh process: start-up here includes the interpreter and its imports, as a user's job does."""
@@ -310,12 +341,15 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         return run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
                            ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])[0]
 
-    t_local, local_marginal, local_fixed = both(local_run, "out_local")
-    # The machine's speed drifts over minutes (it is shared): the limit is measured again right after weakloc's
-    # runs, and the faster of the two measurements is the one every ratio divides by.
-    limit_after = forward_limit(model_path, prep, stages.pop("pixels"), batch_size)
-    # The same with decoding in the bundle's thread, between forward passes: what decoding ahead buys.
-    t_seq, seq_marginal, _ = both(lambda glob_, name: local_run(glob_, name, ["--decode_threads", "0"]), "out_seq")
+    # The two local variants (decoding ahead, the default, and decoding between forward passes) in interleaved
+    # rounds, each round bracketed by the limit measured in a fresh process like the runs themselves.
+    local = interleaved_rounds(
+        rounds,
+        lambda: limit_process(model_path, prep, pixels_path, batch_size, os.path.join(d, "limit.log")),
+        {"default": lambda big: local_run(shard_glob if big else small_glob, "out_local"),
+         "sequential_decode": lambda big: local_run(shard_glob if big else small_glob, "out_seq",
+                                                    ["--decode_threads", "0"])},
+        n, n_small)
     t_mp, mp_marginal, mp_fixed = both(mp_run, "out_mp")
     t_stock, stock_marginal, stock_fixed = both(
         lambda glob_, name: run_stock_process(glob_, model_path, prep, os.path.join(d, name), batch_size),
@@ -326,9 +360,12 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         gradcam_img_s = None
         print(f"  tf-keras-vis unavailable ({exc}); pip install '.[test]'", file=sys.stderr)
 
-    limit = max(stages["forward_limit_img_s"], limit_after)
-    local = n / t_local
+    # Single measurements (two worker processes, stock RunInference) are held against the median limit.
+    limit = float(np.median(local["limits_img_s"]))
+    default, seq = local["default"], local["sequential_decode"]
+    whole = default["whole_run_img_s_median"]
     total_stage = sum(stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write"))
+    cam_boxes = (stages["cam"] + stages["boxes"]) / stages["forward"]
     return {
         "config": name,
         "model_input": list(input_size),
@@ -337,33 +374,83 @@ def bench_config(name, n, batch_size, n_gradcam, workdir):
         "image_format": fmt,
         "mean_image_bytes": round(mean_bytes),
         "batch_size": batch_size,
+        "rounds": rounds,
         "forward_limit_img_s": limit,
-        "forward_limit_before_after_img_s": [stages["forward_limit_img_s"], limit_after],
+        "forward_limit_each_img_s": local["limits_img_s"],
+        "forward_limit_in_process_img_s": stages["forward_limit_img_s"],
         "forward_plus_cam_img_s": stages["forward_plus_cam_img_s"],
-        "weakloc_local_img_s": local,
-        "weakloc_local_vs_limit": local / limit,
-        "weakloc_local_marginal_img_s": local_marginal,
-        "weakloc_local_marginal_vs_limit": local_marginal / limit,
-        "weakloc_local_startup_s": local_fixed,
-        "weakloc_local_sequential_decode_img_s": n / t_seq,
-        "weakloc_local_sequential_decode_marginal_img_s": seq_marginal,
-        "weakloc_local_sequential_decode_marginal_vs_limit": seq_marginal / limit,
+        "weakloc_local_img_s": whole,
+        "weakloc_local_vs_limit": default["whole_run_vs_limit_median"],
+        "weakloc_local_marginal_img_s": default["marginal_img_s_median"],
+        "weakloc_local_marginal_vs_limit": default["marginal_vs_limit_median"],
+        "weakloc_local_marginal_vs_limit_each": [r["marginal_vs_limit"] for r in default["rounds"]],
+        "weakloc_local_startup_s": default["startup_s_median"],
+        "weakloc_local_sequential_decode_img_s": seq["whole_run_img_s_median"],
+        "weakloc_local_sequential_decode_marginal_img_s": seq["marginal_img_s_median"],
+        "weakloc_local_sequential_decode_marginal_vs_limit": seq["marginal_vs_limit_median"],
+        "weakloc_local_sequential_decode_marginal_vs_limit_each": [r["marginal_vs_limit"] for r in seq["rounds"]],
         "weakloc_mp2_img_s": n / t_mp,
         "weakloc_mp2_vs_limit": (n / t_mp) / limit,
         "weakloc_mp2_marginal_img_s": mp_marginal,
+        "weakloc_mp2_marginal_vs_limit": mp_marginal / limit,
         "weakloc_mp2_startup_s": mp_fixed,
         "stock_runinference_img_s": n / t_stock,
         "stock_runinference_marginal_img_s": stock_marginal,
         "stock_runinference_startup_s": stock_fixed,
-        "weakloc_vs_stock": local / (n / t_stock),
-        "weakloc_vs_stock_marginal": local_marginal / stock_marginal,
+        "weakloc_vs_stock": whole / (n / t_stock),
+        "weakloc_vs_stock_marginal": default["marginal_img_s_median"] / stock_marginal,
         "tf_keras_vis_gradcam_img_s": gradcam_img_s,
-        "weakloc_vs_gradcam": (local / gradcam_img_s) if gradcam_img_s else None,
-        "cam_plus_boxes_share_of_forward": (stages["cam"] + stages["boxes"]) / stages["forward"],
+        "weakloc_vs_gradcam": (whole / gradcam_img_s) if gradcam_img_s else None,
+        "cam_plus_boxes_share_of_forward": cam_boxes,
         "stage_share": {k: stages[k] / total_stage for k in ("read", "decode_resize", "forward", "cam", "boxes",
                                                               "write")},
         "stage_seconds": {k: stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write")},
+        "local_rounds": local,
+        "targets": {
+            "end to end (marginal) >= 0.85 of the limit": _target(default["marginal_vs_limit_median"], 0.85),
+            "CAM + boxes <= 5% of the forward time": _target(cam_boxes, 0.05, at_most=True),
+            ">= 0.95 of stock RunInference (whole runs)": _target(whole / (n / t_stock), 0.95),
+            ">= 3x tf-keras-vis Grad-CAM": _target((whole / gradcam_img_s) if gradcam_img_s else None, 3.0),
+        },
     }
+
+
+def _target(value, bound, *, at_most=False):
+    if value is None:
+        return {"value": None, "met": None}
+    return {"value": value, "met": bool(value <= bound if at_most else value >= bound)}
+
+
+def interleaved_rounds(rounds: int, limit, variants: dict, n: int, n_small: int) -> dict:
+    """End-to-end variants measured in rounds, each bracketed by the limit, so drift lands on both sides.
+
+    The host's speed drifts by 5-10% over minutes, more than the margin a 0.85 target leaves; one pair of runs
+    set against a limit measured minutes away reads anywhere from 0.71 to 0.84 for the same code. Here every
+    round measures the limit, then each variant over n and over n/4 images (fresh processes), and the limit is
+    measured once more after the last round. A round's ratio divides its marginal rate by the mean of the two
+    limits around it; the median over rounds is the figure, and every round's is kept.
+
+    limit: () -> images/s; variants: {name: (big: bool) -> seconds of a run over n (True) or n/4 images}.
+    """
+    limits = [limit()]
+    pairs: dict = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            pairs[name].append((run(True), run(False)))
+        limits.append(limit())
+    out: dict = {"limits_img_s": limits}
+    for name, runs in pairs.items():
+        rows = []
+        for r, (t_all, t_few) in enumerate(runs):
+            lim = (limits[r] + limits[r + 1]) / 2
+            marginal = (n - n_small) / max(t_all - t_few, 1e-9)
+            rows.append({"limit_img_s": lim, "seconds": t_all, "seconds_small": t_few, "marginal_img_s": marginal,
+                         "marginal_vs_limit": marginal / lim, "whole_run_img_s": n / t_all,
+                         "whole_run_vs_limit": n / t_all / lim, "startup_s": max(t_few - n_small / marginal, 0.0)})
+        out[name] = {"rounds": rows, **{f"{key}_median": float(np.median([row[key] for row in rows]))
+                                        for key in ("marginal_img_s", "marginal_vs_limit", "whole_run_img_s",
+                                                    "whole_run_vs_limit", "startup_s")}}
+    return out
 
 
 def sweeps(workdir: str, n: int = 128) -> dict:
@@ -414,6 +501,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--gradcam_images", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of limit and end-to-end runs; the median round is reported")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--sweep", action="store_true",
@@ -426,13 +515,22 @@ def main(argv=None):
     results = []
     for name in args.configs.split(","):
         print(f"== {name}: {args.images} images, batch {args.batch_size}", flush=True)
-        r = bench_config(name, args.images, args.batch_size, args.gradcam_images, workdir)
+        r = bench_config(name, args.images, args.batch_size, args.gradcam_images, workdir, args.rounds)
         results.append(r)
         for key, val in r.items():
-            if isinstance(val, float):
+            if key == "local_rounds":  # every round's figures are in the JSON; the lists above summarise them
+                continue
+            if key == "targets":
+                for target, got in val.items():
+                    shown = "n/a" if got["value"] is None else f"{got['value']:.3f}"
+                    verdict = {True: "met", False: "NOT met", None: "not measured"}[got["met"]]
+                    print(f"  target: {target:46s} {shown:>8s}  {verdict}")
+            elif isinstance(val, float):
                 print(f"  {key:34s} {val:10.3f}")
             elif isinstance(val, dict):
                 print(f"  {key:34s} " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+            elif isinstance(val, list) and val and isinstance(val[0], float):
+                print(f"  {key:34s} " + ", ".join(f"{v:.3f}" for v in val))
             else:
                 print(f"  {key:34s} {val}")
     sweep = None
