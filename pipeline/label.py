@@ -25,7 +25,7 @@ from weakloc.transforms.read import FAILURES, NAMESPACE, SKIPPED, ReadInputs
 from weakloc.transforms.write import WriteOutputs, write_json_atomically
 
 from . import options
-from .progress import Progress, weakloc_metrics
+from .progress import Progress, steady_throughput, weakloc_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -179,5 +179,10 @@ def run(
     if metrics:
         # The runner's own counts, next to the ones the pipeline computed from its outputs.
         summary["metrics"] = metrics
+        rate = steady_throughput(metrics)
+        if rate:
+            summary["throughput"] = rate
+            logger.info("steady loop: %.1f images/s over %d images (first batch done %.1f s after the job was built)",
+                        rate["steady_images_per_s"], rate["steady_images"], rate["first_batch_done_s"])
         write_json_atomically(summary_path, summary)
     return summary

@@ -15,6 +15,7 @@ from typing import Any, Optional, TextIO
 from apache_beam.metrics.metric import MetricsFilter
 
 from weakloc.transforms import progress as tally
+from weakloc.transforms.inference import BATCH_DONE
 from weakloc.transforms.read import NAMESPACE
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,11 @@ def weakloc_metrics(result) -> dict[str, Any]:
     Counters become integers; distributions (batch size, batch latency, ...) become {count, sum, min, max, mean}.
     Committed values where the runner has them, else attempted ones.
     """
+    if hasattr(result, "_job_service") and getattr(result, "_metrics", None) is not None:
+        # Beam's portable PipelineResult (Flink, Spark, a job service) keeps its first metrics() answer for good:
+        # polled while the job runs, that froze the live line and gave summary.json the counts of the first
+        # poll (none, for a job that had not finished a bundle by then). Ask the job service afresh every time.
+        result._metrics = None
     try:
         found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     except Exception as exc:  # a runner without metrics support
@@ -50,6 +56,28 @@ def weakloc_metrics(result) -> dict[str, Any]:
     for name, (count, total, lo, hi) in dists.items():
         out[name] = {"count": count, "sum": total, "min": lo, "max": hi, "mean": total / count}
     return dict(sorted(out.items()))
+
+
+def steady_throughput(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The rate of a run's steady loop, from its metrics: images finished after the first batch, over the time from
+    the first batch's end to the last's.
+
+    Reads two distributions every metrics-reporting runner keeps: `batch_done_ms` (each batch's end, in ms since
+    the job was built) and Beam's `inference_request_batch_size`. Start-up (launch checks, model loading, the
+    first batch, which traces the compiled function) and finalisation (Parquet files closed, the summary) fall
+    outside the window; reading, decoding, inference, boxes and writing rows fall inside. The first batch is taken
+    as a full one. With several workers the window runs from the earliest first batch to the latest last one.
+
+    Returns {} with fewer than two batches, else {"first_batch_done_s", "steady_images", "steady_s",
+    "steady_images_per_s"}.
+    """
+    done, sizes = metrics.get(BATCH_DONE), metrics.get("inference_request_batch_size")
+    if not isinstance(done, dict) or not isinstance(sizes, dict) or done["count"] < 2 or done["max"] <= done["min"]:
+        return {}
+    images = sizes["sum"] - sizes["max"]
+    seconds = (done["max"] - done["min"]) / 1000.0
+    return {"first_batch_done_s": done["min"] / 1000.0, "steady_images": images, "steady_s": seconds,
+            "steady_images_per_s": images / seconds}
 
 
 class Progress:

@@ -43,6 +43,40 @@ def test_metrics_are_summed_over_steps_and_workers():
     assert m["inference_request_batch_size"] == {"count": 3, "sum": 42, "min": 2, "max": 32, "mean": 14.0}
 
 
+def test_steady_throughput_spans_the_first_to_the_last_batch():
+    # Ten batches of 32 and a short last one of 8; the first ended 4 s after the job was built, the last 14 s.
+    metrics = {"batch_done_ms": {"count": 11, "sum": 0, "min": 4000, "max": 14000, "mean": 0.0},
+               "inference_request_batch_size": {"count": 11, "sum": 328, "min": 8, "max": 32, "mean": 328 / 11}}
+    rate = progress.steady_throughput(metrics)
+    assert rate == {"first_batch_done_s": 4.0, "steady_images": 296, "steady_s": 10.0, "steady_images_per_s": 29.6}
+    one = {**metrics, "batch_done_ms": {"count": 1, "sum": 4000, "min": 4000, "max": 4000, "mean": 4000.0}}
+    assert progress.steady_throughput(one) == {}  # one batch: no loop to time
+    assert progress.steady_throughput({}) == {}  # a runner without metrics
+
+
+def test_a_portable_result_is_asked_afresh_each_time():
+    class PortableLike(_RemoteResult):
+        """Like Beam's portable PipelineResult: metrics() keeps its first answer in _metrics."""
+
+        def __init__(self):
+            super().__init__()
+            self._job_service, self._metrics, self.done = object(), None, 0
+
+        def metrics(self):
+            if not self._metrics:
+                self._metrics = _RemoteResult.metrics(self)
+                self._answer = {"counters": [_counter("annotations_written", self.done)], "distributions": []}
+            return self._metrics
+
+        def query(self, _filter):
+            return self._answer
+
+    result = PortableLike()
+    assert progress.weakloc_metrics(result)["annotations_written"] == 0  # polled while nothing was done yet
+    result.done = 42
+    assert progress.weakloc_metrics(result)["annotations_written"] == 42  # the final query sees the job's end
+
+
 def test_a_runner_without_metrics_gives_none():
     class NoMetrics:
         def metrics(self):

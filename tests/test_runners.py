@@ -79,6 +79,11 @@ def _assert_metrics(summary):
     assert sizes["sum"] == N_GOOD and sizes["max"] <= 4 and sizes["count"] >= 3  # --batch_size 4
     assert m["inference_batch_latency_micro_secs"]["count"] == sizes["count"]
     assert m["inference_batch_latency_micro_secs"]["min"] > 0
+    # Every batch's end is stamped, on every runner, and the steady rate counts the images after the first batch.
+    assert m["batch_done_ms"]["count"] == sizes["count"] and m["batch_done_ms"]["max"] > m["batch_done_ms"]["min"]
+    rate = summary["throughput"]
+    assert rate["steady_images"] == N_GOOD - sizes["max"] and rate["steady_images_per_s"] > 0
+    assert rate["steady_s"] == (m["batch_done_ms"]["max"] - m["batch_done_ms"]["min"]) / 1000
 
 
 def test_local_run_summary_repeats_the_metrics(local_run):

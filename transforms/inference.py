@@ -11,10 +11,12 @@ import logging
 import os
 import posixpath
 import tempfile
+import time
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from weakloc.models import annotate, zoo
@@ -24,6 +26,10 @@ from weakloc.models.gradcam import GradCamModel
 from .read import NAMESPACE
 
 logger = logging.getLogger(__name__)
+
+# Distribution of each batch's end, in milliseconds since the job was built: its min and max bound the steady
+# loop on every runner that reports metrics, all workers together (pipeline/progress.steady_throughput).
+BATCH_DONE = "batch_done_ms"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +133,8 @@ class CamModelHandler(ModelHandler):
         self.spec = spec
         self.opts = opts
         self.batch_size = int(batch_size)
+        self.built = time.time()  # travels with the handler to every worker: one clock origin for the job
+        self._done = Metrics.distribution(NAMESPACE, BATCH_DONE)
 
     def load_model(self):
         return load_cam_model(self.spec, self.opts.top_k)
@@ -136,7 +144,9 @@ class CamModelHandler(ModelHandler):
         pixels = np.stack([item.pixels for item in batch])
         extra = annotate.extra_classes(metas, self.opts)
         out = model(pixels, extra)
-        return annotate.annotate_batch(out, metas, self.spec.class_names, self.opts, self.spec.name, extra)
+        rows = annotate.annotate_batch(out, metas, self.spec.class_names, self.opts, self.spec.name, extra)
+        self._done.update(int(1000 * (time.time() - self.built)))
+        return rows
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return sum(item.pixels.nbytes for item in batch)
