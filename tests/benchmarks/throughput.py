@@ -112,7 +112,11 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
     model = load_keras_model(model_path)
     scale, offset = prep["scale"], prep["offset"]
     forward = compiled_forward(model, prep)
-    batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+    # Forward, CAM, boxes and write are timed on the first STAGE_IMAGES images and scaled to all of them: five
+    # interleaved rounds over 2,048 MobileNetV2 images took 11 minutes on a slow host, for the same shares.
+    sub = pixels[:STAGE_IMAGES]
+    per_all = len(pixels) / len(sub)
+    batches = [sub[i : i + batch_size] for i in range(0, len(sub), batch_size)]
     forward(batches[0])
     cam = CamModel(model, input_size=prep["input_size"], scale=scale, offset=offset)
     cam(batches[0])
@@ -127,7 +131,7 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
         for j, b in enumerate(batches):
             fwd[r, j] = timed(lambda: forward(b).numpy())[0]
             cam_t[r, j], outs[j] = timed(cam, b)
-    t_forward, t_fwd_cam = float(fwd.min(axis=0).sum()), float(cam_t.min(axis=0).sum())
+    t_forward, t_fwd_cam = per_all * float(fwd.min(axis=0).sum()), per_all * float(cam_t.min(axis=0).sum())
     t_limit, t_limit_cam = float(fwd.sum(axis=1).min()), float(cam_t.sum(axis=1).min())
     opts = annotate.BoxOptions()
     metas = [annotate.ImageMeta(f"img{i}", "s", d.width, d.height) for i, d in enumerate(decoded)]
@@ -156,10 +160,10 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
         "decode_resize": t_decode,
         "forward": t_forward,
         "cam": max(t_fwd_cam - t_forward, 0.0),
-        "boxes": t_boxes,
-        "write": t_write,
-        "forward_limit_img_s": len(pixels) / t_limit,
-        "forward_plus_cam_img_s": len(pixels) / t_limit_cam,
+        "boxes": per_all * t_boxes,
+        "write": per_all * t_write,
+        "forward_limit_img_s": len(sub) / t_limit,
+        "forward_plus_cam_img_s": len(sub) / t_limit_cam,
     }
 
 
@@ -188,6 +192,8 @@ def forward_limit(model_path, prep, pixels, batch_size, rounds: int = 2) -> floa
 
 # The fresh-process limit passes over at most this many preprocessed images (best of two sustained passes).
 LIMIT_IMAGES = 512
+# The in-process stage timings run on at most this many images and are scaled to the rest (`stage_times`).
+STAGE_IMAGES = 1024
 
 
 def limit_process(model_path, prep, pixels_path, batch_size, log_path) -> float:
@@ -335,7 +341,7 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         t, summary = run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
                                  ["--runner=FnApiRunner", *extra])
         assert summary["counts"]["annotated"] in (n, n_small), summary["counts"]
-        return t
+        return {"seconds": t, "steady_img_s": summary.get("throughput", {}).get("steady_images_per_s")}
 
     def mp_run(glob_, name):
         return run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
@@ -384,11 +390,15 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         "weakloc_local_marginal_img_s": default["marginal_img_s_median"],
         "weakloc_local_marginal_vs_limit": default["marginal_vs_limit_median"],
         "weakloc_local_marginal_vs_limit_each": [r["marginal_vs_limit"] for r in default["rounds"]],
+        "weakloc_local_steady_img_s": default["steady_img_s_median"],
+        "weakloc_local_steady_vs_limit": default["steady_vs_limit_median"],
+        "weakloc_local_steady_vs_limit_each": [r["steady_vs_limit"] for r in default["rounds"]],
         "weakloc_local_startup_s": default["startup_s_median"],
         "weakloc_local_sequential_decode_img_s": seq["whole_run_img_s_median"],
         "weakloc_local_sequential_decode_marginal_img_s": seq["marginal_img_s_median"],
         "weakloc_local_sequential_decode_marginal_vs_limit": seq["marginal_vs_limit_median"],
         "weakloc_local_sequential_decode_marginal_vs_limit_each": [r["marginal_vs_limit"] for r in seq["rounds"]],
+        "weakloc_local_sequential_decode_steady_vs_limit": seq["steady_vs_limit_median"],
         "weakloc_mp2_img_s": n / t_mp,
         "weakloc_mp2_vs_limit": (n / t_mp) / limit,
         "weakloc_mp2_marginal_img_s": mp_marginal,
@@ -407,7 +417,9 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         "stage_seconds": {k: stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write")},
         "local_rounds": local,
         "targets": {
-            "end to end (marginal) >= 0.85 of the limit": _target(default["marginal_vs_limit_median"], 0.85),
+            "end to end (steady loop of a run) >= 0.85 of the limit": _target(default["steady_vs_limit_median"], 0.85),
+            "end to end (marginal between runs) >= 0.85 of the limit": _target(default["marginal_vs_limit_median"],
+                                                                            0.85),
             "CAM + boxes <= 5% of the forward time": _target(cam_boxes, 0.05, at_most=True),
             ">= 0.95 of stock RunInference (whole runs)": _target(whole / (n / t_stock), 0.95),
             ">= 3x tf-keras-vis Grad-CAM": _target((whole / gradcam_img_s) if gradcam_img_s else None, 3.0),
@@ -427,10 +439,16 @@ def interleaved_rounds(rounds: int, limit, variants: dict, n: int, n_small: int)
     The host's speed drifts by 5-10% over minutes, more than the margin a 0.85 target leaves; one pair of runs
     set against a limit measured minutes away reads anywhere from 0.71 to 0.84 for the same code. Here every
     round measures the limit, then each variant over n and over n/4 images (fresh processes), and the limit is
-    measured once more after the last round. A round's ratio divides its marginal rate by the mean of the two
-    limits around it; the median over rounds is the figure, and every round's is kept.
+    measured once more after the last round. A round's ratios divide by the mean of the two limits around it;
+    the median over rounds is the figure, and every round's is kept. Two end-to-end rates per round:
+      marginal: the n - n/4 more images over the difference of the two runs' wall times (start-up cancels,
+        but its run-to-run spread, several seconds in a fresh process, does not);
+      steady: the run's own rate from its first batch's end to its last's (`summary.json` "throughput", from
+        the pipeline's metrics), over n images: every per-image stage, from reading to Parquet rows, and no
+        start-up.
 
-    limit: () -> images/s; variants: {name: (big: bool) -> seconds of a run over n (True) or n/4 images}.
+    limit: () -> images/s; variants: {name: (big: bool) -> {"seconds": wall time of a run over n (True) or n/4
+    images, "steady_img_s": that run's steady rate or None}}.
     """
     limits = [limit()]
     pairs: dict = {name: [] for name in variants}
@@ -441,15 +459,18 @@ def interleaved_rounds(rounds: int, limit, variants: dict, n: int, n_small: int)
     out: dict = {"limits_img_s": limits}
     for name, runs in pairs.items():
         rows = []
-        for r, (t_all, t_few) in enumerate(runs):
+        for r, (big, few) in enumerate(runs):
             lim = (limits[r] + limits[r + 1]) / 2
+            t_all, t_few, steady = big["seconds"], few["seconds"], big.get("steady_img_s") or float("nan")
             marginal = (n - n_small) / max(t_all - t_few, 1e-9)
             rows.append({"limit_img_s": lim, "seconds": t_all, "seconds_small": t_few, "marginal_img_s": marginal,
-                         "marginal_vs_limit": marginal / lim, "whole_run_img_s": n / t_all,
-                         "whole_run_vs_limit": n / t_all / lim, "startup_s": max(t_few - n_small / marginal, 0.0)})
+                         "marginal_vs_limit": marginal / lim, "steady_img_s": steady, "steady_vs_limit": steady / lim,
+                         "whole_run_img_s": n / t_all, "whole_run_vs_limit": n / t_all / lim,
+                         "startup_s": max(t_few - n_small / marginal, 0.0)})
         out[name] = {"rounds": rows, **{f"{key}_median": float(np.median([row[key] for row in rows]))
-                                        for key in ("marginal_img_s", "marginal_vs_limit", "whole_run_img_s",
-                                                    "whole_run_vs_limit", "startup_s")}}
+                                        for key in ("marginal_img_s", "marginal_vs_limit", "steady_img_s",
+                                                    "steady_vs_limit", "whole_run_img_s", "whole_run_vs_limit",
+                                                    "startup_s")}}
     return out
 
 
