@@ -19,8 +19,7 @@ def test_throughput_script_runs_on_a_tiny_config(tmp_path):
     assert len(r["forward_limit_each_img_s"]) == 2 and min(r["forward_limit_each_img_s"]) > 0
     assert len(r["weakloc_local_marginal_vs_limit_each"]) == 1
     assert r["weakloc_local_steady_img_s"] > 0  # the run's own steady rate, read from its summary.json
-    assert set(r["targets"]) >= {"end to end (steady loop of a run) >= 0.85 of the limit",
-                                 "CAM + boxes <= 5% of the forward time"}
+    assert "CAM + boxes <= 5% of the forward time" in r["targets"]
 
 
 def test_interleaved_rounds_divides_each_round_by_the_limits_around_it():

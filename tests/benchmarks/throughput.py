@@ -417,9 +417,11 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         "stage_seconds": {k: stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write")},
         "local_rounds": local,
         "targets": {
-            "end to end (steady loop of a run) >= 0.85 of the limit": _target(default["steady_vs_limit_median"], 0.85),
-            "end to end (marginal between runs) >= 0.85 of the limit": _target(default["marginal_vs_limit_median"],
-                                                                            0.85),
+            # Issue 6 sets the end-to-end target for MobileNetV2-224; for other models the ratio is information.
+            **({"end to end (steady loop of a run) >= 0.85 of the limit":
+                _target(default["steady_vs_limit_median"], 0.85),
+                "end to end (marginal between runs) >= 0.85 of the limit":
+                _target(default["marginal_vs_limit_median"], 0.85)} if name == "mobilenetv2" else {}),
             "CAM + boxes <= 5% of the forward time": _target(cam_boxes, 0.05, at_most=True),
             ">= 0.95 of stock RunInference (whole runs)": _target(whole / (n / t_stock), 0.95),
             ">= 3x tf-keras-vis Grad-CAM": _target((whole / gradcam_img_s) if gradcam_img_s else None, 3.0),
