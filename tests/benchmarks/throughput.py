@@ -202,9 +202,7 @@ def limit_process(model_path, prep, pixels_path, batch_size, log_path) -> float:
     The pixels are the benchmark's own decoded images (saved once with np.save), loaded into memory first.
     """
     out = log_path + ".json"
-    doc = json.dumps([model_path, {**prep, "input_size": list(prep["input_size"])}, pixels_path, batch_size, out])
-    _timed_process(["-c", "import json, sys; from tests.benchmarks.throughput import _limit_main; "
-                          "_limit_main(*json.loads(sys.argv[1]))", doc], log_path)
+    _call_in_process("_limit_main", [model_path, prep, pixels_path, batch_size, out], log_path)
     with open(out) as f:
         return float(json.load(f)["img_s"])
 
@@ -214,6 +212,15 @@ def _limit_main(model_path, prep, pixels_path, batch_size, out):
     img_s = forward_limit(model_path, prep, np.load(pixels_path), batch_size)
     with open(out, "w") as f:
         json.dump({"img_s": img_s}, f)
+
+
+def _call_in_process(function: str, args: list, log_path) -> float:
+    """Seconds to run `function(*args)` of this module in a fresh process; args go as JSON (prep's input_size as a
+    list, turned back into a tuple by the function)."""
+    args = [{**a, "input_size": list(a["input_size"])} if isinstance(a, dict) and "input_size" in a else a
+            for a in args]
+    return _timed_process(["-c", f"import json, sys; from tests.benchmarks.throughput import {function}; "
+                                 f"{function}(*json.loads(sys.argv[1]))", json.dumps(args)], log_path)
 
 
 def _timed_process(args, log_path) -> float:
@@ -243,9 +250,7 @@ def run_weakloc(shard_glob, model_path, out, batch_size, extra=()):
 
 def run_stock_process(shard_glob, model_path, prep, out, batch_size) -> float:
     """`run_stock` in its own process, timed like `run_weakloc`."""
-    doc = json.dumps([shard_glob, model_path, {**prep, "input_size": list(prep["input_size"])}, out, batch_size])
-    return _timed_process(["-c", "import json, sys; from tests.benchmarks.throughput import run_stock; "
-                                 "run_stock(*json.loads(sys.argv[1]))", doc], out.rstrip("/") + ".log")
+    return _call_in_process("run_stock", [shard_glob, model_path, prep, out, batch_size], out.rstrip("/") + ".log")
 
 
 def run_stock(shard_glob, model_path, prep, out, batch_size):
@@ -333,9 +338,7 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         """(seconds for n images, marginal images/s, fixed start-up seconds) from a run over n and one over n/4,
         each in a fresh process: start-up here includes the interpreter and its imports, as a user's job does."""
         t_all = fn(shard_glob, *args)
-        t_few = fn(small_glob, *args)
-        marginal = (n - n_small) / max(t_all - t_few, 1e-9)
-        return t_all, marginal, max(t_few - n_small / marginal, 0.0)
+        return (t_all, *marginal_rate(n, n_small, t_all, fn(small_glob, *args)))
 
     def local_run(glob_, name, extra=()):
         t, summary = run_weakloc(glob_, model_path, os.path.join(d, name), batch_size,
@@ -372,6 +375,8 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
     whole = default["whole_run_img_s_median"]
     total_stage = sum(stages[k] for k in ("read", "decode_resize", "forward", "cam", "boxes", "write"))
     cam_boxes = (stages["cam"] + stages["boxes"]) / stages["forward"]
+    vs_stock = whole / (n / t_stock)
+    vs_gradcam = (whole / gradcam_img_s) if gradcam_img_s else None
     return {
         "config": name,
         "model_input": list(input_size),
@@ -407,10 +412,10 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
         "stock_runinference_img_s": n / t_stock,
         "stock_runinference_marginal_img_s": stock_marginal,
         "stock_runinference_startup_s": stock_fixed,
-        "weakloc_vs_stock": whole / (n / t_stock),
+        "weakloc_vs_stock": vs_stock,
         "weakloc_vs_stock_marginal": default["marginal_img_s_median"] / stock_marginal,
         "tf_keras_vis_gradcam_img_s": gradcam_img_s,
-        "weakloc_vs_gradcam": (whole / gradcam_img_s) if gradcam_img_s else None,
+        "weakloc_vs_gradcam": vs_gradcam,
         "cam_plus_boxes_share_of_forward": cam_boxes,
         "stage_share": {k: stages[k] / total_stage for k in ("read", "decode_resize", "forward", "cam", "boxes",
                                                               "write")},
@@ -423,8 +428,8 @@ def bench_config(name, n, batch_size, n_gradcam, workdir, rounds: int = 3):
                 "end to end (marginal between runs) >= 0.85 of the limit":
                 _target(default["marginal_vs_limit_median"], 0.85)} if name == "mobilenetv2" else {}),
             "CAM + boxes <= 5% of the forward time": _target(cam_boxes, 0.05, at_most=True),
-            ">= 0.95 of stock RunInference (whole runs)": _target(whole / (n / t_stock), 0.95),
-            ">= 3x tf-keras-vis Grad-CAM": _target((whole / gradcam_img_s) if gradcam_img_s else None, 3.0),
+            ">= 0.95 of stock RunInference (whole runs)": _target(vs_stock, 0.95),
+            ">= 3x tf-keras-vis Grad-CAM": _target(vs_gradcam, 3.0),
         },
     }
 
@@ -433,6 +438,13 @@ def _target(value, bound, *, at_most=False):
     if value is None:
         return {"value": None, "met": None}
     return {"value": value, "met": bool(value <= bound if at_most else value >= bound)}
+
+
+def marginal_rate(n: int, n_small: int, t_all: float, t_few: float) -> tuple[float, float]:
+    """(images/s, start-up seconds) from runs over n and n_small images taking t_all and t_few seconds: the extra
+    images over the extra time, and what the small run took beyond its images at that rate."""
+    marginal = (n - n_small) / max(t_all - t_few, 1e-9)
+    return marginal, max(t_few - n_small / marginal, 0.0)
 
 
 def interleaved_rounds(rounds: int, limit, variants: dict, n: int, n_small: int) -> dict:
@@ -464,11 +476,11 @@ def interleaved_rounds(rounds: int, limit, variants: dict, n: int, n_small: int)
         for r, (big, few) in enumerate(runs):
             lim = (limits[r] + limits[r + 1]) / 2
             t_all, t_few, steady = big["seconds"], few["seconds"], big.get("steady_img_s") or float("nan")
-            marginal = (n - n_small) / max(t_all - t_few, 1e-9)
+            marginal, startup = marginal_rate(n, n_small, t_all, t_few)
             rows.append({"limit_img_s": lim, "seconds": t_all, "seconds_small": t_few, "marginal_img_s": marginal,
                          "marginal_vs_limit": marginal / lim, "steady_img_s": steady, "steady_vs_limit": steady / lim,
                          "whole_run_img_s": n / t_all, "whole_run_vs_limit": n / t_all / lim,
-                         "startup_s": max(t_few - n_small / marginal, 0.0)})
+                         "startup_s": startup})
         out[name] = {"rounds": rows, **{f"{key}_median": float(np.median([row[key] for row in rows]))
                                         for key in ("marginal_img_s", "marginal_vs_limit", "steady_img_s",
                                                     "steady_vs_limit", "whole_run_img_s", "whole_run_vs_limit",
