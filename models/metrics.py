@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from . import boxes as boxlib
+from .thresholds import Thresholds
 
 IOU_LEVELS = (0.3, 0.5, 0.7)
 
@@ -164,12 +165,12 @@ class Calibration:
     per_class: dict[int, Sweep]
     counts: dict[int, int]
 
-    def thresholds(self, class_names: Sequence[str]) -> dict:
-        """The `--thresholds` document `weakloc label` reads: {"default": t, "per_class": {name: t}}."""
-        return {
-            "default": self.overall.best_threshold,
-            "per_class": {class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
-        }
+    def thresholds(self, class_names: Sequence[str]) -> Thresholds:
+        """The chosen thresholds, as the `--thresholds` document `weakloc label` reads."""
+        return Thresholds(
+            default=self.overall.best_threshold,
+            per_class={class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
+        )
 
 
 def calibrate(

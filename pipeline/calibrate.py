@@ -11,6 +11,7 @@ clovaai/wsolevaluation), over all pairs and per class where a class has `--min_p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,11 +19,11 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, metrics, refine, sidecar
-from weakloc.transforms.inference import fetch_to_local
+from weakloc.models import cam, defaults, metrics, refine
+from weakloc.models.thresholds import Thresholds
 
-from . import inputs
-from .options import OptionsError, _read_json
+from . import inputs, options
+from .options import OptionsError
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="weakloc calibrate", allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
                     help="TFRecord shards whose examples carry true boxes (image/object/bbox/*); repeatable")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
-    ap.add_argument("--min_per_class", type=int, default=5,
+    ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
     ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
@@ -47,35 +46,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine_boxes", action="store_true",
                     help="also fit a box refinement on these images from each map's profile across thresholds "
                          "(models/refine.py; label applies it); kept only if cross-validation says it helps")
-    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE)
     ap.add_argument("--label_offset", type=int, default=0)
     ap.add_argument("--input_format", choices=("tfrecord", "images"))
-    ap.add_argument("--unsafe_load", action="store_true")
+    options.add_model_args(ap.add_argument_group("model"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return ap
 
 
-def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool = False, contrast: bool = False,
-                   unsafe: bool = False):
-    """(CamModel, Preprocessing) for a model file and its sidecar, checked as `label` checks them."""
-    if not os.path.exists(model_path) and "://" not in model_path:
-        raise OptionsError(f"--model {model_path} does not exist")
-    keras_model = cam.load_keras_model(fetch_to_local(model_path), safe_mode=not unsafe)
-    head = cam.find_gap_head(keras_model)
-    side = sidecar_arg or sidecar.sidecar_path(model_path)
-    doc = _read_json(side, "sidecar") if os.path.exists(side) else None
-    if doc is None:
-        logger.warning("no sidecar at %s: preprocessing from defaults", side)
-    prep = sidecar.resolve_preprocessing(doc, overrides={}, model_input_size=cam.model_input_size(keras_model),
-                                         num_classes=int(head.dense.kernel.shape[1]))
-    if contrast and len(prep.class_names) < 2:
-        raise OptionsError("--cam_contrast needs a model with at least two classes")
-    model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
-                         flip_tta=flip_tta, contrast=contrast)
-    return model, prep
-
-
-def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
@@ -115,52 +94,25 @@ def run(argv=None) -> dict:
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
                            "--fit_box_stretch and --boxes union")
-    model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, contrast=args.cam_contrast,
-                                 unsafe=args.unsafe_load)
+    opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
+    model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
     source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
                          label_offset=args.label_offset)
     examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
     normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size)
     cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
                             mode=args.boxes, min_area=args.min_box_area)
-    doc = cal.thresholds(prep.class_names)
     sweep = cal.overall
     # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
     taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
                      for c in classes], np.float32)
-    stretch_note = ""
+    thresholds = dataclasses.replace(cal.thresholds(prep.class_names), cam_contrast=bool(args.cam_contrast))
+    notes = ""
     if args.fit_box_stretch:
-        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
-        if args.boxes == "largest" and len(found.map_index) == len(classes):
-            stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index],
-                                                             model.input_size)
-            doc["box_stretch"] = list(stretch)
-            stretch_note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
-                            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
-        else:
-            logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
-    refine_note = ""
+        thresholds, notes = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
     if args.refine_boxes:
-        try:
-            refiner, rep = refine.fit(normed, taus, truths, valid=valid)
-        except refine.RefineError as exc:
-            raise OptionsError(str(exc)) from None
-        after = rep.refined[rep.chosen_alpha]
-
-        def fmt(acc):
-            return " / ".join(f"{v:.1%}" for v in acc)
-
-        keep = rep.helps
-        refine_note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
-                       f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
-                       f"({'kept' if keep else 'NOT kept: no gain'})\n")
-        if keep:
-            doc["box_refine"] = refiner.to_json()
-        doc["box_refine_fit"] = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha,
-                                 "kept": keep, "cv_accuracy_before": rep.base.tolist(),
-                                 "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
-    doc["cam_contrast"] = bool(args.cam_contrast)
-    doc["calibration"] = {
+        thresholds, notes = _fit_refinement(thresholds, normed, taus, valid, truths)
+    thresholds = dataclasses.replace(thresholds, calibration={
         "model": args.model,
         "inputs": list(args.input),
         "images": used,
@@ -169,12 +121,62 @@ def run(argv=None) -> dict:
         "boxes": args.boxes,
         "min_box_area": args.min_box_area,
         "top1": float(top1.mean()),
+        **_sweep_record(cal, prep.class_names),
+    })
+    doc = thresholds.to_json()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(doc, f, indent=2)
+    per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
+    print(_curve_text(sweep) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them "
+          f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: "
+          f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\n{notes}written: {args.output}", flush=True)
+    return doc
+
+
+def _fit_stretch(thresholds: Thresholds, normed, taus, valid, truths, args, input_size) -> tuple[Thresholds, str]:
+    """--fit_box_stretch: the (width, height) stretch that best fits the boxes at each map's threshold."""
+    found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
+    if args.boxes != "largest" or len(found.map_index) != len(taus):
+        logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
+        return thresholds, ""
+    stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index], input_size)
+    note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
+            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
+    return dataclasses.replace(thresholds, box_stretch=tuple(stretch)), note
+
+
+def _fit_refinement(thresholds: Thresholds, normed, taus, valid, truths) -> tuple[Thresholds, str]:
+    """--refine_boxes: fit the refinement, kept only where cross-validation shows a gain; its record either way."""
+    try:
+        refiner, rep = refine.fit(normed, taus, truths, valid=valid)
+    except refine.RefineError as exc:
+        raise OptionsError(str(exc)) from None
+    after = rep.refined[rep.chosen_alpha]
+
+    def fmt(acc):
+        return " / ".join(f"{v:.1%}" for v in acc)
+
+    keep = rep.helps
+    note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
+            f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
+            f"({'kept' if keep else 'NOT kept: no gain'})\n")
+    record = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha, "kept": keep,
+              "cv_accuracy_before": rep.base.tolist(),
+              "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
+    return dataclasses.replace(thresholds, box_refine=refiner if keep else None, box_refine_fit=record), note
+
+
+def _sweep_record(cal: metrics.Calibration, class_names) -> dict:
+    """The curve and the per-class choices, as the thresholds file's `calibration` records them."""
+    sweep = cal.overall
+    return {
         "max_box_acc_v2": sweep.max_box_acc_v2,
         "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
         "levels": list(sweep.levels),
         "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
         "per_class": {
-            prep.class_names[c]: {
+            class_names[c]: {
                 "pairs": cal.counts[c],
                 "threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
                 "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
@@ -182,16 +184,12 @@ def run(argv=None) -> dict:
             for c in sorted(cal.counts)
         },
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(doc, f, indent=2)
+
+
+def _curve_text(sweep: metrics.Sweep) -> str:
     lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
     for t, a in zip(sweep.taus, sweep.accuracy):
         if round(t * 100) % 5 == 0 or t == sweep.best_threshold:
             mark = "  <- chosen" if t == sweep.best_threshold else ""
             lines.append(f"  {t:.2f}  {a[0]:7.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
-    per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
-    print("\n".join(lines) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them {top1.mean():.1%}\n"
-          f"default threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: {sweep.max_box_acc_v2:.1f}\n"
-          f"per-class thresholds: {per}\n{stretch_note}{refine_note}written: {args.output}", flush=True)
-    return doc
+    return "\n".join(lines)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropKnownNoise())
     _quiet_tensorflow()
-    from weakloc.models.annotate import ThresholdsError
+    from weakloc.models.thresholds import ThresholdsError
     from weakloc.models.cam import ModelStructureError
     from weakloc.models.export import ExportError
     from weakloc.models.sidecar import SidecarError
