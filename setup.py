@@ -54,7 +54,7 @@ setuptools.setup(
         # tf-keras-vis and tensorflow-hub (imported by Beam's stock TF model handler) let the suite check that
         # the throughput benchmark, which compares against both, still runs.
         "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100", "apache-beam[gcp]>=2.60,<3",
-                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub"],
+                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )

@@ -14,9 +14,8 @@ import json
 import logging
 import os
 
-from weakloc.models import mnist, synthetic
+from weakloc.models import files, mnist, synthetic
 
-from .demo import write_shards
 from .options import OptionsError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def run(argv=None) -> dict:
             data, picks = mnist.make_cluttered(digits[lo:hi], labels[lo:hi], size=args.size, **kw)
             shards = args.shards if split != "calib" else 1
             made[split] = {"images": len(data.labels), "digits": [lo, hi],
-                           "files": write_shards(data, args.output, shards, split)}
+                           "files": _write_split(data, args.output, shards, split)}
             logger.info("%s: %d canvases from digits %d-%d", split, len(data.labels), lo, hi - 1)
     elif args.dataset == "photos":
         made = photos(args)
@@ -86,8 +85,8 @@ def run(argv=None) -> dict:
         for split, n, seed in (("train", args.train, args.seed), ("calib", args.calib, args.seed + 1),
                                ("eval", args.eval, args.seed + 2)):
             data = synthetic.make_shapes(n, size=args.size, seed=seed)
-            made[split] = {"images": n, "files": write_shards(data, args.output, args.shards if split != "calib"
-                                                              else 1, split)}
+            made[split] = {"images": n, "files": _write_split(data, args.output, args.shards if split != "calib"
+                                                               else 1, split)}
     os.makedirs(args.output, exist_ok=True)
     doc = {"dataset": args.dataset, "options": vars(args), "splits": made}
     with open(os.path.join(args.output, "dataset.json"), "w") as f:
@@ -98,6 +97,13 @@ def run(argv=None) -> dict:
             continue
         print(f"{split:6s} {info['images']:6d} images  {os.path.join(args.output, split)}-*.tfrecord", flush=True)
     return doc
+
+
+def _write_split(data, directory: str, shards: int, split: str) -> list[str]:
+    """A ShapesSet (or cluttered-MNIST set) as `split-*.tfrecord` shards; returns their paths."""
+    paths = files.shard_paths(directory, split, shards)
+    files.write_tfrecord_shards(synthetic.examples(data, split), paths)
+    return paths
 
 
 def _voc_pairs(images_dir: str, xml_dir: str) -> list[tuple[str, str]]:
@@ -164,10 +170,8 @@ def photos(args) -> dict:
                 width=w, height=h))
     made = {}
     for split, exs in examples.items():
-        path = os.path.join(args.output, f"{split}-00000-of-00001.tfrecord")
-        with open(path, "wb") as f:
-            for ex in exs:
-                f.write(records.frame_record(ex))
-        made[split] = {"images": len(exs), "files": [path]}
+        paths = files.shard_paths(args.output, split, 1)
+        files.write_tfrecord_shards(exs, paths)
+        made[split] = {"images": len(exs), "files": paths}
     made["skipped_unreadable"] = {"images": skipped, "files": []}
     return made

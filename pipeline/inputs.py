@@ -17,9 +17,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import boxes, defaults, images, records
-from weakloc.models.annotate import resolve_labels
+from weakloc.models import defaults, images, records
 from weakloc.models.files import open_maybe_gzip
+from weakloc.models.reading import InputReader, RawInput
 
 from .options import OptionsError, input_layout
 
@@ -63,17 +63,18 @@ def _match(patterns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _raw_records(files: Sequence[str], input_format: str) -> Iterator[tuple[str, str, bytes, Optional[str]]]:
-    """(kind, id, payload, folder label) of every record or image file; damaged shard tails are skipped."""
+def _raw_records(files: Sequence[str], input_format: str, folder_labels: bool) -> Iterator[RawInput]:
+    """Every record or image file as `label` reads it; damaged shard tails are skipped with a warning."""
     for path in files:
         if input_format == "images":
             with FileSystems.open(path) as f:
-                yield "image", path, f.read(), posixpath.basename(posixpath.dirname(path))
+                folder = posixpath.basename(posixpath.dirname(path)) if folder_labels else None
+                yield RawInput(path, "image", f.read(), image_id=path, folder_label=folder)
             continue
         with open_maybe_gzip(path) as stream:
             try:
                 for i, (_, data) in enumerate(records.iter_records(stream)):
-                    yield "example", f"{path}:{i}", data, None
+                    yield RawInput(f"{path}:{i}", "example", data)
             except (records.RecordError, EOFError, OSError) as exc:
                 logger.warning("skipping the rest of %s: %s", path, exc)
 
@@ -94,20 +95,20 @@ def scan(
     files = _match(patterns)
     fmt, folder = input_layout(patterns, input_format, labels_from_folder)
     texts, ints, keys = set(), set(), []
-    for kind, rid, payload, folder_label in _raw_records(files, fmt):
-        if kind == "image":
-            lab = [folder_label] if folder else []
+    for raw in _raw_records(files, fmt, folder):
+        if raw.kind == "image":
+            lab = [raw.folder_label] if raw.folder_label else []
             texts.update(lab)
-            keys.append(f"{rid}\t{','.join(lab)}")
+            keys.append(f"{raw.source}\t{','.join(lab)}")
             continue
         try:
-            ex = records.parse_example(payload)
+            ex = records.parse_example(raw.payload)
         except records.ExampleError as exc:
-            logger.warning("skipping %s: %s", rid, exc)
+            logger.warning("skipping %s: %s", raw.source, exc)
             continue
         texts.update(ex.label_texts)
         ints.update(v - label_offset for v in ex.labels)
-        keys.append(f"{ex.image_id or rid}\t{ex.labels}\t{ex.label_texts}")
+        keys.append(f"{ex.image_id or raw.source}\t{ex.labels}\t{ex.label_texts}")
     if class_names:
         names = tuple(class_names)
     elif texts:
@@ -132,32 +133,27 @@ def iterate(
     label_offset: int = 0,
     max_pixels: int = defaults.MAX_PIXELS,
 ) -> Iterator[Example]:
-    """Every readable input as an Example; decoded to `input_size` when given (undecodable ones are skipped)."""
-    for kind, rid, payload, folder_label in _raw_records(source.files, source.input_format):
-        if kind == "image":
-            label_ids, _ = resolve_labels([], [folder_label] if source.folder_labels else [], source.class_names)
-            image_id, encoded, gt, gt_ids = rid, payload, np.zeros((0, 4), np.float32), []
-        else:
-            try:
-                ex = records.parse_example(payload)
-            except records.ExampleError:
-                continue  # already reported by scan()
-            image_id = ex.image_id or rid
-            label_ids, _ = resolve_labels(ex.labels, ex.label_texts, source.class_names, id_offset=label_offset)
-            gt_ids, _ = resolve_labels(ex.gt_labels, ex.gt_texts, source.class_names, id_offset=label_offset)
-            encoded, gt = ex.encoded, np.asarray(ex.gt_boxes, np.float32).reshape(-1, 4)
-        item = Example(image_id=image_id, label_ids=label_ids, gt_boxes=gt, gt_ids=gt_ids)
-        if input_size is not None:
-            try:
-                img = images.decode_image(encoded, input_size, max_pixels=max_pixels)
-            except images.ImageDecodeError as exc:
-                logger.warning("skipping %s: %s", rid, exc)
-                continue
-            item.pixels, item.width, item.height = img.pixels, img.width, img.height
-            if len(item.gt_boxes) and img.orientation != 1:
-                # As the label pipeline's decode step: truth stored for the un-rotated grid turns with the picture.
-                item.gt_boxes = boxes.orient_normalized_boxes(item.gt_boxes, img.orientation)
-        yield item
+    """Every readable input as an Example, read as `label` reads it (models/reading.py); decoded to `input_size`
+    when given (undecodable ones are skipped with a warning)."""
+    reader = InputReader(source.class_names, input_size=input_size or (1, 1), label_offset=label_offset,
+                         max_pixels=max_pixels)
+    for raw in _raw_records(source.files, source.input_format, source.folder_labels):
+        try:
+            parsed = reader.parse(raw)
+        except records.ExampleError:
+            continue  # already reported by scan()
+        if input_size is None:
+            yield Example(image_id=parsed.image_id, label_ids=parsed.label_ids,
+                          gt_boxes=np.asarray(parsed.gt_boxes, np.float32).reshape(-1, 4), gt_ids=parsed.gt_ids)
+            continue
+        try:
+            meta, pixels = reader.decode(parsed)
+        except images.ImageDecodeError as exc:
+            logger.warning("skipping %s: %s", raw.source, exc)
+            continue
+        yield Example(image_id=meta.image_id, label_ids=meta.label_ids,
+                      gt_boxes=np.asarray(meta.gt_boxes, np.float32).reshape(-1, 4), gt_ids=meta.gt_ids,
+                      pixels=pixels, width=meta.width, height=meta.height)
 
 
 def in_validation(image_id: str, percent: float) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from weakloc.pipeline import cli, evaluate, results
-from tests.conftest import RUNNER, shared_path
+from tests.helpers import RUNNER, shared_path
 
 
 @pytest.mark.slow
