@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models import classmap, detection, metrics
 
 from . import inputs, results
-from .options import OptionsError, load_class_map
+from .options import OptionsError, read_class_map
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def attach_ground_truth(rows: list[dict], spec: str, class_names) -> int:
 def class_map_of(args, summary: dict, class_names) -> "classmap.ClassMap | None":
     """--class_map, else the class map the label run recorded, else None."""
     if args.class_map:
-        return load_class_map(args.class_map, class_names)
+        return read_class_map(args, class_names)
     used = (summary.get("options") or {}).get("class_map")
     if not used:
         return None

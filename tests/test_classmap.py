@@ -110,7 +110,7 @@ def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tin
 
     from tests.conftest import RUNNER
     from weakloc.models import boxes as boxlib
-    from weakloc.models import cam
+    from weakloc.models import cam, opening
     from weakloc.pipeline import calibrate, cli, inputs, results
 
     texts = ["kitty", "pup", "ferret", "pup", "kitty", "pup"]
@@ -122,7 +122,8 @@ def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tin
                      "--classes", "labels", "--class_map", str(cmap), "--cam_threshold", "0.4",
                      f"--runner={RUNNER}"]) == 0
     rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
-    model, prep = calibrate.load_cam_model(tiny_model_path, None)
+    opened = opening.open_model(tiny_model_path)
+    model, prep = opened.build(), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([str(shard)], class_names=("kitty", "pup", "ferret")),
                                    input_size=prep.input_size))
     for ex, text in zip(examples, texts):

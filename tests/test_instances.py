@@ -117,7 +117,7 @@ def test_calibrate_chooses_the_rule_label_follows_and_evaluate_scores_as_a_detec
 
     from tests.conftest import RUNNER
     from tests.test_pipeline import png_bytes
-    from weakloc.models import records, synthetic
+    from weakloc.models import opening, records, synthetic
     from weakloc.pipeline import calibrate, cli, inputs, results
 
     data = synthetic.make_shapes(24, size=40, seed=3)
@@ -137,7 +137,8 @@ def test_calibrate_chooses_the_rule_label_follows_and_evaluate_scores_as_a_detec
     assert results.read_summary(str(out))["options"]["instances"] == rule.to_json()
     rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
 
-    model, prep = calibrate.load_cam_model(tiny_model_path, None)
+    opened = opening.open_model(tiny_model_path)
+    model, prep = opened.build(), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([str(shard)], class_names=prep.class_names),
                                    input_size=prep.input_size))
     normed, valid, _, classes, _, _ = calibrate.class_maps(model, iter(examples))
