@@ -25,3 +25,4 @@ run single_largest "$HERE/photos_class_map.json" max largest
 run single_instances "$HERE/photos_class_map.json" max instances
 run multi_max_largest "$HERE/photos_class_map_multi.csv" max largest
 run multi_sum_largest "$HERE/photos_class_map_multi.csv" sum largest
+run multi_sum_instances "$HERE/photos_class_map_multi.csv" sum instances

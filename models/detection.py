@@ -100,13 +100,12 @@ def calibrate_instances(
     rule = rules[ri]
     taus = np.asarray(taus, np.float32)
     overall = metrics.Sweep(taus=taus, levels=metrics.IOU_LEVELS, accuracy=f1[:, ri, :])
-    per_class, counts = {}, {}
-    for c in np.unique(class_ids):
-        sel = np.flatnonzero(class_ids == c)
-        counts[int(c)] = len(sel)
-        if len(sel) >= min_per_class:
-            f, _ = sweep_instances(normed[sel], [truths[i] for i in sel], valid=valid[sel], taus=taus, rules=[rule])
-            per_class[int(c)] = metrics.Sweep(taus=taus, levels=metrics.IOU_LEVELS, accuracy=f[:, 0, :])
+
+    def sweep(sel):
+        f, _ = sweep_instances(normed[sel], [truths[i] for i in sel], valid=valid[sel], taus=taus, rules=[rule])
+        return metrics.Sweep(taus=taus, levels=metrics.IOU_LEVELS, accuracy=f[:, 0, :])
+
+    per_class, counts = metrics.per_class_sweeps(class_ids, min_per_class, sweep)
     return metrics.Calibration(overall, per_class, counts, instances=rule)
 
 

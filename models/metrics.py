@@ -211,13 +211,21 @@ def calibrate(
     valid = np.ones(len(normed), bool) if valid is None else np.asarray(valid, bool)
     kw = dict(taus=taus, mode=mode, min_area=min_area)
     overall = sweep_thresholds(normed, truths, valid=valid, **kw)
+    per_class, counts = per_class_sweeps(
+        class_ids, min_per_class,
+        lambda sel: sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw))
+    return Calibration(overall, per_class, counts)
+
+
+def per_class_sweeps(class_ids: np.ndarray, min_per_class: int, sweep) -> tuple[dict[int, Sweep], dict[int, int]]:
+    """({class: sweep(its map indices)} for each class with at least `min_per_class` maps, {class: map count})."""
     per_class, counts = {}, {}
     for c in np.unique(class_ids):
         sel = np.flatnonzero(class_ids == c)
         counts[int(c)] = len(sel)
         if len(sel) >= min_per_class:
-            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw)
-    return Calibration(overall, per_class, counts)
+            per_class[int(c)] = sweep(sel)
+    return per_class, counts
 
 
 def fit_box_stretch(

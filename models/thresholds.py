@@ -20,7 +20,7 @@ import json
 from typing import Any, Mapping, Optional, Sequence
 
 from .boxes import InstanceRule
-from .refine import BoxRefiner, RefineError
+from .refine import BoxRefiner
 
 # The keys that mean something to `label`, in the order they are written.
 _KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
@@ -47,6 +47,16 @@ def parse_stretch(value, what: str) -> tuple[float, float]:
     if not (0.0 < fw <= 4.0 and 0.0 < fh <= 4.0):
         raise ThresholdsError(f"{what} factors must lie within (0, 4], got {fw}, {fh}")
     return fw, fh
+
+
+def _nested(value, from_json, where: str):
+    """A nested document read by its own class (None stays None); its error, a ValueError, names the file."""
+    if value is None:
+        return None
+    try:
+        return from_json(value)
+    except ValueError as exc:  # RefineError and InstanceRule's errors alike
+        raise ThresholdsError(f"{exc} (in {where})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +95,8 @@ class Thresholds:
         if contrast is not None and not isinstance(contrast, bool):
             raise ThresholdsError(f"cam_contrast in {where} must be true or false")
         stretch = doc.get("box_stretch")
-        refiner = doc.get("box_refine")
-        if refiner is not None:
-            try:
-                refiner = BoxRefiner.from_json(refiner)
-            except RefineError as exc:
-                raise ThresholdsError(f"{exc} (in {where})") from None
-        instances = doc.get("instances")
-        if instances is not None:
-            try:
-                instances = InstanceRule.from_json(instances)
-            except ValueError as exc:
-                raise ThresholdsError(f"{exc} (in {where})") from None
+        refiner = _nested(doc.get("box_refine"), BoxRefiner.from_json, where)
+        instances = _nested(doc.get("instances"), InstanceRule.from_json, where)
         calibration = doc.get("calibration")
         return cls(
             default=None if default is None else _unit("default", default),

@@ -161,3 +161,14 @@ def test_calibrate_chooses_the_rule_label_follows_and_evaluate_scores_as_a_detec
     rel = [(b[2] - b[0]) * (b[3] - b[1]) / 1600 for b in np.asarray(data.boxes, np.float64)]
     full = ev["baselines"]["full_image"]["detection"]
     assert full["instance_recall"] == pytest.approx(np.mean([r >= 0.5 for r in rel]))
+
+
+def test_thresholds_file_carries_the_rule_and_refuses_a_bad_one():
+    from weakloc.models.thresholds import Thresholds, ThresholdsError
+
+    doc = {"default": 0.3, "instances": {"min_rel_area": 0.2, "min_peak": 0.5, "nms_iou": 0.3}, "other": 1}
+    thr = Thresholds.from_json(doc)
+    assert thr.instances == Rule(0.2, 0.5, 0.3)
+    assert Thresholds.from_json(thr.to_json()).to_json() == thr.to_json() and thr.to_json()["other"] == 1
+    with pytest.raises(ThresholdsError, match=r"nms_iou must be a number within \[0, 1\].*\(in t.json\)"):
+        Thresholds.from_json({"instances": {"nms_iou": 2}}, where="t.json")
