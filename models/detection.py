@@ -98,7 +98,7 @@ def calibrate_instances(
     mean = f1.mean(axis=2)
     ti, ri = np.unravel_index(int(np.argmax(mean)), mean.shape)
     rule = rules[ri]
-    taus = np.asarray(taus, np.float32)
+    taus = np.asarray(taus, np.float64)  # as written to the file: 0.42, not float32's 0.41999998...
     overall = metrics.Sweep(taus=taus, levels=metrics.IOU_LEVELS, accuracy=f1[:, ri, :])
 
     def sweep(sel):
