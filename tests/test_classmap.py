@@ -90,7 +90,7 @@ def test_a_label_of_two_classes_gets_their_combined_map_and_summed_score(combine
 
 def _labelled_shard(tmp_path, texts):
     """One TFRecord of 40x40 shapes, each labelled (image and box) with the dataset label texts[i]."""
-    from tests.test_pipeline import png_bytes
+    from tests.helpers import png_bytes
     from weakloc.models import records, synthetic
 
     data = synthetic.make_shapes(len(texts), size=40, seed=5)
@@ -108,10 +108,10 @@ def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tin
     "ferret" (mapped to nothing) is neither boxed nor scored."""
     import json
 
-    from tests.conftest import RUNNER
+    from tests.helpers import RUNNER
     from weakloc.models import boxes as boxlib
     from weakloc.models import cam, opening
-    from weakloc.pipeline import calibrate, cli, inputs, results
+    from weakloc.pipeline import cli, inputs, results
 
     texts = ["kitty", "pup", "ferret", "pup", "kitty", "pup"]
     shard = _labelled_shard(tmp_path, texts)
@@ -158,7 +158,7 @@ def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tin
 def test_label_refuses_a_bad_class_map_before_any_worker(tiny_model_path, tmp_path, args, doc, texts, match):
     import json
 
-    from tests.conftest import RUNNER
+    from tests.helpers import RUNNER
     from weakloc.pipeline import label
     from weakloc.pipeline.options import OptionsError
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from weakloc.models import boxes, metrics
+from weakloc.models import boxes
 
 Rule = boxes.InstanceRule
 
@@ -115,8 +115,8 @@ def test_calibrate_chooses_the_rule_label_follows_and_evaluate_scores_as_a_detec
     the detector scores, whose full-image baseline is checked against the truths' own areas."""
     import json
 
-    from tests.conftest import RUNNER
-    from tests.test_pipeline import png_bytes
+    from tests.helpers import RUNNER
+    from tests.helpers import png_bytes
     from weakloc.models import opening, records, synthetic
     from weakloc.pipeline import calibrate, cli, inputs, results
 
