@@ -61,9 +61,9 @@ def add_class_map_args(group) -> None:
                        help="JSON or CSV: dataset label -> model class names (e.g. {\"kangaroo\": [\"wallaby\"]}), "
                             "so an off-the-shelf model boxes the images' own labels (--classes labels); boxes are "
                             "named by the dataset label")
-    group.add_argument("--class_map_combine", choices=classmap.COMBINES, default="max",
-                       help="how a label mapped to several model classes gets its map: the element-wise max or the "
-                            "sum of their CAMs")
+    group.add_argument("--class_map_combine", choices=classmap.COMBINES, default=classmap.DEFAULT_COMBINE,
+                       help="how a label mapped to several model classes gets its map: the sum of their CAMs (the "
+                            "merged class's CAM; better on the shared photos, BENCHMARKS.md) or the element-wise max")
 
 
 def add_label_args(parser: argparse.ArgumentParser) -> None:
@@ -527,7 +527,7 @@ def read_class_map(args: argparse.Namespace, class_names) -> Optional[classmap.C
         raise OptionsError(f"--class_map {path} cannot be read: {exc}") from None
     try:
         return classmap.parse_class_map(text, class_names, fmt="csv" if path.lower().endswith(".csv") else "json",
-                                        combine=getattr(args, "class_map_combine", "max"))
+                                        combine=getattr(args, "class_map_combine", classmap.DEFAULT_COMBINE))
     except classmap.ClassMapError as exc:
         raise OptionsError(f"--class_map {path}: {exc}") from None
 

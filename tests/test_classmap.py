@@ -103,8 +103,8 @@ def _labelled_shard(tmp_path, texts):
 
 @pytest.mark.slow
 def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tiny_model_path, tmp_path):
-    """label --class_map on the tiny cat/dog/bird model: "pup" = dog + bird, boxed on the max of their raw
-    CAMs (recomputed here from the model's own maps), "kitty" = cat; evaluate scores the dataset labels, and
+    """label --class_map on the tiny cat/dog/bird model: "pup" = dog + bird, boxed on the sum (the default) of
+    their raw CAMs (recomputed here from the model's own maps), "kitty" = cat; evaluate scores the dataset labels, and
     "ferret" (mapped to nothing) is neither boxed nor scored."""
     import json
 
@@ -136,7 +136,7 @@ def test_label_boxes_dataset_labels_through_the_map_and_evaluate_scores_them(tin
         members = [0] if text == "kitty" else [1, 2]
         o = model(ex.pixels[None], extra=np.array([members], np.int32))
         k = o.top_classes.shape[1]
-        normed, valid = boxlib.normalize_cams(cam.upsample(o.low_res[0, k:].max(axis=0)[None], o.size))
+        normed, valid = boxlib.normalize_cams(cam.upsample(o.low_res[0, k:].sum(axis=0)[None], o.size))
         want = boxlib.scale_boxes(boxlib.boxes_from_cams(normed, 0.4, valid=valid).xyxy, o.size, (40, 40))
         (box,) = row["boxes"]
         assert box["label"] == text and box["score"] == pytest.approx(float(o.scores[0, members].sum()), rel=1e-5)
