@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, defaults, metrics, refine
+from weakloc.models import cam, defaults, detection, metrics, refine
 from weakloc.models.thresholds import Thresholds
 
 from . import inputs, options
@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
-    ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
-                    help="calibrate the box rule label will use (label --boxes)")
+    ap.add_argument("--boxes", choices=("largest", "union", "instances"), default="largest",
+                    help="calibrate the box rule label will use (label --boxes); instances: also choose the "
+                         "instance rule (relative area, peak, NMS IoU) with the threshold, by instance F1")
     ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
     ap.add_argument("--fit_box_stretch", action="store_true",
                     help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
@@ -50,12 +51,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--label_offset", type=int, default=0)
     ap.add_argument("--input_format", choices=("tfrecord", "images"))
     options.add_model_args(ap.add_argument_group("model"))
+    options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return ap
 
 
-def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
+
+    With a class map the classes are its dataset labels, each label's map combined from its model classes' as
+    `label --class_map` combines them (labels mapped to nothing are left out); top-1 is right when the model's
+    top class is one of the label's.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
     bool (N,), images used).
@@ -65,7 +71,7 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64):
     pixels, classes, truths, used = [], [], [], 0
     for ex in examples:
         ids = np.asarray(ex.gt_ids[: len(ex.gt_boxes)])
-        known = sorted({int(c) for c in ids if c >= 0})
+        known = sorted({int(c) for c in ids if c >= 0 and (class_map is None or class_map.members[c])})
         used += bool(known)
         for c in known:
             pixels.append(ex.pixels)
@@ -75,13 +81,26 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64):
         raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on")
     normed, valid, top1 = [], [], []
     classes = np.asarray(classes, np.int32)
+    if class_map is None:
+        members = classes[:, None]
+    else:  # each label's model classes, -1 padded
+        width = max(len(class_map.members[c]) for c in classes)
+        members = np.full((len(classes), width), -1, np.int32)
+        for i, c in enumerate(classes.tolist()):
+            members[i, : len(class_map.members[c])] = class_map.members[c]
     for s in range(0, len(pixels), batch_size):
-        out = model(np.stack(pixels[s : s + batch_size]), extra=classes[s : s + batch_size, None])
+        mem = members[s : s + batch_size]
+        out = model(np.stack(pixels[s : s + batch_size]), extra=mem)
         k = out.top_classes.shape[1]
-        n_, v_ = boxlib.normalize_cams(out.column(k))
+        if class_map is None:
+            raw = out.column(k)
+        else:
+            raw = cam.upsample(np.stack([class_map.combine_maps(out.low_res[i, k + np.flatnonzero(row >= 0)])
+                                         for i, row in enumerate(mem)]), out.size)
+        n_, v_ = boxlib.normalize_cams(raw)
         normed.append(n_)
         valid.append(v_)
-        top1.append(out.top_classes[:, 0] == classes[s : s + batch_size])
+        top1.append((out.top_classes[:, :1] == mem).any(axis=1))
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
@@ -93,25 +112,39 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
-                           "--fit_box_stretch and --boxes union")
+                           f"--fit_box_stretch and --boxes {args.boxes}")
     opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
     model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
-    source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
+    cmap = options.read_class_map(args, prep.class_names)
+    if cmap is not None:
+        options.check_input_labels(args, cmap)
+    box_names = cmap.labels if cmap is not None else prep.class_names
+    source = inputs.scan(args.input, input_format=args.input_format, class_names=box_names,
                          label_offset=args.label_offset)
     examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
-    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size)
-    cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
-                            mode=args.boxes, min_area=args.min_box_area)
+    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
+                                                            class_map=cmap)
+    if args.boxes == "instances":
+        cal = detection.calibrate_instances(normed, truths, classes, valid=valid, min_per_class=args.min_per_class)
+    else:
+        cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
+                                mode=args.boxes, min_area=args.min_box_area)
     sweep = cal.overall
     # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
     taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
                      for c in classes], np.float32)
-    thresholds = dataclasses.replace(cal.thresholds(prep.class_names), cam_contrast=bool(args.cam_contrast))
+    thresholds = dataclasses.replace(cal.thresholds(box_names), cam_contrast=bool(args.cam_contrast))
     notes = ""
+    if cal.instances is not None:
+        r = cal.instances
+        notes = (f"instance rule: components >= {r.min_rel_area:g} of the largest's area with peak >= "
+                 f"{r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
     if args.fit_box_stretch:
-        thresholds, notes = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
+        thresholds, note = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
+        notes += note
     if args.refine_boxes:
-        thresholds, notes = _fit_refinement(thresholds, normed, taus, valid, truths)
+        thresholds, note = _fit_refinement(thresholds, normed, taus, valid, truths)
+        notes += note
     thresholds = dataclasses.replace(thresholds, calibration={
         "model": args.model,
         "inputs": list(args.input),
@@ -120,17 +153,22 @@ def run(argv=None) -> dict:
         "flip_tta": args.flip_tta,
         "boxes": args.boxes,
         "min_box_area": args.min_box_area,
+        "class_map": cmap.to_json(prep.class_names) if cmap is not None else None,
         "top1": float(top1.mean()),
-        **_sweep_record(cal, prep.class_names),
+        **_sweep_record(cal, box_names),
     })
     doc = thresholds.to_json()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(doc, f, indent=2)
     per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
-    print(_curve_text(sweep) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them "
-          f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: "
-          f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\n{notes}written: {args.output}", flush=True)
+    # --boxes instances: the curve is instance F1 at the chosen rule, and its "MaxBoxAccV2" the same best-per-level
+    # mean of F1 instead of accuracy.
+    best_name = "max instance F1" if args.boxes == "instances" else "MaxBoxAccV2"
+    print(_curve_text(sweep, "F1" if args.boxes == "instances" else "acc") + f"\n\nimages: {used} ({len(classes)} "
+          f"image-class pairs), top-1 on them {top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   "
+          f"{best_name}: {sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\n{notes}written: {args.output}",
+          flush=True)
     return doc
 
 
@@ -186,8 +224,8 @@ def _sweep_record(cal: metrics.Calibration, class_names) -> dict:
     }
 
 
-def _curve_text(sweep: metrics.Sweep) -> str:
-    lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
+def _curve_text(sweep: metrics.Sweep, what: str = "acc") -> str:
+    lines = ["  tau   " + " ".join(f"{what + '@' + str(lv):>7s}" for lv in sweep.levels) + "  mean"]
     for t, a in zip(sweep.taus, sweep.accuracy):
         if round(t * 100) % 5 == 0 or t == sweep.best_threshold:
             mark = "  <- chosen" if t == sweep.best_threshold else ""

@@ -4,8 +4,10 @@
 
 Ground truth comes from TFRecord shards (image/object/bbox/*, matched on the image id), a Pascal VOC folder of
 XML files or a COCO JSON (both matched on the file name). Reports GT-known Loc (the box of the true class has
-IoU >= delta), Top-1 Loc (and the top-1 class is right), per-class CorLoc and mean IoU at delta 0.3/0.5/0.7, and
-the same for a full-image box and a centred box of the median true size. Boxes: x0y0x1y1 continuous pixels, max
+IoU >= delta), Top-1 Loc (and the top-1 class is right), per-class CorLoc and mean IoU at delta 0.3/0.5/0.7; the
+boxes as a detector's (COCO AP, AP50 and AR@100 by pycocotools over every box ranked by its score, and the share
+of true instances a one-to-one matching finds at IoU 0.5); and the same for a full-image box and a centred box of
+the median true size, one per true class of an image (score 1). Boxes: x0y0x1y1 continuous pixels, max
 edge exclusive; VOC's 1-based inclusive corners are converted (xmin - 1, ymin - 1, xmax, ymax).
 """
 from __future__ import annotations
@@ -19,10 +21,10 @@ import xml.etree.ElementTree as ET
 
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import metrics
+from weakloc.models import classmap, detection, metrics
 
 from . import inputs, results
-from .options import OptionsError
+from .options import OptionsError, read_class_map
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
                     help="TFRecord pattern, VOC folder (*.xml) or COCO .json; repeatable (default: the boxes the "
                          "annotation rows carry from their TFRecord inputs)")
     ap.add_argument("--output", help="JSON report (default: <annotations>/evaluation.json)")
+    ap.add_argument("--class_map", metavar="FILE",
+                    help="JSON or CSV: dataset label -> model class names; boxes and top-1 classes of the model's "
+                         "classes are scored as the dataset labels they map to (default: the class map the label "
+                         "run used, if any)")
     return ap
 
 
@@ -123,6 +129,43 @@ def attach_ground_truth(rows: list[dict], spec: str, class_names) -> int:
     return matched
 
 
+def class_map_of(args, summary: dict, class_names) -> "classmap.ClassMap | None":
+    """--class_map, else the class map the label run recorded, else None."""
+    if args.class_map:
+        return read_class_map(args, class_names)
+    used = (summary.get("options") or {}).get("class_map")
+    if not used:
+        return None
+    return classmap.parse_class_map(json.dumps(used["labels"]), class_names, combine=used["combine"])
+
+
+def to_labels(rows: list[dict], cmap, model_names) -> None:
+    """Name every box, top class and true box by its dataset label (in place): a model class becomes the label
+    that maps it, a box of an unmapped class is dropped, a top class of an unmapped one gets class id -1, true
+    boxes of a label mapped to nothing are dropped.
+
+    Raises:
+      OptionsError: a true box whose label the class map does not declare.
+    """
+    index = {lab: j for j, lab in enumerate(cmap.labels)}
+    of = {model_names[c]: j for c, j in cmap.label_of().items()}
+
+    def label_id(name):
+        return index.get(name, of.get(name, -1))
+
+    try:
+        classmap.check_labels({g["label"] for r in rows for g in r["gt_boxes"]}, cmap, "the ground truth")
+    except classmap.ClassMapError as exc:
+        raise OptionsError(str(exc)) from None
+    for row in rows:
+        row["boxes"] = [dict(b, class_id=label_id(b["label"])) for b in row.get("boxes") or ()
+                        if label_id(b["label"]) >= 0]
+        row["classes"] = [dict(c, class_id=label_id(c["label"])) for c in row.get("classes") or ()]
+        # A label mapped to no model class (raccoon for an ImageNet model) can have no box: its truths are left out.
+        row["gt_boxes"] = [dict(g, class_id=index[g["label"]]) for g in row["gt_boxes"]
+                           if cmap.members[index[g["label"]]]]
+
+
 def _table(ev: dict) -> str:
     levels = sorted(ev["gt_known"])
     head = "".join(f"  @{lv:<5}" for lv in levels)
@@ -135,6 +178,12 @@ def _table(ev: dict) -> str:
     line("Top-1 Loc (weakloc)", ev["top1_loc"])
     line("GT-known Loc, full-image box", ev["baselines"]["full_image"]["gt_known"])
     line("GT-known Loc, centred median box", ev["baselines"]["centred_median"]["gt_known"])
+    lines.append(f"\n{'as a detector (COCOeval)':34s}      AP    AP50  AR@100  instance recall@0.5")
+    for name, det in (("weakloc", ev["detection"]), ("full-image box", ev["baselines"]["full_image"]["detection"]),
+                      ("centred median box", ev["baselines"]["centred_median"]["detection"])):
+        lines.append(f"{name:34s}  {det['ap']:6.1%}  {det['ap50']:6.1%}  {det['ar100']:6.1%}  {det['instance_recall']:6.1%}")
+    d = ev["detection"]
+    lines.append(f"{d['predicted_boxes']} predicted boxes, {d['instances']} true instances")
     lines.append(f"\nimages {ev['images']}, image-class pairs {ev['pairs']}, top-1 classification {ev['top1']:.1%}")
     lines.append(f"mean IoU: weakloc {ev['mean_iou']:.3f}, full image {ev['baselines']['full_image']['mean_iou']:.3f}, "
                  f"centred median {ev['baselines']['centred_median']['mean_iou']:.3f}\n")
@@ -161,6 +210,9 @@ def run(argv=None) -> dict:
     rows = results.read_table(args.annotations, "annotations").to_pylist()
     if not rows:
         raise OptionsError(f"--annotations {args.annotations} holds no annotation rows")
+    cmap = class_map_of(args, summary, class_names)
+    if cmap is not None:
+        class_names = cmap.labels  # every class below is a dataset label
     unmatched = 0
     if args.ground_truth:
         for row in rows:
@@ -170,6 +222,8 @@ def run(argv=None) -> dict:
         if unmatched:
             logger.warning("%d of %d annotated images have no ground truth in %s", unmatched, len(rows),
                            args.ground_truth)
+    if cmap is not None:
+        to_labels(rows, cmap, summary["model"]["class_names"])
     unknown = sum(1 for r in rows for g in r["gt_boxes"] if g["class_id"] < 0)
     if unknown:
         logger.warning("%d true boxes name classes the model does not know; they are left out", unknown)
@@ -177,6 +231,9 @@ def run(argv=None) -> dict:
             r["gt_boxes"] = [g for g in r["gt_boxes"] if g["class_id"] >= 0]
     try:
         ev = metrics.evaluate_rows(rows, class_names)
+        ev["detection"] = detection.detection_scores(rows)
+        for kind in metrics.BASELINES:
+            ev["baselines"][kind]["detection"] = detection.detection_scores(detection.baseline_rows(rows, kind))
     except ValueError as exc:
         raise OptionsError(str(exc)) from None
     ev["annotations"] = args.annotations
