@@ -3,6 +3,9 @@ launch). `base.Engine` is the whole interface; a second converted engine (ONNX R
 subclass registered here, and the box step never changes."""
 from __future__ import annotations
 
+import logging
+import time
+
 from .base import (  # noqa: F401  the package's interface
     PRECISIONS,
     ConversionError,
@@ -14,6 +17,8 @@ from .base import (  # noqa: F401  the package's interface
 )
 from .openvino import OpenVinoEngine
 from .tensorflow import TensorflowEngine, gpu_visible  # noqa: F401
+
+logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "tensorflow", "openvino")
 _REGISTRY = {"tensorflow": TensorflowEngine, "openvino": OpenVinoEngine}
@@ -47,3 +52,25 @@ def choose(requested: str, *, gpu: bool) -> tuple[Engine, str]:
     if get("openvino").available():
         return get("openvino"), "auto: CPU workers and OpenVINO is installed"
     return get("tensorflow"), "auto: OpenVINO is not installed (pip install openvino)"
+
+
+def open_converted(converted: ConvertedModel) -> EngineCam:
+    """A graph converted at launch, fetched with its hash checked and compiled on its engine (what a worker
+    does); TensorFlow is never imported.
+
+    Raises:
+      EngineMissingError: the engine is not installed here. RuntimeError: the file changed since launch.
+    """
+    from ..files import fetch_checked
+
+    engine = get(converted.engine)
+    engine.require()
+    started = time.perf_counter()
+    with open(fetch_checked(converted.path, converted.fingerprint), "rb") as f:
+        data = f.read()
+    precision = engine.resolve_precision(converted.precision)
+    model = EngineCam(engine.load(data, precision), input_size=converted.input_size,
+                      num_classes=converted.num_classes, engine=engine.name, precision=precision)
+    logger.info("%s graph compiled at %s in %.2f s (%s)", engine.name, precision, time.perf_counter() - started,
+                converted.path)
+    return model

@@ -11,11 +11,11 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from .. import cam, gradcam
+from .. import cam, gradcam, graph
 from .base import ConversionError, Engine, EngineCam
 
 logger = logging.getLogger(__name__)
@@ -36,39 +36,20 @@ def default_dir() -> str:
     return os.path.join(base, "weakloc")
 
 
-def weights_digest(keras_model) -> str:
-    """SHA-256 of a Keras model's configuration and weights, for models that are not a file (keras:NAME).
+def model_digest(spec) -> str:
+    """What names the model's weights: its file's content hash, or for `keras:NAME` (built in code, no file)
+    the name, the weights asked for and the Keras version that builds it."""
+    if spec.fingerprint:
+        return spec.fingerprint
+    import keras
 
-    Layer and model names are numbered in order of appearance first: Keras names unnamed layers by a process-wide
-    counter (functional_3, input_layer_7), which would give the same model another digest in every session.
-    """
-    names = {n: f"#{i}" for i, n in enumerate(dict.fromkeys([keras_model.name, *_layer_names(keras_model)]))}
-
-    def canonical(value):
-        if isinstance(value, dict):
-            return {k: canonical(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [canonical(v) for v in value]
-        return names.get(value, value) if isinstance(value, str) else value
-
-    config = canonical(keras_model.get_config())
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for w in keras_model.weights:
-        h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
-    return h.hexdigest()
-
-
-def _layer_names(model):
-    for layer in model.layers:
-        yield layer.name
-        if hasattr(layer, "layers"):  # a nested model (a keras.applications backbone)
-            yield from _layer_names(layer)
+    return f"{spec.path}@{spec.keras_weights}@keras-{keras.__version__}"
 
 
 def _graph_source_digest() -> str:
     """The modules that build the fused graph: a change to them is a change to every converted graph."""
     h = hashlib.sha256()
-    for module in (cam, gradcam):
+    for module in (cam, gradcam, graph):
         with open(module.__file__, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -85,11 +66,10 @@ def converted_path(engine: Engine, key: str, directory: str | None = None) -> st
     return os.path.join(directory or default_dir(), "engines", engine.name, key + engine.suffix)
 
 
-def cached_convert(engine: Engine, key: str, build_method: Callable[[], Any], *, directory: str | None = None
-                   ) -> tuple[str, bool]:
-    """(path of the converted graph, whether it was already there). On a miss `build_method()` gives the CAM
-    method object (cam.CamModel, or anything with the same `forward`), which is converted, checked against
-    TensorFlow on a probe batch and written atomically.
+def cached_convert(engine: Engine, key: str, method, *, directory: str | None = None) -> tuple[str, bool]:
+    """(path of the converted graph, whether it was already there). On a miss the graph of `method` (a
+    cam.CamMethod) is converted, checked against TensorFlow on a probe batch and written atomically; on a hit
+    nothing is traced or converted.
 
     Raises:
       ConversionError: the engine cannot convert the graph, or the conversion disagrees with TensorFlow.
@@ -98,7 +78,6 @@ def cached_convert(engine: Engine, key: str, build_method: Callable[[], Any], *,
     if os.path.exists(path):
         logger.info("converted %s graph found in the cache: %s", engine.name, path)
         return path, True
-    method = build_method()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     part = f"{path}.part-{os.getpid()}"
     try:
@@ -114,13 +93,9 @@ def cached_convert(engine: Engine, key: str, build_method: Callable[[], Any], *,
 
 
 def fused_function(method):
-    """The method's compiled tf.function with the CAM signature (uint8 images, int32 extra ids)."""
-    forward = getattr(method, "forward", None) or getattr(method, "_forward", None)
-    if forward is None and isinstance(method, gradcam.GradCamModel):
-        forward = method._function(0)
-    if forward is None:
-        raise ConversionError(f"{type(method).__name__} has no fused forward function to convert")
-    return forward
+    """The method's compiled tf.function with the CAM signature (uint8 images, int32 extra ids): `forward`, or
+    for a method compiled per number of requested classes (Grad-CAM), the one for none."""
+    return method.forward if method.dynamic_extra else method.function(0)
 
 
 def check_conversion(method, engine: Engine, data: bytes) -> None:
