@@ -82,15 +82,12 @@ def main(argv=None):
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from weakloc.models import cam, engines, sidecar
+    from weakloc.models import engines, opening
     from weakloc.models.engines import cache
 
-    with open(sidecar.sidecar_path(args.model)) as f:
-        doc = json.load(f)
-    keras_model = cam.load_keras_model(args.model)
-    prep = sidecar.resolve_preprocessing(doc, model_input_size=cam.model_input_size(keras_model),
-                                         num_classes=int(keras_model.outputs[0].shape[-1]))
-    tf_model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset)
+    opened = opening.open_model(args.model)
+    prep = opened.spec.prep
+    tf_model = opened.build(top_k=1)
     paths = sorted(glob.glob(args.photos, recursive=True))
     pixels, sizes, used = decode_all(paths, prep.input_size)
     print(f"{len(used)} photos decoded of {len(paths)}", file=sys.stderr)
@@ -101,11 +98,10 @@ def main(argv=None):
     ref = run_batches(tf_model, pixels, args.batch_size, label)
     ref_boxes = boxes_of(ref, sizes, names)
     ov = engines.get("openvino")
-    with open(args.model, "rb") as f:
-        digest = cam.file_fingerprint(f.read())
-    key = cache.cache_key(ov, digest, {"method": "cam", "input_size": prep.input_size, "scale": prep.scale,
-                                       "offset": prep.offset, "top_k": 1})
-    path, _ = cache.cached_convert(ov, key, lambda: tf_model)
+    from weakloc.pipeline.engine import method_options
+
+    key = cache.cache_key(ov, cache.model_digest(opened.spec), method_options(opened.spec, 1))
+    path, _ = cache.cached_convert(ov, key, tf_model)
     with open(path, "rb") as f:
         data = f.read()
     report = {"model": args.model, "images": len(used), "native_precisions": list(ov.native_precisions()),

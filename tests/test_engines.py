@@ -3,16 +3,18 @@ conversions are cached by content hash, workers on OpenVINO never import TensorF
 clear line at launch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from weakloc.models import annotate, cam, engines
+from weakloc.models import annotate, cam, engines, files
 from weakloc.models.engines import cache
 from weakloc.pipeline import cli, label, results
 from weakloc.transforms import inference
@@ -84,32 +86,35 @@ def test_auto_precision_is_f32_as_measured_and_names_are_checked():
 
 @needs_openvino
 def test_conversion_cache_hits_and_misses_by_content_hash(tmp_path, monkeypatch):
-    built = []
+    conversions = []
+    convert = type(OV).convert
+    monkeypatch.setattr(type(OV), "convert", lambda self, fn, path: conversions.append(path) or convert(self, fn, path))
 
-    def build(seed):
-        built.append(seed)
+    def method(seed):
         return cam.CamModel(tiny_gap_model(seed=seed), input_size=(32, 32), scale=1 / 255, offset=0.0)
 
     options = {"method": "cam", "input_size": [32, 32], "scale": 1 / 255, "offset": 0.0, "top_k": 1}
-    digest_a = cache.weights_digest(tiny_gap_model(seed=5))
-    key = cache.cache_key(OV, digest_a, options)
-    path, hit = cache.cached_convert(OV, key, lambda: build(5), directory=str(tmp_path))
-    assert (hit, built) == (False, [5]) and os.path.exists(path)
-    again, hit = cache.cached_convert(OV, key, lambda: build(5), directory=str(tmp_path))
-    assert (again, hit, built) == (path, True, [5]), "a hit converts nothing"
-    # The same weights give the same digest; other weights, options or engine versions give other keys.
-    assert cache.weights_digest(tiny_gap_model(seed=5)) == digest_a
-    digest_b = cache.weights_digest(tiny_gap_model(seed=6))
-    assert digest_b != digest_a
-    keys = {key, cache.cache_key(OV, digest_b, options), cache.cache_key(OV, digest_a, {**options, "top_k": 2}),
-            cache.cache_key(OV, digest_a, {**options, "contrast": True})}
+    key = cache.cache_key(OV, "digest-a", options)
+    path, hit = cache.cached_convert(OV, key, method(5), directory=str(tmp_path))
+    assert (hit, len(conversions)) == (False, 1) and os.path.exists(path)
+    again, hit = cache.cached_convert(OV, key, method(5), directory=str(tmp_path))
+    assert (again, hit, len(conversions)) == (path, True, 1), "a hit converts nothing"
+    # Other weights, options or engine versions give other keys; the same ones the same key.
+    assert cache.cache_key(OV, "digest-a", dict(options)) == key
+    keys = {key, cache.cache_key(OV, "digest-b", options), cache.cache_key(OV, "digest-a", {**options, "top_k": 2}),
+            cache.cache_key(OV, "digest-a", {**options, "contrast": True})}
     monkeypatch.setattr(type(OV), "version", lambda self: "0.0.0-other")
-    keys.add(cache.cache_key(OV, digest_a, options))
+    keys.add(cache.cache_key(OV, "digest-a", options))
     assert len(keys) == 5
-    other, hit = cache.cached_convert(OV, cache.cache_key(OV, digest_b, options), lambda: build(6),
+    other, hit = cache.cached_convert(OV, cache.cache_key(OV, "digest-b", options), method(6),
                                       directory=str(tmp_path))
-    assert (hit, built) == (False, [5, 6]) and other != path
+    assert (hit, len(conversions)) == (False, 2) and other != path
     assert not [p for p in os.listdir(os.path.dirname(path)) if ".part-" in p], "no partial file left behind"
+    # A file's model is named by its bytes; keras:NAME (no file) by its name, weights and Keras version.
+    spec = lambda **kw: types.SimpleNamespace(**{"fingerprint": "", "path": "keras:MobileNetV2",  # noqa: E731
+                                                 "keras_weights": "imagenet", **kw})
+    assert cache.model_digest(spec(fingerprint="00ff")) == "00ff"
+    assert cache.model_digest(spec()) != cache.model_digest(spec(keras_weights="w.h5"))
 
 
 def test_unconvertible_graph_is_a_clear_conversion_error(tmp_path):
@@ -159,7 +164,7 @@ def test_label_runs_openvino_by_default_records_it_and_matches_tensorflow(shards
     eng = on_disk["engine"]
     assert (eng["name"], eng["precision"], eng["requested"], eng["cache_hit"]) == ("openvino", "f32", "auto", False)
     with open(eng["converted"], "rb") as f:
-        assert eng["converted_sha256_16"] == cam.file_fingerprint(f.read())
+        assert eng["converted_sha256_16"] == files.file_fingerprint(f.read())
     # What the workers ran, counted by them.
     assert first["metrics"]["images_openvino_f32"] == first["counts"]["annotated"] == 6
     second = _label(shards, tiny_model_path, tmp_path / "ov2")
@@ -184,7 +189,7 @@ def test_missing_engine_is_one_line_naming_the_install(shards, tiny_model_path, 
     # A worker handed a converted graph where the engine is absent refuses with the same line.
     fake = engines.ConvertedModel("openvino", "x.ovir.tar", "", "f32", "k", (32, 32), 3)
     with pytest.raises(engines.EngineMissingError, match="pip install openvino"):
-        inference.load_converted(fake)
+        engines.open_converted(fake)
 
 
 @needs_openvino
@@ -257,7 +262,7 @@ def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(shar
     worker = json.loads(done.stdout.strip().splitlines()[-1])
     assert worker["modules"] == [] and worker["engine"] == ["openvino", "f32"]
     # Its boxes are TensorFlow's (run here, from the Keras file).
-    tf_spec = inference.ModelSpec(**{**config.spec.__dict__, "converted": None})
+    tf_spec = dataclasses.replace(config.spec, converted=None)
     want = inference.CamModelHandler(tf_spec, config.box).run_inference(
         batch, inference.load_cam_model(tf_spec, config.box.top_k))
     for mine, theirs in zip(worker["boxes"], want):
@@ -268,6 +273,6 @@ def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(shar
     shutil.copy(config.spec.converted.path, tampered)
     with open(tampered, "ab") as f:
         f.write(b"\0" * 512)
-    other = engines.ConvertedModel(**{**config.spec.converted.__dict__, "path": str(tampered)})
+    other = dataclasses.replace(config.spec.converted, path=str(tampered))
     with pytest.raises(RuntimeError, match="changed since the job started"):
-        inference.load_converted(other)
+        engines.open_converted(other)
