@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import types
 
@@ -19,8 +18,8 @@ from weakloc.models.engines import cache
 from weakloc.pipeline import cli, label, results
 from weakloc.transforms import inference
 from tests.conftest import RUNNER, tiny_gap_model
+from tests.worker import run_pickled_worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OV = engines.get("openvino")
 needs_openvino = pytest.mark.skipif(not OV.available(), reason="needs openvino (pip install openvino)")
 NAMES = ("cat", "dog", "bird")
@@ -219,30 +218,9 @@ def test_auto_takes_tensorflow_for_gpu_workers():
     assert engine.workers_have_gpu(PipelineOptions(["--runner=DataflowRunner"])) is False
 
 
-_WORKER = """
-import json, pickle, sys, time
-started = time.perf_counter()
-from apache_beam.internal import pickler
-with open(sys.argv[1], "rb") as f:
-    handler = pickler.loads(f.read())
-with open(sys.argv[2], "rb") as f:
-    batch = pickle.load(f)
-model = handler.load_model()
-rows = handler.run_inference(batch, model)
-print(json.dumps({"modules": sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules),
-                  "engine": [model.engine, model.precision], "seconds": time.perf_counter() - started,
-                  "boxes": [[[b["class_id"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in r["boxes"]]
-                            for r in rows]}))
-"""
-
-
 @needs_openvino
 def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(shards, tiny_model_path, tmp_path,
                                                                            monkeypatch):
-    import pickle
-
-    from apache_beam.internal import pickler
-
     from weakloc.models import synthetic
     from weakloc.transforms.decode import DecodedInput
 
@@ -254,12 +232,7 @@ def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(shar
     data = synthetic.make_shapes(4, size=32, seed=2)
     batch = [DecodedInput(annotate.ImageMeta(f"i{i}", "s", 32, 32, label_ids=[i % 3]), data.images[i])
              for i in range(4)]
-    (tmp_path / "handler.pkl").write_bytes(pickler.dumps(handler))
-    (tmp_path / "batch.pkl").write_bytes(pickle.dumps(batch))
-    done = subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "handler.pkl"), str(tmp_path / "batch.pkl")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    worker = json.loads(done.stdout.strip().splitlines()[-1])
+    worker = run_pickled_worker(handler, batch, str(tmp_path), timeout=300)
     assert worker["modules"] == [] and worker["engine"] == ["openvino", "f32"]
     # Its boxes are TensorFlow's (run here, from the Keras file).
     tf_spec = dataclasses.replace(config.spec, converted=None)
