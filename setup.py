@@ -33,8 +33,8 @@ setuptools.setup(
         # Keras 3 is what TensorFlow ships from 2.16 on; weakloc needs its functional API and safe_mode.
         "tensorflow>=2.16",
         "keras>=3.0",
-        # The default CPU engine (issue 14): 2x TensorFlow's forward rate on MobileNetV2, 180 MB, manylinux_2_28
-        # wheels (x86_64, aarch64) that install on Dataflow's Debian workers. --engine auto falls back to
+        # The default CPU engine (issue 14): a faster forward pass than TensorFlow's on MobileNetV2 (BENCHMARKS.md),
+        # 180 MB, manylinux_2_28 wheels that install on Dataflow's Debian workers. --engine auto falls back to
         # TensorFlow where it is absent.
         "openvino>=2024.0",
         "pillow>=10.0",
