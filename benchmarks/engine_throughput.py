@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -88,49 +87,21 @@ def _call(function, args, log):
         return json.load(f)
 
 
-_WORKER = """
-import json, os, pickle, resource, sys, time
-t0 = time.perf_counter()
-from apache_beam.internal import pickler
-t_beam = time.perf_counter()
-with open(sys.argv[1], "rb") as f:
-    handler = pickler.loads(f.read())
-with open(sys.argv[2], "rb") as f:
-    batch = pickle.load(f)
-model = handler.load_model()
-t_model = time.perf_counter()
-handler.run_inference(batch, model)
-t_batch = time.perf_counter()
-print(json.dumps({"imports_beam_s": t_beam - t0, "load_model_s": t_model - t_beam, "first_batch_s": t_batch - t_model,
-                  "tensorflow_imported": "tensorflow" in sys.modules, "keras_imported": "keras" in sys.modules,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
 def startup(shard_glob, model_path, batch, workdir, engine_flags):
-    """A fresh worker process: interpreter start, unpickle the handler as Beam ships it, load (compile) the
-    model, run the first batch. Returns the child's own split and the wall time seen from here."""
-    from apache_beam.internal import pickler
-
+    """A fresh worker process (tests/worker.py): interpreter start, unpickle the handler as Beam ships it, load
+    (compile) the model, run the first batch. Returns its timings, imports and peak RSS."""
     from weakloc.pipeline import label
     from weakloc.transforms.inference import CamModelHandler, forget_model
+
+    from tests.worker import run_pickled_worker
 
     config, _ = label.prepare(["--input", shard_glob, "--model", model_path, "--output",
                                os.path.join(workdir, "startup-out"), "--overwrite", "--runner=FnApiRunner",
                                *engine_flags])
     forget_model()
-    handler_pkl, batch_pkl = os.path.join(workdir, "handler.pkl"), os.path.join(workdir, "batch.pkl")
-    with open(handler_pkl, "wb") as f:
-        f.write(pickler.dumps(CamModelHandler(config.spec, config.box, batch_size=len(batch))))
-    with open(batch_pkl, "wb") as f:
-        pickle.dump(batch, f)
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _WORKER, handler_pkl, batch_pkl], capture_output=True, text=True,
-                          cwd=_REPO)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    return {"process_start_to_first_batch_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+    report = run_pickled_worker(CamModelHandler(config.spec, config.box, batch_size=len(batch)), batch, workdir)
+    report.pop("boxes")
+    return report
 
 
 def stage_shares(model_path, prep, encoded, batch_size, cache_dir):
