@@ -157,7 +157,7 @@ def run(argv=None) -> dict:
         "min_box_area": args.min_box_area,
         "class_map": cmap.to_json(prep.class_names) if cmap is not None else None,
         "top1": float(top1.mean()),
-    model, choice = engine.in_process(args, opened.spec, model)
+        "engine": {"name": choice.engine, "precision": choice.precision},
         **_sweep_record(cal, box_names),
     })
     doc = thresholds.to_json()

@@ -17,7 +17,7 @@ from weakloc.models import annotate, cam, engines, files
 from weakloc.models.engines import cache
 from weakloc.pipeline import cli, label, results
 from weakloc.transforms import inference
-from tests.conftest import RUNNER, tiny_gap_model
+from tests.helpers import RUNNER, tiny_gap_model
 from tests.worker import run_pickled_worker
 
 OV = engines.get("openvino")
