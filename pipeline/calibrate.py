@@ -22,7 +22,7 @@ from weakloc.models import boxes as boxlib
 from weakloc.models import cam, defaults, detection, metrics, refine
 from weakloc.models.thresholds import Thresholds
 
-from . import inputs, options
+from . import engine, inputs, options
 from .options import OptionsError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_model_args(ap.add_argument_group("model"))
     options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    engine.add_engine_args(ap)
     return ap
 
 
@@ -115,6 +116,7 @@ def run(argv=None) -> dict:
                            f"--fit_box_stretch and --boxes {args.boxes}")
     opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
     model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
+    model, choice = engine.in_process(args, opened.spec, model)
     cmap = options.read_class_map(args, prep.class_names)
     if cmap is not None:
         options.check_input_labels(args, cmap)
@@ -155,6 +157,7 @@ def run(argv=None) -> dict:
         "min_box_area": args.min_box_area,
         "class_map": cmap.to_json(prep.class_names) if cmap is not None else None,
         "top1": float(top1.mean()),
+        "engine": {"name": choice.engine, "precision": choice.precision},
         **_sweep_record(cal, box_names),
     })
     doc = thresholds.to_json()

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     _quiet_tensorflow()
     from weakloc.models.thresholds import ThresholdsError
     from weakloc.models.cam import ModelStructureError
+    from weakloc.models.engines import EngineError
     from weakloc.models.export import ExportError
     from weakloc.models.sidecar import SidecarError
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     try:
         commands[command](rest)
     except (OptionsError, ModelStructureError, SidecarError, ThresholdsError, TrainError, ExportError,
-            IncompleteRunError) as exc:
+            IncompleteRunError, EngineError) as exc:
         print(f"weakloc {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -149,6 +149,7 @@ class LabelConfig:
     skip_patterns: list[str] = dataclasses.field(default_factory=list)
     previous: list[dict] = dataclasses.field(default_factory=list)
     decode_threads: int = defaults.DECODE_THREADS
+    engine: dict = dataclasses.field(default_factory=dict)  # pipeline/engine.py EngineChoice.to_json()
 
     @property
     def box_class_names(self) -> tuple[str, ...]:
@@ -173,6 +174,7 @@ class LabelConfig:
                 "class_names": list(self.spec.class_names),
                 "keras_weights": self.spec.keras_weights if zoo.is_keras_application(self.spec.path) else None,
             },
+            "engine": self.engine,
             "skip_labeled": self.previous,
             # A different model than an earlier output's is allowed (a retrained model labelling new images),
             # but the mix must be visible to whoever trains on the union.
