@@ -18,9 +18,10 @@ import time
 
 
 def rebuild(args) -> None:
-    from weakloc.models import backbones, cam, sidecar
+    from weakloc.models import backbones, graph, sidecar
+    from weakloc.models.opening import load_keras_model
 
-    model = cam.load_keras_model(args.model)
+    model = load_keras_model(args.model)
     size = tuple(int(v) for v in args.input_size.split(",")) if args.input_size else None
     new = backbones.rebuild(model, input_size=size, last_stride_arch=args.last_stride_arch)
     new.save(args.output)
@@ -28,7 +29,7 @@ def rebuild(args) -> None:
         side = json.load(f)
     side["input_size"] = [int(d) for d in new.inputs[0].shape[1:3]]
     side["rebuilt_from"] = {"model": args.model, "input_size": size, "last_stride_arch": args.last_stride_arch,
-                            "final_feature_map": [int(d) for d in cam.find_gap_head(new).feature.shape[1:3]]}
+                            "final_feature_map": [int(d) for d in graph.find_gap_head(new).feature.shape[1:3]]}
     with open(sidecar.sidecar_path(args.output), "w") as f:
         json.dump(side, f, indent=2)
     print(f"{args.output}: input {side['input_size']}, map {side['rebuilt_from']['final_feature_map']}")
@@ -38,17 +39,18 @@ def timing(args) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from weakloc.models import cam
+    from weakloc.models.graph import find_gap_head
+    from weakloc.models.opening import load_keras_model
 
     fns, names = [], []
     for path in args.models:
-        model = cam.load_keras_model(path)
+        model = load_keras_model(path)
         h, w = (int(d) for d in model.inputs[0].shape[1:3])
         x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (args.batch, h, w, 3)).astype(np.float32))
         fn = tf.function(lambda t, m=model: m(t, training=False))
         fn(x)  # trace and warm up
         fns.append((fn, x))
-        names.append(f"{os.path.basename(path)} ({h}x{w}, map {cam.find_gap_head(model).feature.shape[1:3]})")
+        names.append(f"{os.path.basename(path)} ({h}x{w}, map {find_gap_head(model).feature.shape[1:3]})")
     per_image = [[] for _ in fns]
     for _ in range(args.rounds):
         for i, (fn, x) in enumerate(fns):

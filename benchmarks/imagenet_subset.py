@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     import keras
 
     from weakloc.models import cam, records, sidecar
+    from weakloc.models.opening import load_keras_model
 
     pairs = list(json.loads(args.map).items())
     side = json.load(open(sidecar.sidecar_path(args.model)))
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     missing = [m for _, m in pairs if m not in names]
     if missing:
         raise SystemExit(f"not ImageNet class names of {args.model}: {missing}")
-    model = cam.load_keras_model(args.model, safe_mode=True)
+    model = load_keras_model(args.model, safe_mode=True)
     head = cam.find_gap_head(model)
     cols = [names.index(m) for _, m in pairs]
     kernel, bias = head.dense.get_weights()

@@ -185,10 +185,10 @@ def test_multi_label_sigmoid_training_learns_both_labels(tmp_path):
     out = tmp_path / "ml.keras"
     assert cli.main(["train", "--input", data, "--output", str(out), "--input_size", "16,16", "--epochs", "3",
                      "--width", "4", "--batch_size", "16", "--multi_label", "sigmoid", "--learning_rate", "0.01"]) == 0
-    from weakloc.models import cam
+    from weakloc.models import graph, opening
 
-    model = cam.load_keras_model(str(out))
-    assert cam.find_gap_head(model).output_activation == "sigmoid"
+    model = opening.load_keras_model(str(out))
+    assert graph.find_gap_head(model).output_activation == "sigmoid"
     both = np.stack([img for img, labs in colour_set(12, size=16, seed=9, multi_every=1)])
     red = np.stack([img for img, labs in colour_set(12, size=16, seed=9) if labs == ["red"]])
     p_both = model.predict(both.astype(np.float32) / 255, verbose=0)
