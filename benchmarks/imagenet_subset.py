@@ -28,7 +28,7 @@ def main(argv=None) -> None:
 
     import keras
 
-    from weakloc.models import cam, records, sidecar
+    from weakloc.models import cam, files, records, sidecar
     from weakloc.models.opening import load_keras_model
 
     pairs = list(json.loads(args.map).items())
@@ -59,17 +59,12 @@ def main(argv=None) -> None:
         os.makedirs(args.filtered_dir, exist_ok=True)
     for pattern in args.filter:
         for path in sorted(glob.glob(pattern)):
-            kept = dropped = 0
             out_path = os.path.join(args.filtered_dir, os.path.basename(path))
-            with open(path, "rb") as src, open(out_path, "wb") as dst:
-                for _, data in records.iter_records(src):
-                    ex = records.parse_example(data)
-                    if set(ex.label_texts) <= set(labels):
-                        dst.write(records.frame_record(data))
-                        kept += 1
-                    else:
-                        dropped += 1
-            print(f"{out_path}: kept {kept}, dropped {dropped} with unmapped labels")
+            with open(path, "rb") as src:
+                payloads = [data for _, data in records.iter_records(src)]
+            keep = [data for data in payloads if set(records.parse_example(data).label_texts) <= set(labels)]
+            files.write_tfrecord_shards(keep, [out_path])
+            print(f"{out_path}: kept {len(keep)}, dropped {len(payloads) - len(keep)} with unmapped labels")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from weakloc.models import backbones, records, synthetic, train
+from weakloc.models import backbones, files, records, synthetic, train
 from weakloc.pipeline import cli
 from weakloc.pipeline import train as train_cmd
 
@@ -34,10 +34,9 @@ def tiny_backbone_classifier(size=32, classes=7, seed=3):
 
 def write_records(path, items, size=32):
     """items: (pixels uint8 (size, size, 3), [label texts]) -> one TFRecord file."""
-    with open(path, "wb") as f:
-        for i, (img, labels) in enumerate(items):
-            f.write(records.frame_record(records.make_example(synthetic.encode_png(img), source_id=f"img-{i:04d}",
-                                                              label_texts=labels, width=size, height=size)))
+    files.write_tfrecord_shards((records.make_example(synthetic.encode_png(img), source_id=f"img-{i:04d}",
+                                                      label_texts=labels, width=size, height=size)
+                                 for i, (img, labels) in enumerate(items)), [str(path)])
     return str(path)
 
 
