@@ -65,13 +65,5 @@ box ft_s1 ft_s1
 python "$B/finer_maps.py" time "$W/model/ft.keras" "$W/model/ft_b13.keras" "$W/model/ft_320.keras" \
   "$W/model/ft_s1.keras" | tee "$W/forward_time.txt"
 
-# The ImageNet model as it is: its Granny Smith, banana, wallaby and orange columns box apple, banana, kangaroo
-# and orange (raccoon is no ImageNet class: its photos are left out of this row).
-python "$B/imagenet_subset.py" --model "$M/mobilenet_v2_imagenet.keras" --output "$W/model/imagenet4.keras" \
-  --map '{"apple": "Granny Smith", "banana": "banana", "kangaroo": "wallaby, brush kangaroo", "orange": "orange"}' \
-  --filter "$W/data/test-*.tfrecord" --filter "$W/data/calib-*.tfrecord" --filtered_dir "$W/data4"
-weakloc calibrate --input "$W/data4/calib-*.tfrecord" --model "$W/model/imagenet4.keras" \
-  --output "$W/model/imagenet4.thresholds.json" --min_per_class 5 --overwrite
-weakloc label --input "$W/data4/test-*.tfrecord" --model "$W/model/imagenet4.keras" --output "$W/labels_imagenet4" \
-  --classes both --overwrite --runner=FnApiRunner
-weakloc evaluate --annotations "$W/labels_imagenet4" | tee "$W/evaluation_imagenet4.txt"
+# The ImageNet model as it is, boxing the labels ImageNet has through a class map (issue 13 part B's script).
+"$B/photos_class_map.sh" "$P" "$W" "$M/mobilenet_v2_imagenet.keras"
