@@ -55,6 +55,7 @@ box ft ft_tta --flip_tta
 # re-built at 320x320 (10x10), and with block 13 at stride 1 and blocks 14-16 dilated (14x14).
 finetune ft_b13 --feature_layer block_13_expand_relu
 box ft_b13 ft_b13
+box ft_b13 ft_b13_inst --boxes instances
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320
