@@ -6,6 +6,11 @@
      "box_stretch": [0.9, 1.2],                scale box width and height about the centre
      "box_refine": {...},                      a refine.BoxRefiner (replaces the stretch)
      "box_refine_fit": {...},                  how the refinement was chosen (a record, not read back)
+     "method": {"name": "contrast_refine",     the method calibrate chose (models/choose.py): label makes
+                "flip_tta": false,             flip-averaged maps or not, and boxes them with this rule,
+                "boxes": "largest",            unless a flag says otherwise
+                "min_box_area": 0.01},
+     "candidates": [...],                      every method calibrate tried, cross-validated (a record)
      "calibration": {...}}                     the sweep and where it ran (a record, not read back)
 
 Every key is optional. Keys this version does not know are kept as they are, so reading and writing a file
@@ -17,10 +22,13 @@ import dataclasses
 import json
 from typing import Any, Mapping, Optional, Sequence
 
+from . import defaults
 from .refine import BoxRefiner, RefineError
 
 # The keys that mean something to `label`, in the order they are written.
-_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "calibration")
+_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "method",
+          "candidates", "calibration")
+_BOX_RULES = ("largest", "all", "union")  # annotate.BOX_MODES (annotate imports this module's neighbours)
 
 
 class ThresholdsError(ValueError):
@@ -46,6 +54,33 @@ def parse_stretch(value, what: str) -> tuple[float, float]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Method:
+    """Which maps and box rule the thresholds were chosen for; `label` follows them (flag > file > default).
+    The default is plain CAM: what label does when nothing was calibrated."""
+
+    name: str = "cam"
+    flip_tta: bool = False
+    boxes: str = "largest"
+    min_box_area: float = defaults.MIN_BOX_AREA
+
+    @classmethod
+    def from_json(cls, doc, *, where: str = "thresholds") -> "Method":
+        if not isinstance(doc, dict):
+            raise ThresholdsError(f"method in {where} must be an object, got {type(doc).__name__}")
+        out = cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls) if f.name in doc})
+        if not isinstance(out.name, str):
+            raise ThresholdsError(f"method.name in {where} must be a string, got {out.name!r}")
+        if not isinstance(out.flip_tta, bool):
+            raise ThresholdsError(f"method.flip_tta in {where} must be true or false, got {out.flip_tta!r}")
+        if out.boxes not in _BOX_RULES:
+            raise ThresholdsError(f"method.boxes in {where} must be one of {_BOX_RULES}, got {out.boxes!r}")
+        return dataclasses.replace(out, min_box_area=_unit(f"method.min_box_area in {where}", out.min_box_area))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Thresholds:
     """A validated thresholds document (see the module docstring); `where` names it in errors."""
 
@@ -55,6 +90,8 @@ class Thresholds:
     box_stretch: Optional[tuple[float, float]] = None
     box_refine: Optional[BoxRefiner] = None
     box_refine_fit: Optional[dict] = None
+    method: Optional[Method] = None
+    candidates: Optional[list] = None
     calibration: Optional[dict] = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -87,6 +124,7 @@ class Thresholds:
             except RefineError as exc:
                 raise ThresholdsError(f"{exc} (in {where})") from None
         calibration = doc.get("calibration")
+        method = doc.get("method")
         return cls(
             default=None if default is None else _unit("default", default),
             per_class={n: _unit(f"per_class[{n!r}]", v) for n, v in per.items()},
@@ -94,6 +132,8 @@ class Thresholds:
             box_stretch=None if stretch is None else parse_stretch(stretch, f"box_stretch in {where}"),
             box_refine=refiner,
             box_refine_fit=doc.get("box_refine_fit"),
+            method=None if method is None else Method.from_json(method, where=where),
+            candidates=doc.get("candidates"),
             calibration=calibration if isinstance(calibration, dict) else None,
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
@@ -108,6 +148,10 @@ class Thresholds:
             out["box_refine"] = self.box_refine.to_json()
         if self.box_refine_fit is not None:
             out["box_refine_fit"] = self.box_refine_fit
+        if self.method is not None:
+            out["method"] = self.method.to_json()
+        if self.candidates is not None:
+            out["candidates"] = self.candidates
         if self.calibration is not None:
             out["calibration"] = self.calibration
         out.update(self.extra)
@@ -124,5 +168,17 @@ class Thresholds:
 
     def calibrated_flip_tta(self) -> Optional[bool]:
         """Whether the maps it was calibrated on were flip-averaged (None: not recorded)."""
+        if self.method is not None:
+            return self.method.flip_tta
         value = (self.calibration or {}).get("flip_tta")
         return value if isinstance(value, bool) else None
+
+    def chosen_method(self) -> Method:
+        """The method to label with: the one calibrate chose, or, in a file from before calibrate chose, what its
+        calibration record says it was calibrated on (plain CAM where it says nothing)."""
+        if self.method is not None:
+            return self.method
+        record = self.calibration or {}
+        boxes = record.get("boxes")
+        return Method(flip_tta=self.calibrated_flip_tta() or False,
+                      boxes=boxes if boxes in _BOX_RULES else "largest")
