@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import choose, metrics, records, synthetic
+from weakloc.models import choose, metrics, opening, records, synthetic
 from weakloc.pipeline import calibrate, cli, inputs, label, results
 
 from tests.conftest import RUNNER
@@ -129,7 +129,8 @@ def boxed_shard(tmp_path_factory):
 
 
 def calibrate_maps(model_path, shard, kind):
-    model, prep = calibrate.load_cam_model(model_path, None, contrast=kind.contrast, flip_tta=kind.flip_tta)
+    opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta)
+    model, prep = opened.build(top_k=1), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
     normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples))
     return examples, prep, choose.Maps(normed, valid, truths, classes)
