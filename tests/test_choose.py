@@ -4,30 +4,19 @@ import json
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from weakloc.models import boxes as boxlib
 from weakloc.models import choose, metrics, opening, records, synthetic
 from weakloc.pipeline import calibrate, cli, inputs, label, results
 
-from tests.conftest import RUNNER
-from tests.test_pipeline import png_bytes
+from tests.helpers import RUNNER, png_bytes
 from tests.test_refine import blurred_rectangles
 
 
-def sharp_rectangles(n, seed, size=64):
-    """Maps that are exactly their object: a filled rectangle (value 1) on zeros. Any threshold above 0 boxes
-    the rectangle exactly, so plain CAM is already perfect and nothing can beat it."""
-    rng = np.random.default_rng(seed)
-    maps, truths = [], []
-    for _ in range(n):
-        w, h = rng.integers(6, 30, size=2)
-        x0, y0 = rng.integers(2, size - 2 - w), rng.integers(2, size - 2 - h)
-        m = np.zeros((size, size), np.float32)
-        m[y0 : y0 + h, x0 : x0 + w] = 1.0
-        maps.append(m)
-        truths.append(np.array([[x0, y0, x0 + w, y0 + h]], np.float32))
-    normed, valid = boxlib.normalize_cams(np.stack(maps))
+def sharp_rectangles(n, seed):
+    """Maps that are exactly their object: a filled rectangle on zeros (test_refine's rectangles, unblurred). Any
+    threshold above 0 boxes the rectangle exactly, so plain CAM is already perfect and nothing can beat it."""
+    normed, valid, truths = blurred_rectangles(n, seed, sigma=0.0)
     return choose.Maps(normed, valid, truths, np.arange(n) % 3)
 
 
