@@ -15,7 +15,7 @@ mkdir -p "$W"
 [ -f "$W/model/photos.keras" ] || /usr/bin/time -f "train wall %e s" \
   weakloc train --input "$W/data/train-*.tfrecord" --output "$W/model/photos.keras" --input_size 128,128 \
     --epochs 30 --patience 5 --batch_size 32 --flip_augment --cache --val_percent 15
-weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" \
+weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" --candidates cam \
   --output "$W/model/photos.thresholds.json" --min_per_class 5 --overwrite
 weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/photos.keras" --flip_tta \
   --output "$W/model/photos_tta.thresholds.json" --min_per_class 5 --overwrite
