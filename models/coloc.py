@@ -304,15 +304,17 @@ def check_manifest(manifest, where: str, *, class_names: Sequence[str] | None = 
                 raise ColocError(f"{where}: class {name!r} (id {c}) is not that class of the model")
 
 
-def decode(manifest: dict, npz: bytes, where: str = "coloc stats", **check) -> Loaded:
-    """Statistics from a manifest and its npz bytes (see `encode`); `check` goes to `check_manifest`."""
+def decode(manifest: dict, npz: bytes, where: str = "coloc stats", *, with_stats: bool = True, **check) -> Loaded:
+    """Statistics from a manifest and its npz bytes (see `encode`); `check` goes to `check_manifest`.
+    `with_stats=False` reads only the components (what a labelling run needs; the K x K sums are most of the
+    file) and leaves `stats` empty."""
     check_manifest(manifest, where, **check)
     try:
         with np.load(io.BytesIO(npz)) as z:
-            a = {k: z[k] for k in z.files}
+            a = {k: z[k] for k in z.files if with_stats or k not in ("total", "outer")}
         ids = a["class_ids"].tolist()
         stats = {c: ClassStats(int(a["images"][i]), int(a["count"][i]), a["total"][i], a["outer"][i])
-                 for i, c in enumerate(ids)}
+                 for i, c in enumerate(ids)} if with_stats else {}
         comps = {c: Component(a["mean"][i], a["direction"][i], float(a["eigenvalue"][i]), float(a["explained"][i]))
                  for i, c in enumerate(ids)}
     except (OSError, ValueError, KeyError, IndexError) as exc:
@@ -346,7 +348,7 @@ def write_stats(directory: str, triples, class_names: Sequence[str], extractor: 
     return man
 
 
-def read_stats(path: str, **check) -> Loaded:
+def read_stats(path: str, *, with_stats: bool = True, **check) -> Loaded:
     """Statistics written by `write_stats`: `path` is their folder or the manifest (any Beam filesystem);
     `check` as `check_manifest` (class_names, extractor)."""
     man = path if path.endswith(".json") else FileSystems.join(path.rstrip("/"), MANIFEST_FILE)
@@ -361,4 +363,4 @@ def read_stats(path: str, **check) -> Loaded:
     if not FileSystems.exists(npz):
         raise ColocError(f"--coloc_stats {man}: its arrays {npz} are missing")
     with FileSystems.open(npz, compression_type="uncompressed") as f:
-        return decode(manifest, f.read(), f"--coloc_stats {man}")
+        return decode(manifest, f.read(), f"--coloc_stats {man}", with_stats=with_stats)

@@ -70,7 +70,8 @@ def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> 
     components = None
     if args.coloc_stats:
         try:
-            loaded = coloc.read_stats(args.coloc_stats, class_names=spec.class_names, extractor=made_by)
+            loaded = coloc.read_stats(args.coloc_stats, class_names=spec.class_names, extractor=made_by,
+                                      with_stats=False)
         except coloc.ColocError as exc:
             raise OptionsError(str(exc)) from None
         components = loaded.components

@@ -168,6 +168,9 @@ def test_file_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(back.stats[c].outer, stats[c].outer)
         np.testing.assert_array_equal(back.components[c].direction, comps[c].direction)
         assert back.stats[c].count == stats[c].count
+    light = read_stats(str(tmp_path), with_stats=False)
+    assert light.stats == {} and sorted(light.components) == [0, 2]
+    np.testing.assert_array_equal(light.components[2].mean, comps[2].mean)
     man = json.loads((tmp_path / coloc.MANIFEST_FILE).read_text())
     assert man["format"] == coloc.FORMAT and man["classes"]["c"]["class_id"] == 2
     assert man["classes"]["a"]["descriptors"] == stats[0].count
