@@ -20,6 +20,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from weakloc.models.schema import failure_row
+from weakloc.transforms.coloc import Colocalize
 from weakloc.transforms.decode import DecodeDoFn
 from weakloc.transforms.inference import CamModelHandler, forget_model, remember_model
 from weakloc.transforms.read import ReadInputs
@@ -79,12 +80,19 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
     side = {"skip_ids": skip_ids} if skip_ids is not None else {}
     decoded = read["inputs"] | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(
         FAILURES, SKIPPED, main="images")
-    handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
-    annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
+    if config.coloc is None:
+        handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
+        annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
+        dead_batches, late = dead.failed_inferences, ()
+    else:
+        annotated, dead_batches, boxing = decoded.images | "Colocalize" >> Colocalize(
+            config.spec, config.box, config.coloc, batch_size=config.batch_size, output=config.output)
+        late = (boxing,)
     failures = (
         read[FAILURES],
         decoded[FAILURES],
-        dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
+        dead_batches | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
+        *late,
     ) | "AllFailures" >> beam.Flatten()
     # Everything that entered: records and files read, plus image files skipped unread (already labelled).
     entered = (

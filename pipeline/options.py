@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(\.gz)?$|-of-\d+(\.gz)?$|\.gz$", re.IGNORECASE)
 _IMAGE_RE = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json")
+OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json", "coloc_stats.npz", "coloc_stats.json")
 
 
 class OptionsError(ValueError):
@@ -43,7 +43,8 @@ def add_model_args(group) -> None:
                             "a weights file of that architecture (local, gs://)")
     group.add_argument("--method", choices=tuple(opening.METHODS), default="cam",
                        help="cam: GAP + Dense heads, maps from the Dense kernel in the forward pass; gradcam: any "
-                            "head ending in class scores, maps from gradients (slower)")
+                            "head ending in class scores, maps from gradients (slower); coloc: dataset-wide "
+                            "co-localization (DDT) of the GAP head's features; fused: coloc and CAM together")
     group.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
     group.add_argument("--dense_layer", help="--method cam: name of the Dense layer whose kernel weighs the features")
     group.add_argument("--input_size", help="H,W; overrides the sidecar")
@@ -128,6 +129,9 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                           "class shares cancels; default: the thresholds file's \"cam_contrast\", else off)")
     box.add_argument("--no_box_refine", action="store_true",
                      help="ignore the box refinement in the thresholds file (written by calibrate --refine_boxes)")
+    from .coloc_options import add_args as add_coloc_args
+
+    add_coloc_args(box)
 
 
 @dataclasses.dataclass
@@ -157,6 +161,7 @@ class LabelConfig:
     def box_class_names(self) -> tuple[str, ...]:
         """The names boxes and image labels are given: the class map's dataset labels, else the model's classes."""
         return self.box.class_map.labels if self.box.class_map is not None else self.spec.class_names
+    coloc: Optional[Any] = None  # models.coloc.ColocConfig for --method coloc|fused
 
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
@@ -198,6 +203,9 @@ class LabelConfig:
                 "decode_threads": self.decode_threads,
                 "emit_cams": self.box.emit_cams,
                 "flip_tta": self.spec.flip_tta,
+                "tta_scales": list(self.spec.tta_scales),
+                "fuse": self.coloc.fuse if self.coloc is not None and self.coloc.maps == "fused" else None,
+                "coloc_stats": self.coloc.stats_path if self.coloc is not None else None,
                 "cam_contrast": self.spec.contrast,
                 "box_stretch": list(self.box.stretch),
                 "box_refine": self.box.refine is not None,
@@ -314,7 +322,10 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     input_format, folder_labels = check_inputs(args)
     check_output(args)
     previous_docs = read_previous_runs(args)
-    opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast)
+    from . import coloc_options
+
+    opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast,
+                                  tta_scales=coloc_options.parse_scales(args.tta_scales))
     cmap = read_class_map(args, opened.spec.class_names)
     if cmap is not None:
         check_input_labels(args, cmap)
@@ -325,6 +336,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     except opening.ModelFileError as exc:
         raise OptionsError(str(exc)) from None
     method = build_method(opened, spec, box.top_k)
+    coloc_config = coloc_options.validate(args, opened, spec)
     previous, skip_patterns = previous_runs(previous_docs, spec)
     config = LabelConfig(
         skip_patterns=skip_patterns,
@@ -344,6 +356,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
         decode_threads=args.decode_threads,
         sidecar_used=opened.sidecar_used,
         thresholds_used=thr_path,
+        coloc=coloc_config,
     )
     return config, method
 
