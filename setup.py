@@ -60,5 +60,7 @@ setuptools.setup(
         "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3",
                  "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5", "moto[server]>=5.0"],
     },
-    entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
+    # weakloc-worker-boot: the --container_executable of a Beam process worker pool (pipeline/worker_boot.py).
+    entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main",
+                                      "weakloc-worker-boot=weakloc.pipeline.worker_boot:main"]},
 )

@@ -174,7 +174,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             for k, v in resp.getheaders():
                 if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            # A HEAD answer carries the object's length, not its (empty) body's.
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -231,17 +233,20 @@ def _ip(*args: str, ns: Optional[str] = None) -> None:
 class Network:
     """A bridge with an address on this host (`host_ip`) and namespaces attached to it, one address each."""
 
+    isolated = True
+
     def __init__(self, tag: str, subnet: str):
         self.tag, self.subnet = tag, subnet
         self.bridge = f"wl{tag}br"
         self.host_ip = f"{subnet}.1"
-        self.hosts: dict[str, str] = {}  # namespace name -> its address
+        self.ns: dict[str, str] = {}  # host name -> its namespace
+        self.ip: dict[str, str] = {}  # host name -> its address
 
     def add_host(self, name: str) -> tuple[str, str]:
-        k = len(self.hosts) + 2
+        k = len(self.ns) + 2
         ns, ip = f"wl{self.tag}-{name}", f"{self.subnet}.{k}"
         _ip("netns", "add", ns)
-        self.hosts[ns] = ip
+        self.ns[name], self.ip[name] = ns, ip
         outer, inner = f"wl{self.tag}h{k}", f"wl{self.tag}n{k}"
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         _ip("link", "set", inner, "netns", ns)
@@ -251,15 +256,32 @@ class Network:
         _ip("link", "set", "lo", "up", ns=ns)
         return ns, ip
 
-    def run_in(self, ns: str, argv: list[str], *, workdir: str, hide: list[str]) -> list[str]:
-        """argv as run on the host `ns`: its own network, its own mounts with `hide` covered by empty tmpfs,
+    def run_in(self, name: str, argv: list[str], *, workdir: str, hide: list[str]) -> list[str]:
+        """argv as run on the host `name`: its own network, its own mounts with `hide` covered by empty tmpfs,
         HOME and TMPDIR in its own empty `workdir`, started there."""
         tmp = os.path.join(workdir, "tmp")
         os.makedirs(tmp, exist_ok=True)
         mounts = "".join(f"mount -t tmpfs -o size=1m weakloc-hidden {_sh(h)} && " for h in hide)
         script = (f"{mounts}cd {_sh(workdir)} && exec env HOME={_sh(workdir)} TMPDIR={_sh(tmp)} "
                   + " ".join(_sh(a) for a in argv))
-        return ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+        return ["ip", "netns", "exec", self.ns[name], "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+class Loopback:
+    """The fallback where namespaces cannot be made: every "host" is a process on 127.0.0.1 with its own HOME,
+    TMPDIR and working directory, but the same network and mounts (so it cannot hide the launcher's files)."""
+
+    host_ip = "127.0.0.1"
+    isolated = False
+
+    def __init__(self, names: list[str]):
+        self.ip = {n: "127.0.0.1" for n in names}
+
+    def run_in(self, name: str, argv: list[str], *, workdir: str, hide: list[str]) -> list[str]:
+        tmp = os.path.join(workdir, "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        return ["env", f"HOME={workdir}", f"TMPDIR={tmp}", "sh", "-c", f"cd {_sh(workdir)} && exec "
+                + " ".join(_sh(a) for a in argv)]
 
 
 def _sh(s: str) -> str:
@@ -270,8 +292,11 @@ def _sh(s: str) -> str:
 
 @contextlib.contextmanager
 def network(names: list[str]) -> Iterator[Network]:
-    """A bridge and one namespace per name; everything removed when the block ends."""
-    tag = f"{os.getpid() % 1000:03d}"
+    """A bridge and one namespace per name (`net.ip[name]` its address); removed when the block ends.
+
+    Namespace and link names carry this process's id, so concurrent test runs do not collide.
+    """
+    tag = f"{os.getpid() % 100000:05d}"
     subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
     net = Network(tag, subnet)
     try:
@@ -282,7 +307,7 @@ def network(names: list[str]) -> Iterator[Network]:
             net.add_host(n)
         yield net
     finally:
-        for ns in net.hosts:
+        for ns in net.ns.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
 
@@ -295,13 +320,21 @@ def private_workdir(prefix: str) -> str:
 # The job service, bound to all of its host's addresses and advertising the one the launcher and the workers use.
 # Beam's LocalJobServicer binds and advertises "localhost"; its EXTERNAL worker handler advertises
 # socket.getfqdn(), which on a real cluster is a name its DNS resolves and here would be this machine's name for
-# every namespace. Both are overridden, exactly as the LocalJobServicer docstring invites.
+# every namespace. Both are overridden, exactly as the LocalJobServicer docstring invites. And its FnApiRunner
+# reads --direct_num_workers only for pipelines built in its own process, so a submitted job would get one SDK
+# worker (where Flink and Spark start one per task slot): the job's --direct_num_workers is handed to it.
 JOB_SERVICE = """
 import logging, sys, time
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.runners.portability import local_job_service
-from apache_beam.runners.portability.fn_api_runner import worker_handlers
+from apache_beam.runners.portability.fn_api_runner import fn_runner, worker_handlers
 host, port, staging = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 worker_handlers.ExternalWorkerHandler.host_from_worker = lambda self: host
+_run = fn_runner.FnApiRunner.run_via_runner_api
+def run_via_runner_api(self, proto, options):
+    self._num_workers = int(options.view_as(DirectOptions).direct_num_workers or 1)
+    return _run(self, proto, options)
+fn_runner.FnApiRunner.run_via_runner_api = run_via_runner_api
 class Servicer(local_job_service.LocalJobServicer):
     def get_bind_address(self):
         return "[::]"
