@@ -9,7 +9,6 @@ HOME/TMPDIR/working directory, and the test says so in its output.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import signal
@@ -26,7 +25,7 @@ from weakloc.pipeline import label, results
 from weakloc.pipeline.options import OptionsError
 
 from tests import cluster_kit
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER, assert_same_rows, canonical_rows
 
 N_IMAGES = 2000
 SHARDS = 8
@@ -82,6 +81,8 @@ def cluster(inputs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster_logs")
     hide = [str(tmp_path_factory.getbasetemp())]  # everything the launcher's tests wrote
     with contextlib.ExitStack() as stack:
+        if why_not and os.environ.get("WEAKLOC_REQUIRE_NETNS"):
+            pytest.fail(f"WEAKLOC_REQUIRE_NETNS is set but no network namespace can be made: {why_not}")
         if why_not:
             warnings.warn(f"no network namespaces ({why_not}): job service and worker pools run as separate "
                           "processes on 127.0.0.1 with their own HOME/TMPDIR, sharing this machine's disk")
@@ -136,38 +137,6 @@ def _within(seconds, fn, *args):
     return box["value"]
 
 
-def _canonical(output: str, root: str):
-    """Rows keyed by image id with `root` taken off sources; failures as sorted tuples."""
-    rows = {}
-    for r in results.read_table(output).to_pylist():
-        r["source"] = r["source"].replace(root.rstrip("/") + "/", "")
-        r["boxes"] = sorted(r["boxes"], key=lambda b: (b["class_id"], b["xmin"], b["ymin"]))
-        rows[r["image_id"]] = r
-    fails = sorted((f["source"].replace(root.rstrip("/") + "/", ""), f["image_id"], f["stage"], f["error"])
-                   for f in results.read_table(output, "failures").to_pylist())
-    return rows, fails
-
-
-def _assert_same_rows(actual, expected):
-    """Equal rows: every value that is not a float identical, floats within float32 round-off (two workers
-    batch differently, which may reorder a reduction)."""
-    (got, got_fail), (want, want_fail) = actual, expected
-    assert got_fail == want_fail
-    assert sorted(got) == sorted(want)
-    for image_id, row in want.items():
-        other = got[image_id]
-        for key in ("source", "width", "height", "labels", "gt_boxes", "model"):
-            assert other[key] == row[key], (image_id, key)
-        for key in ("classes", "boxes"):
-            assert len(other[key]) == len(row[key]), (image_id, key)
-            for a, b in zip(other[key], row[key]):
-                for field, value in b.items():
-                    if isinstance(value, float):
-                        assert math.isclose(a[field], value, rel_tol=1e-4, abs_tol=1e-3), (image_id, key, field)
-                    else:
-                        assert a[field] == value, (image_id, key, field)
-
-
 def _argv(cluster, out):
     root = f"s3://{cluster.bucket}"
     return ["--input", f"{root}/shards/*.tfrecord", "--model", f"{root}/model/tiny.keras", "--output", out, *ARGS,
@@ -184,9 +153,12 @@ def test_two_worker_pools_on_other_hosts_label_2000_images_as_the_local_run(clus
     # Both pools were asked for workers (the job service started them through the one EXTERNAL address).
     started = {pool: len(ids) for pool, ids in cluster.dispatcher.started.items()}
     assert all(n >= 1 for n in started.values()), started
-    assert summary["metrics"]["num_inferences"] == N_IMAGES
+    # The runner's own counters, gathered from both pools' workers by the job service.
+    m = summary["metrics"]
+    assert (m["records_read"], m["images_decoded"], m["decode_failures"]) == (N_IMAGES + N_BAD, N_IMAGES, N_BAD)
+    assert (m["num_inferences"], m["annotations_written"], m["failures_written"]) == (N_IMAGES, N_IMAGES, N_BAD)
     ref_out, ref_root = reference
-    _assert_same_rows(_canonical(out, f"s3://{cluster.bucket}"), _canonical(ref_out, ref_root))
+    assert_same_rows(canonical_rows(out, f"s3://{cluster.bucket}"), canonical_rows(ref_out, ref_root))
 
 
 def _sdk_workers(pool: subprocess.Popen) -> list[int]:
@@ -247,13 +219,14 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, reference
     except Exception as exc:  # the job failed: say how, check what it left
         summary, outcome = None, f"{type(exc).__name__}: {exc}"
     killer.join(5)
+    print(f"worker {killed} SIGKILLed; the job: {outcome.splitlines()[0][:300]}")
     assert killed, "no SDK worker was running while rows were written"
     ref_out, ref_root = reference
     if summary is not None:
         # Completed despite the kill: every input exactly once.
         c = summary["counts"]
         assert c["balanced"] and c["duplicate_ids"]["ids"] == 0 and c["read"] == N_IMAGES + N_BAD
-        _assert_same_rows(_canonical(out, f"s3://{cluster.bucket}"), _canonical(ref_out, ref_root))
+        assert_same_rows(canonical_rows(out, f"s3://{cluster.bucket}"), canonical_rows(ref_out, ref_root))
         return
     assert "FAILED" in outcome or "failed" in outcome, outcome
     assert not [k for k in cluster.s3.keys(f"s3://{cluster.bucket}/out/killed/") if k.endswith("summary.json")]
@@ -262,7 +235,7 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, reference
     summary = _within(600, label.run, [*_argv(cluster, out), "--overwrite"])
     c = summary["counts"]
     assert c["balanced"] and c["duplicate_ids"]["ids"] == 0 and c["annotated"] == N_IMAGES
-    _assert_same_rows(_canonical(out, f"s3://{cluster.bucket}"), _canonical(ref_out, ref_root))
+    assert_same_rows(canonical_rows(out, f"s3://{cluster.bucket}"), canonical_rows(ref_out, ref_root))
 
 
 @pytest.mark.parametrize("runner", [
