@@ -85,7 +85,7 @@ def cluster(inputs, tmp_path_factory):
             pytest.fail(f"WEAKLOC_REQUIRE_NETNS is set but no network namespace can be made: {why_not}")
         if why_not:
             warnings.warn(f"no network namespaces ({why_not}): job service and worker pools run as separate "
-                          "processes on 127.0.0.1 with their own HOME/TMPDIR, sharing this machine's disk")
+                          "processes on 127.0.0.1 with their own HOME/TMPDIR, sharing this machine's disk", stacklevel=2)
             net = cluster_kit.Loopback(["jobs", "pool1", "pool2"])
         else:
             net = stack.enter_context(cluster_kit.network(["jobs", "pool1", "pool2"]))
