@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import classmap, detection, metrics
 
-from . import inputs, results
+from . import inputs, results, storage
 from .options import OptionsError, read_class_map
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def _json_keys(obj):
 
 
 def run(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    args, storage_flags = parser().parse_known_args(argv)
+    storage.use_filesystem_flags(storage_flags)  # --s3_endpoint_url, ... as for `weakloc label`
     try:
         summary = results.read_summary(args.annotations)
     except Exception:

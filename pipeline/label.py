@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from typing import Optional, TextIO
 
@@ -25,9 +24,9 @@ from weakloc.transforms.decode import DecodeDoFn
 from weakloc.transforms.inference import CamModelHandler, forget_model, remember_model
 from weakloc.transforms.read import ReadInputs
 from weakloc.transforms.tags import FAILURES, NAMESPACE, SKIPPED
-from weakloc.transforms.write import WriteOutputs, write_json_atomically
+from weakloc.transforms.write import WriteOutputs, publish_json
 
-from . import engine, options
+from . import engine, options, results
 from .progress import Progress, steady_throughput, weakloc_metrics
 
 logger = logging.getLogger(__name__)
@@ -134,7 +133,9 @@ def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = parser().parse_known_args(argv)
     options.check_beam_args(beam_args)
     pipeline_options = PipelineOptions(beam_args)
-    config, method = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
+    # Launch-time checks read s3:// (endpoint, credentials) and gs:// with the job's own filesystem options.
+    FileSystems.set_options(pipeline_options)
+    config, method = options.validate(args, runner=options.remote_runner(pipeline_options))
     choice = engine.for_method(args, config.spec, method, pipeline_options)
     config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, converted=choice.converted),
                                  engine=choice.to_json())
@@ -190,16 +191,15 @@ def run(
         # A runner that returns before the job ends (e.g. Dataflow without waiting): nothing to report yet.
         logger.info("job submitted; summary will appear at %s", summary_path)
         return {}
-    with FileSystems.open(summary_path) as f:
-        summary = json.loads(f.read().decode())
     metrics = weakloc_metrics(result)
     if metrics:
-        # The runner's own counts, next to the ones the pipeline computed from its outputs.
-        summary["metrics"] = metrics
+        # The runner's own counts, next to the ones the pipeline computed from its outputs. summary.json is the
+        # run's commit point and is never rewritten: they go to metrics.json, which results.read_summary adds.
+        doc = {"metrics": metrics}
         rate = steady_throughput(metrics)
         if rate:
-            summary["throughput"] = rate
+            doc["throughput"] = rate
             logger.info("steady loop: %.1f images/s over %d images (first batch done %.1f s after the job was built)",
                         rate["steady_images_per_s"], rate["steady_images"], rate["first_batch_done_s"])
-        write_json_atomically(summary_path, summary)
-    return summary
+        publish_json(FileSystems.join(config.output.rstrip("/"), results.METRICS), doc)
+    return results.read_summary(config.output)

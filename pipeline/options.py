@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 _TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(\.gz)?$|-of-\d+(\.gz)?$|\.gz$", re.IGNORECASE)
 _IMAGE_RE = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json", "coloc_stats.npz", "coloc_stats.json")
+OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json", "metrics.json", "coloc_stats.npz",
+                "coloc_stats.json")
 
 
 class OptionsError(ValueError):
@@ -306,13 +307,32 @@ def build_method(opened: opening.OpenedModel, spec: opening.ModelSpec, top_k: in
 
 # Runners whose workers run on other machines and cannot see the launcher's local files.
 REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+# Runners that hand the job to a job service (Flink's, Spark's, Beam's own): their workers are remote unless the
+# environment is LOOPBACK (the SDK worker then runs inside the launching process).
+PORTABLE_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
+
+
+def remote_runner(pipeline_options: beam_options.PipelineOptions) -> Optional[str]:
+    """How the job's workers are remote ("DataflowRunner", "FlinkRunner with --environment_type=DOCKER"), else None.
+
+    A portable runner's default environment is DOCKER: a worker on another host, or at least in a container
+    that does not see the launcher's files.
+    """
+    runner = (pipeline_options.view_as(beam_options.StandardOptions).runner or "").split(".")[-1]
+    if runner in REMOTE_RUNNERS:
+        return runner
+    if runner in PORTABLE_RUNNERS:
+        env = (pipeline_options.view_as(beam_options.PortableOptions).environment_type or "DOCKER").upper()
+        if env != "LOOPBACK":
+            return f"{runner} with --environment_type={env}"
+    return None
 
 
 def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple[LabelConfig, CamMethod]:
     """Check every flag and the files they name, in steps; open the model once and build its method.
 
-    `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
-    Returns the configuration and the method built at launch (`label.prepare` decides whether to keep it).
+    `runner` names the runner when its workers are remote (`remote_runner`): local paths are refused then
+    (workers would not find them). Returns the configuration and the method built at launch (`label.prepare` decides whether to keep it).
 
     Raises:
       OptionsError, cam.ModelStructureError, sidecar.SidecarError, thresholds.ThresholdsError.
@@ -376,7 +396,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def check_remote_paths(args: argparse.Namespace, runner: Optional[str]) -> None:
     """On a runner whose workers run elsewhere, every path they read or write must be on a shared filesystem."""
-    if not (runner and runner.split(".")[-1] in REMOTE_RUNNERS):
+    if not runner:
         return
     keras_app = zoo.is_keras_application(args.model)
     paths = [("output", args.output)] + [("input", i) for i in args.input]
@@ -386,7 +406,7 @@ def check_remote_paths(args: argparse.Namespace, runner: Optional[str]) -> None:
         paths.append(("model", args.model))
     local = [f"--{k} {v}" for k, v in paths if "://" not in v]
     if local:
-        raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
+        raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs://, s3:// (or another "
                            "shared filesystem) for the model, inputs and output")
 
 
@@ -402,6 +422,11 @@ def check_output(args: argparse.Namespace) -> None:
     """Never mix a new run's files with an old one's."""
     existing = _existing_outputs(args.output)
     if existing and not args.overwrite:
+        if not any(p.endswith("summary.json") for p in existing):
+            raise OptionsError(
+                f"--output {args.output} holds {len(existing)} files of a run that did not finish (no summary.json, "
+                f"e.g. {existing[0]}); pass --overwrite to replace them or choose a new directory"
+            )
         raise OptionsError(
             f"--output {args.output} already holds weakloc output ({len(existing)} files, e.g. {existing[0]}); "
             "pass --overwrite to replace it or choose a new directory"

@@ -76,7 +76,7 @@ def test_map_on_hand_made_features_marks_the_shared_object():
     k, size = 8, 12
     pattern = np.array([0, 0, 0, 0, 3.0, 2.0, 2.5, 1.5])
     feats, truths = [], []
-    for i in range(10):
+    for _ in range(10):
         f = np.zeros((size, size, k))
         f[..., :4] = rng.uniform(0, 1, size=(size, size, 4))
         y0, x0 = rng.integers(0, size - 5, 2)
