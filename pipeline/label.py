@@ -164,6 +164,34 @@ def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipelin
         forget_model()
 
 
+class JobLostError(results.IncompleteRunError):
+    """The runner (a portable job service, Flink, Spark) stopped answering before the job ended."""
+
+
+def _runner_lost(exc: BaseException) -> bool:
+    """A gRPC error from the job service: the job's state can no longer be known (its stream was removed)."""
+    import grpc
+
+    return isinstance(exc, grpc.RpcError) or isinstance(exc.__cause__, grpc.RpcError)
+
+
+def _rpc_reason(exc: BaseException) -> str:
+    err = exc if hasattr(exc, "code") else exc.__cause__
+    try:
+        return f"{err.code().name}: {err.details()}"
+    except Exception:
+        return str(err).splitlines()[0][:200]
+
+
+def _cancel_quietly(result) -> None:
+    """Ask the runner to stop the job (it may keep a stalled job otherwise); it may not answer at all."""
+    try:
+        if result is not None:
+            result.cancel()
+    except Exception as exc:
+        logger.warning("could not cancel the job: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+
+
 def run(
     argv: Optional[list[str]] = None,
     test_pipeline: Optional[beam.Pipeline] = None,
@@ -179,11 +207,19 @@ def run(
     """
     config, p = prepare(argv, test_pipeline)
     # Around p.run() itself: the local runner only returns from it when the job is over.
+    result = None
     try:
         with Progress(progress_stream) as shown:
             result = p.run()
             shown.attach(result)
             result.wait_until_finish()
+    except Exception as exc:
+        if not _runner_lost(exc):
+            raise
+        _cancel_quietly(result)
+        raise JobLostError(
+            f"the job's runner stopped answering ({_rpc_reason(exc)}), as when a worker dies mid-run: the job did "
+            f"not finish and no summary.json was written to {config.output}; rerun with --overwrite") from None
     finally:
         forget_model()
     summary_path = FileSystems.join(config.output.rstrip("/"), "summary.json")
