@@ -99,52 +99,14 @@ def decode_image(
     if not data:
         raise ImageDecodeError("empty", "image bytes are empty (0 bytes)")
     h_in, w_in = int(input_size[0]), int(input_size[1])
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning) between 1x and 2x its own limit; we decide ourselves.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("unrecognised", f"not a recognised image format ({len(data)} bytes)") from exc
-    except Image.DecompressionBombError as exc:
-        # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
-        raise ImageDecodeError("too_large", f"{exc} (--max_pixels is {max_pixels})") from exc
-    except Exception as exc:  # Pillow raises a zoo of types on hostile headers
-        raise ImageDecodeError("unreadable", f"cannot open image: {type(exc).__name__}: {exc}") from exc
-
+    img = _open_checked(data, max_pixels)
     fmt = img.format or "unknown"
     w_raw, h_raw = img.size
-    if w_raw <= 0 or h_raw <= 0:
-        raise ImageDecodeError("empty", f"image has no pixels ({w_raw}x{h_raw})")
-    if w_raw * h_raw > max_pixels:
-        raise ImageDecodeError(
-            "too_large",
-            f"image is {w_raw}x{h_raw} = {w_raw * h_raw} pixels, above the limit of {max_pixels} "
-            "(set --max_pixels to raise it)",
-        )
     try:
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        if fmt == "JPEG":
-            # JPEG keeps EXIF in a header segment: read it before choosing the draft scale.
-            orientation = _orientation(img)
-            if draft:
-                # Ask the JPEG decoder for the smallest DCT scale still >= the target in both axes.
-                transposed = orientation in (5, 6, 7, 8)
-                img.draft("RGB", (h_in, w_in) if transposed else (w_in, h_in))
-            img.load()
-        else:
-            # Other formats (PNG) may keep EXIF after the pixels, and Pillow loads the pixels to find it; load
-            # here so a corrupt body raises instead of being swallowed with the EXIF error (it would decode black).
-            img.load()
-            orientation = _orientation(img)
-        transposed = orientation in (5, 6, 7, 8)
-        if orientation != 1:
-            img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
+        rgb, orientation = _load_oriented(img, fmt, (h_in, w_in), draft)
         if fmt == "JPEG":
             # Draft mode may have decoded at 1/2..1/8 scale: the true size is the header's, rotated as shown.
-            width, height = (h_raw, w_raw) if transposed else (w_raw, h_raw)
+            width, height = (h_raw, w_raw) if orientation in (5, 6, 7, 8) else (w_raw, h_raw)
         else:
             # Some decoders (TIFF) already rotate at open; the transposed picture's own size is the truth.
             width, height = rgb.size
@@ -161,3 +123,53 @@ def decode_image(
     if pixels.shape != (h_in, w_in, 3):
         raise ImageDecodeError("corrupt", f"decoded to unexpected shape {pixels.shape}")
     return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt, orientation=int(orientation))
+
+
+def _open_checked(data: bytes, max_pixels: int):
+    """Pillow's lazy open of the header, refused (before any pixel is decoded) above `max_pixels`."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) between 1x and 2x its own limit; we decide ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("unrecognised", f"not a recognised image format ({len(data)} bytes)") from exc
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
+        raise ImageDecodeError("too_large", f"{exc} (--max_pixels is {max_pixels})") from exc
+    except Exception as exc:  # Pillow raises a zoo of types on hostile headers
+        raise ImageDecodeError("unreadable", f"cannot open image: {type(exc).__name__}: {exc}") from exc
+    w_raw, h_raw = img.size
+    if w_raw <= 0 or h_raw <= 0:
+        raise ImageDecodeError("empty", f"image has no pixels ({w_raw}x{h_raw})")
+    if w_raw * h_raw > max_pixels:
+        raise ImageDecodeError(
+            "too_large",
+            f"image is {w_raw}x{h_raw} = {w_raw * h_raw} pixels, above the limit of {max_pixels} "
+            "(set --max_pixels to raise it)",
+        )
+    return img
+
+
+def _load_oriented(img, fmt: str, size: tuple[int, int], draft: bool):
+    """(RGB picture as a viewer sees it, its EXIF orientation); JPEGs at the smallest DCT scale >= `size` (H, W)
+    when `draft`. Decoding errors propagate to `decode_image`, which names them."""
+    h_in, w_in = size
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    if fmt == "JPEG":
+        # JPEG keeps EXIF in a header segment: read it before choosing the draft scale.
+        orientation = _orientation(img)
+        if draft:
+            # Ask the JPEG decoder for the smallest DCT scale still >= the target in both axes.
+            transposed = orientation in (5, 6, 7, 8)
+            img.draft("RGB", (h_in, w_in) if transposed else (w_in, h_in))
+        img.load()
+    else:
+        # Other formats (PNG) may keep EXIF after the pixels, and Pillow loads the pixels to find it; load here
+        # so a corrupt body raises instead of being swallowed with the EXIF error (it would decode black).
+        img.load()
+        orientation = _orientation(img)
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img), orientation
