@@ -124,7 +124,7 @@ def annotate_batch(
       metas: per image, in batch order.
       extra: the int32 (B, M) array passed to the model (-1 = padding).
     """
-    b_count, k = len(metas), out.top_classes.shape[1]
+    k = out.top_classes.shape[1]
     top_classes, top_scores = out.top_classes.tolist(), out.top_scores.tolist()
     if opts.class_map is not None:
         pick_b, pick_c, raw, pick_score = _mapped_picks(out, metas, opts.class_map, extra)
@@ -132,41 +132,7 @@ def annotate_batch(
     else:
         pick_b, pick_c, raw, pick_score = _model_picks(out, opts, extra)
         box_names = class_names
-    h_in, w_in = out.size
-    boxes_per_image: list[list[dict]] = [[] for _ in range(b_count)]
-    if len(pick_b):
-        normed, valid = boxlib.normalize_cams(raw)
-        taus = np.array([opts.threshold(c) for c in pick_c.tolist()], np.float32)
-        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area,
-                                       instances=opts.instances)
-        xyxy = found.xyxy
-        if opts.refine is not None:
-            xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
-        if tuple(opts.stretch) != (1.0, 1.0):
-            xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
-        # Every box to original pixels at once (boxlib.scale_boxes' arithmetic, vectorised over the batch).
-        box_b = pick_b[found.map_index]
-        box_c = pick_c[found.map_index]
-        sizes = np.array([(m.width, m.height) for m in metas], np.float64).reshape(-1, 2)[box_b]
-        factors = np.concatenate([sizes / (w_in, h_in)] * 2, axis=1)
-        scaled = (np.asarray(xyxy, np.float64) * factors).astype(np.float32).tolist()
-        scores = pick_score[found.map_index]
-        scores = (scores * found.peak if found.peak is not None else scores).tolist()
-        cam_scores = found.cam_score.tolist()
-        for b, c, (x0, y0, x1, y1), score, cam_score in zip(box_b.tolist(), box_c.tolist(), scaled, scores,
-                                                            cam_scores):
-            boxes_per_image[b].append(
-                {
-                    "class_id": c,
-                    "label": box_names[c],
-                    "score": score,
-                    "cam_score": cam_score,
-                    "xmin": x0,
-                    "ymin": y0,
-                    "xmax": x1,
-                    "ymax": y1,
-                }
-            )
+    boxes_per_image = _box_rows(out, metas, opts, box_names, pick_b, pick_c, raw, pick_score)
     rows = []
     for b, meta in enumerate(metas):
         row = {
@@ -196,6 +162,49 @@ def annotate_batch(
             ]
         rows.append(row)
     return rows
+
+
+def _box_rows(out: CamOutputs, metas: Sequence[ImageMeta], opts: BoxOptions, box_names: Sequence[str],
+              pick_b: np.ndarray, pick_c: np.ndarray, raw: np.ndarray, pick_score: np.ndarray) -> list[list[dict]]:
+    """Per image, the box rows of its picked maps (`raw` (n, H_in, W_in), of image pick_b[i] and class
+    pick_c[i]): thresholded, refined or stretched as `opts` says, scaled to original pixels."""
+    h_in, w_in = out.size
+    boxes_per_image: list[list[dict]] = [[] for _ in range(len(metas))]
+    if not len(pick_b):
+        return boxes_per_image
+    normed, valid = boxlib.normalize_cams(raw)
+    taus = np.array([opts.threshold(c) for c in pick_c.tolist()], np.float32)
+    found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area,
+                                   instances=opts.instances)
+    xyxy = found.xyxy
+    if opts.refine is not None:
+        xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
+    if tuple(opts.stretch) != (1.0, 1.0):
+        xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
+    # Every box to original pixels at once (boxlib.scale_boxes' arithmetic, vectorised over the batch).
+    box_b = pick_b[found.map_index]
+    box_c = pick_c[found.map_index]
+    sizes = np.array([(m.width, m.height) for m in metas], np.float64).reshape(-1, 2)[box_b]
+    factors = np.concatenate([sizes / (w_in, h_in)] * 2, axis=1)
+    scaled = (np.asarray(xyxy, np.float64) * factors).astype(np.float32).tolist()
+    scores = pick_score[found.map_index]
+    scores = (scores * found.peak if found.peak is not None else scores).tolist()
+    cam_scores = found.cam_score.tolist()
+    for b, c, (x0, y0, x1, y1), score, cam_score in zip(box_b.tolist(), box_c.tolist(), scaled, scores,
+                                                        cam_scores):
+        boxes_per_image[b].append(
+            {
+                "class_id": c,
+                "label": box_names[c],
+                "score": score,
+                "cam_score": cam_score,
+                "xmin": x0,
+                "ymin": y0,
+                "xmax": x1,
+                "ymax": y1,
+            }
+        )
+    return boxes_per_image
 
 
 def pick_maps(out: CamOutputs, extra: np.ndarray, opts: BoxOptions) -> list[tuple[int, int, int]]:
