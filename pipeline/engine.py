@@ -20,6 +20,8 @@ from weakloc.models import engines
 from weakloc.models.engines import cache
 from weakloc.models.files import local_fingerprint
 
+from . import options
+
 logger = logging.getLogger(__name__)
 
 # Runners whose workers read the launcher's local files (the converted graph can stay in the local cache).
@@ -119,8 +121,10 @@ def ship(choice: EngineChoice, beam_options: Optional[PipelineOptions]) -> Engin
     """
     if choice.converted is None or beam_options is None:
         return choice
-    runner = beam_options.view_as(StandardOptions).runner
-    if runner in LOCAL_RUNNERS:
+    # Workers that see this machine's files (the local runners, a portable runner's LOOPBACK workers) read the
+    # cached graph where it is.
+    runner = options.remote_runner(beam_options)
+    if runner is None:
         return choice
     temp = beam_options.view_as(GoogleCloudOptions).temp_location
     if not temp:

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import schema
+from weakloc.models.summary import METRICS, SUMMARY, RunSummary, SummaryError
 
 
 class IncompleteRunError(ValueError):
@@ -56,14 +57,18 @@ def read_table(output: str, kind: str = "annotations", *, allow_incomplete: bool
 
 # The launcher's annex to a finished run: the runner's metrics, known only once the job is over, so written after
 # summary.json (the commit point, never rewritten) and only by a launcher that waited for the job.
-METRICS = "metrics.json"
 
 
 def read_summary(output: str) -> dict:
     """summary.json of a run, with the runner's metrics from metrics.json ("metrics", "throughput") when present."""
     root = output.rstrip("/")
-    with FileSystems.open(FileSystems.join(root, "summary.json")) as f:
+    where = FileSystems.join(root, SUMMARY)
+    with FileSystems.open(where) as f:
         summary = json.loads(f.read().decode())
+    try:
+        RunSummary.from_json(summary, where=where)  # the declared document: refuse what is not a run's record
+    except SummaryError as exc:
+        raise IncompleteRunError(str(exc)) from None
     metrics_path = FileSystems.join(root, METRICS)
     if FileSystems.exists(metrics_path):
         with FileSystems.open(metrics_path) as f:

@@ -208,3 +208,17 @@ def test_written_tables_have_exactly_the_declared_schemas(labelled_run):
         for path in files:
             got = pq.read_schema(path)
             assert got.remove_metadata().equals(want.remove_metadata()), (kind, path.name, got, want)
+
+
+def test_summary_is_the_declared_document_and_round_trips(labelled_run):
+    import json
+
+    from weakloc.models.summary import Counts, RunSummary, SummaryError
+
+    doc = json.loads((pathlib.Path(labelled_run["out"]) / "summary.json").read_text())
+    parsed = RunSummary.from_json(doc)
+    assert parsed.to_json() == doc
+    # 10 records and one undecodable one, all accounted for (conftest's labelled_run).
+    assert parsed.counts == Counts(**doc["counts"]) and parsed.counts.read == 11 and parsed.counts.balanced
+    with pytest.raises(SummaryError, match="no counts"):
+        RunSummary.from_json({"model": {}})

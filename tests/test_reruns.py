@@ -147,7 +147,7 @@ def test_hostile_ids_and_class_texts_are_data_not_paths(tiny_model_path, tmp_pat
     assert new and all(f.startswith("sandbox/out/") for f in new), sorted(new)
     names = {os.path.basename(f) for f in new}
     assert "summary.json" in names and all(
-        n == "summary.json" or (n.startswith(("annotations-", "failures-")) and n.endswith(".parquet"))
+        n in ("summary.json", "metrics.json") or (n.startswith(("annotations-", "failures-")) and n.endswith(".parquet"))
         for n in names), names
     assert set(os.listdir("/etc")) == etc_before and not os.path.exists("/etc/x")
     # The ids are kept verbatim as data.

@@ -20,6 +20,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 
 from weakloc.models import schema
+from weakloc.models.summary import Counts, RunSummary
 
 from . import progress
 from .tags import NAMESPACE
@@ -117,36 +118,17 @@ def publish_json(path: str, doc: dict) -> None:
 
 def _write_summary(_, path, annotations, failures, records, skipped, duplicates, annotation_files, failure_files,
                    header, started):
-    # `read` is counted where inputs enter (records emitted, image files skipped unread as already labelled, and
-    # inputs that could not be read at all), so the balance below is a check, not a definition. A damaged
-    # shard's unread tail is one read failure.
     log = logging.getLogger(__name__)
-    read = records + failures["stages"].get("read", 0)
-    balanced = read == annotations["rows"] + failures["rows"] + skipped
-    if not balanced:
-        log.error("accounting mismatch: %d inputs read but %d annotated + %d failed + %d skipped", read,
-                  annotations["rows"], failures["rows"], skipped)
+    counts = Counts.from_tallies(records=records, annotations=annotations, failures=failures, skipped=skipped,
+                                 duplicates=duplicates)
+    if not counts.balanced:
+        log.error("accounting mismatch: %d inputs read but %d annotated + %d failed + %d skipped", counts.read,
+                  counts.annotated, counts.failed, skipped)
     if duplicates["ids"]:
         log.warning("%d image ids occur in more than one row (%d rows), e.g. %r; rows are kept, not merged",
                     duplicates["ids"], duplicates["rows"], duplicates["examples"][0]["image_id"])
-    doc = dict(header)
-    doc.update(
-        {
-            "counts": {
-                "read": read,
-                "balanced": balanced,
-                "annotated": annotations["rows"],
-                "failed": failures["rows"],
-                "skipped_labeled": skipped,
-                "failed_by_stage": failures["stages"],
-                "boxes": sum(annotations["boxes"].values()),
-                "boxes_per_class": annotations["boxes"],
-                "duplicate_ids": duplicates,
-            },
-            "files": {"annotations": sorted(annotation_files), "failures": sorted(failure_files)},
-            "wall_time_s": round(time.time() - started, 3),
-        }
-    )
+    doc = RunSummary(header, counts, {"annotations": sorted(annotation_files), "failures": sorted(failure_files)},
+                     round(time.time() - started, 3)).to_json()
     # The run's single commit point: written once, after both tables have finalised (side inputs below).
     publish_json(path, doc)
     yield path
