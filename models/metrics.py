@@ -164,11 +164,20 @@ class Calibration:
     per_class: dict[int, Sweep]
     counts: dict[int, int]
 
-    def thresholds(self, class_names: Sequence[str]) -> dict:
+    def class_threshold(self, c: int, shrink: float = 0.0) -> float:
+        """Class `c`'s threshold, pulled towards the overall one as if `shrink` more maps had chosen it:
+        (n t_c + shrink t) / (n + shrink), to 0.01. A class seen on few maps stays near the overall choice."""
+        t = self.overall.best_threshold
+        if c not in self.per_class:
+            return t
+        n = self.counts[c]
+        return round((n * self.per_class[c].best_threshold + shrink * t) / (n + shrink), 2)
+
+    def thresholds(self, class_names: Sequence[str], *, shrink: float = 0.0) -> dict:
         """The `--thresholds` document `weakloc label` reads: {"default": t, "per_class": {name: t}}."""
         return {
             "default": self.overall.best_threshold,
-            "per_class": {class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
+            "per_class": {class_names[c]: self.class_threshold(c, shrink) for c in sorted(self.per_class)},
         }
 
 

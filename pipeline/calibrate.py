@@ -2,9 +2,14 @@
 
     weakloc calibrate --input 'shards/calib-*.tfrecord' --model models/digits.keras --output models/digits.thresholds.json
 
+    weakloc calibrate --input 'photos/fruit/test/*.jpg' --model fruit.keras --output fruit.thresholds.json
+
+True boxes come from the TFRecord examples, from `--ground_truth VOC_DIR|COCO.json|TFRecords`, or, for image
+files, from Pascal VOC XML beside them (same stem; or in an annots/ or annotations/ folder next to theirs).
 For every (image, class with true boxes) pair, the CAM of that class is box-thresholded at tau = 0.00, 0.01, ...,
 0.99; the chosen tau maximises box accuracy averaged over IoU 0.3/0.5/0.7 (the MaxBoxAccV2 criterion of
-clovaai/wsolevaluation), over all pairs and per class where a class has `--min_per_class` pairs. Writes
+clovaai/wsolevaluation), over all pairs and per class where a class has `--min_per_class` pairs (pulled towards
+the overall choice by `--shrink`). Writes
 `{"default": t, "per_class": {name: t}, "calibration": {...curve...}}` and prints the curve. Written as
 `<model>.thresholds.json`, `label` picks it up by itself.
 """
@@ -14,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -21,21 +27,29 @@ from weakloc.models import boxes as boxlib
 from weakloc.models import cam, metrics, refine, sidecar
 from weakloc.transforms.inference import fetch_to_local
 
-from . import inputs
+from . import ground_truth, inputs, progress
 from .options import OptionsError, _read_json
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc calibrate", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc calibrate", description=__doc__.splitlines()[0])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
-                    help="TFRecord shards whose examples carry true boxes (image/object/bbox/*); repeatable")
-    ap.add_argument("--model", required=True)
+                    help="TFRecord shards whose examples carry true boxes (image/object/bbox/*), or image files "
+                         "with VOC XML beside them or named by --ground_truth; repeatable")
+    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
+                    help="true boxes, matched to the inputs by image id, file name or stem; repeatable (default: "
+                         "the boxes the TFRecord examples carry, or VOC XML beside the image files)")
+    ap.add_argument("--model", required=True, help=".keras or .h5 GAP classifier, as for `label`")
     ap.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
-    ap.add_argument("--min_per_class", type=int, default=5,
+    ap.add_argument("--min_per_class", type=int, default=10,
                     help="a class gets its own threshold only with at least this many boxed images")
+    ap.add_argument("--shrink", type=float, default=10.0,
+                    help="pull each class's threshold towards the overall one as if this many more images had "
+                         "chosen the overall one (0: no pull)")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
     ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
                     help="calibrate the box rule label will use (label --boxes)")
@@ -47,10 +61,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine_boxes", action="store_true",
                     help="also fit a box refinement on these images from each map's profile across thresholds "
                          "(models/refine.py; label applies it); kept only if cross-validation says it helps")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--label_offset", type=int, default=0)
-    ap.add_argument("--input_format", choices=("tfrecord", "images"))
-    ap.add_argument("--unsafe_load", action="store_true")
+    ap.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    ap.add_argument("--label_offset", type=int, default=0,
+                    help="subtract from integer box labels to get model class ids (as label --label_offset)")
+    ap.add_argument("--input_format", choices=("tfrecord", "images"),
+                    help="default: inferred from the pattern's extension")
+    ap.add_argument("--unsafe_load", action="store_true",
+                    help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return ap
 
@@ -75,7 +92,7 @@ def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool =
     return model, prep
 
 
-def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64):
+def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64, model_classes: Sequence[str] = ()):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
@@ -93,7 +110,8 @@ def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64):
             classes.append(c)
             truths.append(ex.gt_boxes[: len(ids)][ids == c] * scale)
     if not pixels:
-        raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on")
+        raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on "
+                           f"(model classes: {', '.join(model_classes[:10]) or '?'})")
     normed, valid, top1 = [], [], []
     classes = np.asarray(classes, np.int32)
     for s in range(0, len(pixels), batch_size):
@@ -112,22 +130,26 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
     if args.min_per_class < 1:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
+    if args.shrink < 0:
+        raise OptionsError(f"--shrink must be >= 0, got {args.shrink}")
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
                            "--fit_box_stretch and --boxes union")
     model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, contrast=args.cam_contrast,
                                  unsafe=args.unsafe_load)
     source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
-                         label_offset=args.label_offset)
-    examples = inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset)
-    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size)
+                         label_offset=args.label_offset, labels_from_folder="no")
+    source.ground_truth = _ground_truth(args, source, prep.class_names)
+    examples = progress.counted(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset),
+                                source.count, "calibrate: images read")
+    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
+                                                            model_classes=prep.class_names)
     cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
                             mode=args.boxes, min_area=args.min_box_area)
-    doc = cal.thresholds(prep.class_names)
+    doc = cal.thresholds(prep.class_names, shrink=args.shrink)
     sweep = cal.overall
     # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
-    taus = np.array([cal.per_class[c].best_threshold if c in cal.per_class else sweep.best_threshold
-                     for c in classes], np.float32)
+    taus = np.array([cal.class_threshold(c, args.shrink) for c in classes], np.float32)
     stretch_note = ""
     if args.fit_box_stretch:
         found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
@@ -173,25 +195,78 @@ def run(argv=None) -> dict:
         "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
         "levels": list(sweep.levels),
         "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
+        "min_per_class": args.min_per_class,
+        "shrink": args.shrink,
         "per_class": {
             prep.class_names[c]: {
                 "pairs": cal.counts[c],
-                "threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
+                "fitted_threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
+                "threshold": cal.class_threshold(c, args.shrink) if c in cal.per_class else None,
                 "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
             }
             for c in sorted(cal.counts)
         },
     }
+    doc["calibration"]["notes"] = [n.rstrip("\n") for n in (stretch_note, refine_note) if n]
+    doc["calibration"]["warnings"] = edge_warnings(doc)
+    doc["calibration"]["output"] = args.output
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(doc, f, indent=2)
-    lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
-    for t, a in zip(sweep.taus, sweep.accuracy):
-        if round(t * 100) % 5 == 0 or t == sweep.best_threshold:
-            mark = "  <- chosen" if t == sweep.best_threshold else ""
-            lines.append(f"  {t:.2f}  {a[0]:7.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
-    per = ", ".join(f"{k}={v:.2f}" for k, v in doc["per_class"].items()) or "none (too few images per class)"
-    print("\n".join(lines) + f"\n\nimages: {used} ({len(classes)} image-class pairs), top-1 on them {top1.mean():.1%}\n"
-          f"default threshold: {sweep.best_threshold:.2f}   MaxBoxAccV2: {sweep.max_box_acc_v2:.1f}\n"
-          f"per-class thresholds: {per}\n{stretch_note}{refine_note}written: {args.output}", flush=True)
     return doc
+
+
+EDGE_LOW, EDGE_HIGH = 0.0, 0.99  # the ends of the sweep: a full-image box, or a speck at the hottest pixel
+
+
+def edge_warnings(doc: dict) -> list[str]:
+    """A loud line for every threshold at an end of the sweep (full-image or near-empty boxes)."""
+    found = [("default", doc["default"])] + sorted(doc["per_class"].items())
+    out = []
+    for name, t in found:
+        if t <= EDGE_LOW or t >= EDGE_HIGH:
+            what = "full-image boxes" if t <= EDGE_LOW else "boxes around the hottest pixels only"
+            out.append(f"WARNING: threshold {name} = {t:.2f} is at the end of the sweep and gives {what}: the CAMs "
+                       "do not localise these images; check the model and the boxes before labelling with it")
+    for line in out:
+        logger.warning("%s", line.removeprefix("WARNING: "))
+    return out
+
+
+def render(doc: dict) -> str:
+    """What calibrate prints: the curve (every 0.05 and the choice), the choice, per-class thresholds, warnings."""
+    cal = doc["calibration"]
+    best = doc["default"]
+    lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
+    for t, *acc in cal["curve"]:
+        if round(t * 100) % 5 == 0 or t == best:
+            mark = "  <- chosen" if t == best else ""
+            lines.append(f"  {t:.2f}  {acc[0]:7.1%} {acc[1]:7.1%} {acc[2]:7.1%} {sum(acc) / len(acc):6.1%}{mark}")
+    per = ", ".join(f"{k}={v:.2f} (fitted {cal['per_class'][k]['fitted_threshold']:.2f} on "
+                    f"{cal['per_class'][k]['pairs']})" for k, v in doc["per_class"].items())
+    per = per or f"none (fewer than --min_per_class {cal['min_per_class']} boxed images per class)"
+    return ("\n".join(lines) + f"\n\nimages: {cal['images']} ({cal['pairs']} image-class pairs), top-1 on them "
+            f"{cal['top1']:.1%}\ndefault threshold: {best:.2f}   MaxBoxAccV2: {cal['max_box_acc_v2']:.1f}\n"
+            f"per-class thresholds: {per}\n" + "".join(n + "\n" for n in cal["notes"] + cal["warnings"])
+            + f"written: {cal['output']}")
+
+
+def _ground_truth(args, source, class_names):
+    """--ground_truth, else VOC XML beside image files, else the boxes TFRecords carry (None)."""
+    if args.ground_truth:
+        truth = ground_truth.load(args.ground_truth, class_names)
+    elif source.input_format == "images":
+        truth = ground_truth.beside_images(source.files)
+        if truth is None:
+            raise OptionsError(f"no true boxes for the {source.count} image files of --input: no VOC XML beside "
+                               "them (same stem, or in annots/ or annotations/ next to their folder); pass "
+                               "--ground_truth VOC_DIR|COCO.json")
+        logger.info("true boxes from VOC XML beside the images: %s", ", ".join(truth.origin[:3]))
+    else:
+        return None
+    known = set(class_names)
+    names = truth.class_names()
+    if names and not known.intersection(names):
+        raise OptionsError(f"the true boxes name {', '.join(names[:8])}, none of which is a model class "
+                           f"({', '.join(list(class_names)[:8])})")
+    return truth

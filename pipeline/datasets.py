@@ -14,10 +14,11 @@ import json
 import logging
 import os
 
-from weakloc.models import mnist, synthetic
+from weakloc.models import groundtruth, mnist, synthetic
 
 from .demo import write_shards
 from .options import OptionsError
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ SPLIT_AT = 8000
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc datasets", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc datasets", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
     cm = sub.add_parser("cluttered-mnist", help="the cluttered MNIST benchmark (96x96 canvases)")
     cm.add_argument("--idx_dir", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
@@ -119,10 +120,16 @@ def photos(args) -> dict:
 
     from weakloc.models import records
 
-    from .evaluate import voc_boxes
-
-    os.makedirs(args.output, exist_ok=True)
     root = args.root
+    expected = [os.path.join(root, *parts) for parts in (("fruit", "train"), ("fruit", "test"), ("kangaroo", "images"),
+                                                          ("kangaroo", "annots"), ("raccoon", "images"),
+                                                          ("raccoon", "annotations"))]
+    missing = [p for p in expected if not os.path.isdir(p)]
+    if missing:
+        raise OptionsError(f"--root {root} is not the photos folder: expected fruit/train, fruit/test, "
+                           f"kangaroo/images+annots and raccoon/images+annotations inside it, missing "
+                           f"{', '.join(os.path.relpath(p, root) for p in missing)}")
+    os.makedirs(args.output, exist_ok=True)
     fruit = os.path.join(root, "fruit")
     splits = {"train": [], "test": []}
     for split in ("train", "test"):
@@ -140,7 +147,7 @@ def photos(args) -> dict:
     for split, pairs in splits.items():
         for img_path, xml_path in pairs:
             with open(xml_path, encoding="utf-8") as f:
-                _, _, _, objs = voc_boxes(f.read())
+                _, _, _, objs = groundtruth.voc_boxes(f.read())
             with open(img_path, "rb") as f:
                 encoded = f.read()
             try:

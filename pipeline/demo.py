@@ -20,12 +20,13 @@ import numpy as np
 from weakloc.models import boxes as boxlib
 from weakloc.models import metrics, records, refine, sidecar, synthetic, train
 from weakloc.models.cam import CamModel
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc demo", description=__doc__.splitlines()[0])
+    ap = Parser("weakloc demo", description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="weakloc-demo", help="working directory (replaced if it holds a demo)")
     ap.add_argument("--train_images", type=int, default=2400)
     ap.add_argument("--eval_images", type=int, default=400)

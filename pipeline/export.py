@@ -22,6 +22,7 @@ from weakloc.models import records
 
 from . import results, sources
 from .options import OptionsError
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ SUMMARY = "export.json"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc export", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc export", description=__doc__.splitlines()[0])
     ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
     ap.add_argument("--format", required=True, choices=fmt.FORMATS)
     ap.add_argument("--output", required=True, help="folder to write (local, gs://, s3://)")

@@ -1,7 +1,8 @@
 """Reading labelled inputs outside Beam, for `train`, `calibrate` and `evaluate`: the same inputs `label` reads.
 
 TFRecord shards (plain or GZIP, local or any Beam filesystem) of tf.train.Example in the TF Object Detection API
-convention, or image files by glob with the label taken from the parent folder. Records stream one at a time so a
+convention, or image files by glob with the label taken from a manifest (`--labels`), from the object names of
+their ground truth (`--ground_truth`, pipeline/ground_truth.py) or from the parent folder. Records stream one at a time so a
 training set need not fit in memory. Damaged records and undecodable images are skipped with a warning (`label`
 is the command that accounts for every input).
 """
@@ -39,6 +40,8 @@ class Example:
     pixels: Optional[np.ndarray] = None
     width: Optional[int] = None
     height: Optional[int] = None
+    gt_texts: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
 
 
 @dataclasses.dataclass
@@ -51,6 +54,24 @@ class Source:
     class_names: tuple[str, ...]
     count: int
     fingerprint: str  # sha256 (16 hex) of the sorted (id, labels) pairs: which data a model saw
+    manifest: Optional[dict] = None  # pipeline/ground_truth.load_manifest: path -> labels
+    ground_truth: Optional[object] = None  # a ground_truth.GroundTruth: boxes, and labels from their names
+    folder_names: tuple[str, ...] = ()  # the parent folders that gave labels (to warn when none is a class)
+
+
+def _image_labels(source: "Source", path: str, folder_label: str) -> list[str]:
+    """An image file's labels: its manifest line, else its true boxes' names, else its folder (when on)."""
+    from .ground_truth import manifest_labels
+
+    if source.manifest is not None:
+        found = manifest_labels(source.manifest, path)
+        if found is not None:
+            return found
+    if source.ground_truth is not None:
+        found = source.ground_truth.find(path, path)
+        if found is not None:
+            return sorted({n for n, _ in found[0]})
+    return [folder_label] if source.folder_labels else []
 
 
 def _match(patterns: Sequence[str]) -> list[str]:
@@ -63,10 +84,15 @@ def _match(patterns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _raw_records(files: Sequence[str], input_format: str) -> Iterator[tuple[str, str, bytes, Optional[str]]]:
-    """(kind, id, payload, folder label) of every record or image file; damaged shard tails are skipped."""
+def _raw_records(files: Sequence[str], input_format: str, *, read_images: bool = True
+                 ) -> Iterator[tuple[str, str, bytes, Optional[str]]]:
+    """(kind, id, payload, folder label) of every record or image file; damaged shard tails are skipped.
+    `read_images=False` gives image files an empty payload (their labels need no bytes)."""
     for path in files:
         if input_format == "images":
+            if not read_images:
+                yield "image", path, b"", posixpath.basename(posixpath.dirname(path))
+                continue
             with FileSystems.open(path) as f:
                 yield "image", path, f.read(), posixpath.basename(posixpath.dirname(path))
             continue
@@ -85,18 +111,26 @@ def scan(
     labels_from_folder: str = "auto",
     class_names: Optional[Sequence[str]] = None,
     label_offset: int = 0,
+    manifest: Optional[dict] = None,
+    ground_truth=None,
 ) -> Source:
     """Match the patterns and read every label once (no pixel is decoded) to name the classes.
 
-    Class names, unless given: the sorted folder names (images) or the sorted `image/class/text` values
-    (TFRecord); with integer labels only, `class_0`... up to the largest label.
+    Class names, unless given: the sorted label names (manifest, true boxes' names or folders for images,
+    `image/class/text` for TFRecord); with integer labels only, `class_0`... up to the largest label.
+    `manifest` and `ground_truth` (pipeline/ground_truth.py) name image files' labels before their folder does.
     """
     files = _match(patterns)
     fmt, folder = input_layout(patterns, input_format, labels_from_folder)
-    texts, ints, keys = set(), set(), []
-    for kind, rid, payload, folder_label in _raw_records(files, fmt):
+    if manifest is not None or ground_truth is not None:
+        folder = folder and labels_from_folder == "yes"  # explicit labels win over a guessed layout
+    probe = Source(files, fmt, folder, (), 0, "", manifest, ground_truth)
+    texts, ints, keys, folders = set(), set(), [], set()
+    for kind, rid, payload, folder_label in _raw_records(files, fmt, read_images=False):
         if kind == "image":
-            lab = [folder_label] if folder else []
+            lab = _image_labels(probe, rid, folder_label)
+            if folder and lab == [folder_label]:
+                folders.add(folder_label)
             texts.update(lab)
             keys.append(f"{rid}\t{','.join(lab)}")
             continue
@@ -122,7 +156,7 @@ def scan(
             "images: a class-per-folder layout such as root/*/*.jpg)"
         )
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
-    return Source(files, fmt, folder, names, len(keys), digest)
+    return Source(files, fmt, folder, names, len(keys), digest, manifest, ground_truth, tuple(sorted(folders)))
 
 
 def iterate(
@@ -131,11 +165,17 @@ def iterate(
     input_size: Optional[tuple[int, int]] = None,
     label_offset: int = 0,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    keep_texts: bool = False,
 ) -> Iterator[Example]:
-    """Every readable input as an Example; decoded to `input_size` when given (undecodable ones are skipped)."""
+    """Every readable input as an Example; decoded to `input_size` when given (undecodable ones are skipped).
+
+    With `source.ground_truth`, decoded pictures take their true boxes from it (normalised by the picture's
+    size); `keep_texts` also keeps the boxes' class names in `gt_texts` (for classes the model may not know).
+    """
     for kind, rid, payload, folder_label in _raw_records(source.files, source.input_format):
+        gt_texts: list[str] = []
         if kind == "image":
-            label_ids, _ = resolve_labels([], [folder_label] if source.folder_labels else [], source.class_names)
+            label_ids, _ = resolve_labels([], _image_labels(source, rid, folder_label), source.class_names)
             image_id, encoded, gt, gt_ids = rid, payload, np.zeros((0, 4), np.float32), []
         else:
             try:
@@ -144,9 +184,11 @@ def iterate(
                 continue  # already reported by scan()
             image_id = ex.image_id or rid
             label_ids, _ = resolve_labels(ex.labels, ex.label_texts, source.class_names, id_offset=label_offset)
-            gt_ids, _ = resolve_labels(ex.gt_labels, ex.gt_texts, source.class_names, id_offset=label_offset)
+            gt_ids, gt_texts = resolve_labels(ex.gt_labels, ex.gt_texts, source.class_names,
+                                              id_offset=label_offset)
             encoded, gt = ex.encoded, np.asarray(ex.gt_boxes, np.float32).reshape(-1, 4)
-        item = Example(image_id=image_id, label_ids=label_ids, gt_boxes=gt, gt_ids=gt_ids)
+        item = Example(image_id=image_id, label_ids=label_ids, gt_boxes=gt, gt_ids=gt_ids,
+                       gt_texts=gt_texts if keep_texts else [], source=rid)
         if input_size is not None:
             try:
                 img = images.decode_image(encoded, input_size, max_pixels=max_pixels)
@@ -154,12 +196,36 @@ def iterate(
                 logger.warning("skipping %s: %s", rid, exc)
                 continue
             item.pixels, item.width, item.height = img.pixels, img.width, img.height
+            if source.ground_truth is not None:
+                _attach_ground_truth(item, source)
             if len(item.gt_boxes) and img.orientation != 1:
                 # As the label pipeline's decode step: truth stored for the un-rotated grid turns with the picture.
                 item.gt_boxes = boxes.orient_normalized_boxes(item.gt_boxes, img.orientation)
         yield item
 
 
+def _attach_ground_truth(item: Example, source: Source) -> None:
+    """Replace a decoded example's true boxes with those --ground_truth gives for it (kept when it has none)."""
+    objs = source.ground_truth.pixel_boxes(item.image_id, item.source, item.width, item.height)
+    if objs is None:
+        return
+    names = [n for n, _ in objs]
+    size = np.array([item.width, item.height, item.width, item.height], np.float32)
+    item.gt_boxes = (np.asarray([b for _, b in objs], np.float32).reshape(-1, 4) / size).clip(0.0, 1.0)
+    item.gt_ids, texts = resolve_labels([], names, source.class_names)
+    item.gt_texts = texts
+
+
 def in_validation(image_id: str, percent: float) -> bool:
     """A stable split by content of the id (CRC32), so a streamed dataset splits the same way every epoch."""
     return (zlib.crc32(image_id.encode("utf-8")) % 10000) < percent * 100
+
+
+def warn_folder_labels(source: Source, class_names: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Warn at launch when folder labels look wrong (models/groundtruth.folder_label_problem); returns the text."""
+    from weakloc.models.groundtruth import folder_label_problem
+
+    problem = folder_label_problem(source.folder_names, class_names) if source.folder_labels else None
+    if problem:
+        logger.warning("%s", problem)
+    return problem

@@ -11,12 +11,12 @@ import json
 import logging
 import posixpath
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, gradcam, images, refine, sidecar, zoo
+from weakloc.models import annotate, cam, gradcam, groundtruth, images, refine, sidecar, zoo
 from weakloc.transforms.decode import DEFAULT_DECODE_THREADS
 from weakloc.transforms.inference import ModelSpec, fetch_to_local, remember_model
 from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
@@ -48,6 +48,8 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                          "(1 for 1-based TF Object Detection label maps); texts that name a class win")
     io.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
     io.add_argument("--overwrite", action="store_true", help="replace weakloc files already in --output")
+    io.add_argument("--allow_empty", action="store_true",
+                    help="exit 0 even when every input failed or no image got a box (default: exit 1, saying why)")
     io.add_argument("--skip_labeled", nargs="+", action="extend", default=[], metavar="PREVIOUS_OUTPUT",
                     help="earlier weakloc output directories: inputs whose image id one of them annotated are "
                          "skipped (counted in the summary), so a nightly run labels only what is new")
@@ -244,8 +246,9 @@ def _parse_stretch(value, what: str) -> tuple[float, float]:
     return fw, fh
 
 
-def check_beam_args(beam_args: list[str]) -> None:
-    """Refuse flags that neither weakloc nor any Beam PipelineOptions class knows (Beam would drop them)."""
+def check_beam_args(beam_args: list[str], known: Sequence[str] = ()) -> None:
+    """Refuse flags that neither weakloc nor any Beam PipelineOptions class knows (Beam would drop them);
+    `known` (weakloc's own flags) joins Beam's for the "did you mean"."""
     parser = beam_options._BeamArgumentParser(allow_abbrev=False)  # the parser Beam itself builds
     seen = set()
     for cls in beam_options.PipelineOptions.__subclasses__():
@@ -255,7 +258,10 @@ def check_beam_args(beam_args: list[str]) -> None:
     _, unknown = parser.parse_known_args(beam_args)
     flags = [u for u in unknown if u.startswith("-")]
     if flags:
-        raise OptionsError(f"unrecognised options {flags}: neither a weakloc flag nor a Beam pipeline option")
+        from .args import unrecognised
+
+        choices = list(known) + [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        raise OptionsError(f"{unrecognised(flags, choices)}: neither a weakloc flag nor a Beam pipeline option")
     if unknown:
         # Typically an unquoted glob the shell expanded: only its first file would reach --input.
         raise OptionsError(
@@ -318,9 +324,12 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None, keep_mod
                                "shared filesystem) for the model, inputs and output")
 
     # Inputs: every pattern must match something now, so an empty nightly drop fails at once, not on a worker.
+    folders = set()
     for pattern in args.input:
-        if not FileSystems.match([pattern])[0].metadata_list:
+        matched = FileSystems.match([pattern])[0].metadata_list
+        if not matched:
             raise OptionsError(f"--input {pattern!r} matches no file")
+        folders.update(posixpath.basename(posixpath.dirname(m.path)) for m in matched)
     input_format, folder_labels = input_layout(args.input, args.input_format, args.labels_from_folder)
 
     # Output: never mix a new run's files with an old one's.
@@ -382,6 +391,11 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None, keep_mod
     prep = sidecar.resolve_preprocessing(
         side_doc, overrides=overrides, model_input_size=cam.model_input_size(keras_model), num_classes=num_classes
     )
+
+    if folder_labels:
+        problem = groundtruth.folder_label_problem(folders, prep.class_names)
+        if problem:
+            logger.warning("%s%s", problem, "; --classes labels will box nothing" if args.classes == "labels" else "")
 
     # Thresholds: flag > thresholds file > 0.2.
     thr_path = args.thresholds

@@ -25,6 +25,7 @@ from weakloc.models.export import safe_stem
 
 from . import results, sources
 from .options import OptionsError
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ figcaption { font-size: 12px; word-break: break-all; }
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc report", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc report", description=__doc__.splitlines()[0])
     ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
     ap.add_argument("--output", required=True, help="local folder for index.html, its pictures and the sheet")
     ap.add_argument("--per_class", type=int, default=6, help="sampled images per class")

@@ -20,14 +20,15 @@ import time
 
 from weakloc.models import sidecar, train
 
-from . import inputs
+from . import ground_truth, inputs
 from .options import OptionsError, _parse_size
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc train", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc train", description=__doc__.splitlines()[0])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
                     help="TFRecord shards or image files (class-per-folder), as for `label`; repeatable")
     ap.add_argument("--output", required=True, help="where to write the model (.keras); its sidecar goes beside it")
@@ -50,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", action="store_true",
                     help="keep the decoded training images in memory after the first epoch (when they fit)")
     ap.add_argument("--shuffle_buffer", type=int, default=4096, help="images held for shuffling the stream")
+    ap.add_argument("--labels", metavar="MANIFEST.csv|.jsonl",
+                    help="image-level labels of image files: one `path,label[,label...]` per line (CSV) or "
+                         '{"path": ..., "labels": [...]} (JSONL); paths relative to the manifest\'s folder')
+    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json",
+                    help="take each image file's labels from the object names of its true boxes; repeatable")
     ap.add_argument("--class_names", help="comma-separated names in output order (default: found in the data)")
     ap.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--label_offset", type=int, default=0)
@@ -102,7 +108,10 @@ def run(argv=None) -> dict:
             raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
     t0 = time.time()
     source = inputs.scan(args.input, input_format=args.input_format, labels_from_folder=args.labels_from_folder,
-                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset)
+                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset,
+                         manifest=ground_truth.load_manifest(args.labels) if args.labels else None,
+                         ground_truth=ground_truth.load(args.ground_truth) if args.ground_truth else None)
+    inputs.warn_folder_labels(source)
     logger.info("%d inputs in %d files, %d classes: %s", source.count, len(source.files), len(source.class_names),
                 ", ".join(source.class_names))
     if len(source.class_names) < 2:
