@@ -65,6 +65,7 @@ def _json_keys(obj):
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
+    results.check_run_folder(args.annotations)
     try:
         summary = results.read_summary(args.annotations)
     except Exception:
@@ -102,5 +103,23 @@ def run(argv=None) -> dict:
     out = args.output or FileSystems.join(args.annotations.rstrip("/"), "evaluation.json")
     with FileSystems.create(out) as f:
         f.write(json.dumps(_json_keys(ev), indent=2).encode())
-    print(_table(ev) + f"\n\nwritten: {out}", flush=True)
+    ev["written"] = out
     return ev
+
+
+def render(ev: dict) -> str:
+    """What evaluate prints: the table, a plain note when GT-known cannot differ from Top-1, and the file."""
+    text = _table(ev)
+    note = same_as_top1_note(ev)
+    return text + (f"\n{note}" if note else "") + f"\n\nwritten: {ev['written']}"
+
+
+def same_as_top1_note(ev: dict) -> str:
+    """Why GT-known Loc equals Top-1 Loc, when it does because only predicted classes were boxed."""
+    opts = ev.get("label_options") or {}
+    if opts.get("classes") == "predicted" and ev["gt_known"] == ev["top1_loc"]:
+        return ("note: GT-known Loc equals Top-1 Loc here because the run boxed only its predicted classes "
+                f"(label --classes predicted, top_k {opts.get('top_k')}): an image whose true class was not predicted "
+                "has no box of that class. Label with --classes both to measure localisation apart from "
+                "classification.")
+    return ""

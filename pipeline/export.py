@@ -32,7 +32,7 @@ SUMMARY = "export.json"
 def parser() -> argparse.ArgumentParser:
     ap = Parser("weakloc export", description=__doc__.splitlines()[0])
     ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
-    ap.add_argument("--format", required=True, choices=fmt.FORMATS)
+    ap.add_argument("--format", required=True, choices=fmt.FORMATS, help="what to write")
     ap.add_argument("--output", required=True, help="folder to write (local, gs://, s3://)")
     ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier export")
     flt = ap.add_argument_group("which boxes (the same for every format)")
@@ -67,6 +67,7 @@ def _class_map_text(value: str) -> str:
 
 def load(annotations: str) -> tuple[list[dict], list[str], dict]:
     """Rows, the model's class names and the run summary of a labelling output folder."""
+    results.check_run_folder(annotations)
     table = results.read_table(annotations, "annotations")
     try:
         summary = results.read_summary(annotations)

@@ -132,7 +132,7 @@ class Progress:
             self.stream.write("\r" + text + ("\n" if final else ""))
             self.stream.flush()
         elif final or (done, failed) != self._last:
-            logger.info("%s", text)
+            logger.info("%s", text.removeprefix("weakloc: "))
         self._last = (done, failed)
 
     def _loop(self) -> None:

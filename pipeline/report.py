@@ -152,6 +152,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     if os.path.exists(os.path.join(out, "index.html")) and not args.overwrite:
         raise OptionsError(f"--output {out} already holds a report (index.html); pass --overwrite or choose a "
                            "new folder")
+    results.check_run_folder(args.annotations)
     table = results.read_table(args.annotations, "annotations")
     failures = results.read_table(args.annotations, "failures").to_pylist()
     try:

@@ -40,6 +40,19 @@ def emptiness(summary: dict) -> str | None:
     return None
 
 
+def check_run_folder(path: str, flag: str = "--annotations") -> None:
+    """Refuse, in one line, a run folder that does not exist (rather than "no summary.json" about nothing)."""
+    from .options import OptionsError
+
+    try:
+        exists = FileSystems.exists(path.rstrip("/")) or FileSystems.exists(FileSystems.join(path.rstrip("/"),
+                                                                                             "summary.json"))
+    except Exception:
+        exists = False
+    if not exists:
+        raise OptionsError(f"{flag} {path} does not exist: expected the --output folder of a `weakloc label` run")
+
+
 def _files(output: str, prefix: str) -> list[str]:
     pattern = FileSystems.join(output.rstrip("/"), f"{prefix}-*.parquet")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)

@@ -41,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dilation", type=int, default=1,
                     help="small: dilate the last two convolutions (d, 2d) for a wider view; blurs the CAMs")
     ap.add_argument("--final_stride", type=int, choices=(2, 4), default=4, help="small: input / final map size")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--learning_rate", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=8, help="most epochs to train (early stopping may end sooner)")
+    ap.add_argument("--batch_size", type=int, default=64, help="images per training step")
+    ap.add_argument("--learning_rate", type=float, default=2e-3, help="Adam learning rate")
     ap.add_argument("--val_percent", type=float, default=10.0, help="share of images held out for validation")
     ap.add_argument("--patience", type=int, default=2, help="epochs without validation-loss progress before stopping")
     ap.add_argument("--flip_augment", action="store_true",
@@ -57,10 +57,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json",
                     help="take each image file's labels from the object names of its true boxes; repeatable")
     ap.add_argument("--class_names", help="comma-separated names in output order (default: found in the data)")
-    ap.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto")
-    ap.add_argument("--label_offset", type=int, default=0)
-    ap.add_argument("--input_format", choices=("tfrecord", "images"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto",
+                    help="images: the parent folder names the label (auto: when the pattern's folder part has a wildcard)")
+    ap.add_argument("--label_offset", type=int, default=0, help="subtract from integer labels to get class ids")
+    ap.add_argument("--input_format", choices=("tfrecord", "images"), help="default: inferred from the pattern's extension")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffle")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     return ap
 
@@ -161,8 +162,14 @@ def run(argv=None) -> dict:
     )
     with open(sidecar.sidecar_path(args.output), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"model:               {args.output}\n"
-          f"sidecar:             {sidecar.sidecar_path(args.output)}\n"
-          f"validation accuracy: {fit['val_accuracy']:.2%} after {fit['epochs']} epochs\n"
-          f"wall time:           {seconds} s", flush=True)
+    meta["written"] = {"model": args.output, "sidecar": sidecar.sidecar_path(args.output)}
     return meta
+
+
+def render(meta: dict) -> str:
+    """What train prints once the model is saved."""
+    t = meta["training"]
+    return (f"model:               {meta['written']['model']}\n"
+            f"sidecar:             {meta['written']['sidecar']}\n"
+            f"validation accuracy: {t['val_accuracy']:.2%} after {t['epochs_run']} epochs\n"
+            f"wall time:           {t['seconds']} s")
