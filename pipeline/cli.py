@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 USAGE = """usage: weakloc [--version] [--verbose] <command> [flags]
@@ -76,11 +78,24 @@ def _import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
+# Set by Ctrl-C. Beam turns a KeyboardInterrupt inside a step into a RuntimeError naming the step (and logs it):
+# the flag tells the interrupt apart from a real failure.
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 class _DropKnownNoise(logging.Filter):
     """Beam's RunInference warns once per model load that it cannot read memory use when torch is absent
-    (its memory probe is imported together with a torch-only module); it is not actionable for our users."""
+    (its memory probe is imported together with a torch-only module); it is not actionable for our users.
+    After Ctrl-C, libraries' reports of the interrupt are dropped: the command says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _INTERRUPTED.is_set() and not record.name.startswith("weakloc"):
+            return False
         return "Resource module is not available" not in record.getMessage()
 
 
@@ -153,6 +168,8 @@ def main(argv=None) -> int:
               f"{', '.join(COMMANDS)} (see weakloc --help)", file=sys.stderr)
         return 2
     _quiet_libraries(verbose, from_shell)
+    if from_shell and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
     if from_shell and not verbose and command in _TF_COMMANDS and "--help" not in rest and "-h" not in rest:
         _import_tensorflow_quietly()
     _setup_logging(verbose)
@@ -195,11 +212,13 @@ def _run(command: str, rest: list[str], verbose: bool) -> int:
             print(exc.text, flush=True)
         print(f"weakloc {command}: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except SystemExit:
-        raise
+    except SystemExit as exc:  # argparse: --help (0) or a flag mistake, already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt from None
         if verbose:
             raise
         print(f"weakloc {command}: error: {type(exc).__name__}: {_one_line(exc)} (run with --verbose for the "
