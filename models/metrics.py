@@ -88,6 +88,23 @@ def _xyxy(d) -> list[float]:
     return [d["xmin"], d["ymin"], d["xmax"], d["ymax"]]
 
 
+def _truth_by_class(row: dict) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for g in row.get("gt_boxes") or ():
+        out.setdefault(int(g["class_id"]), []).append(_xyxy(g))
+    return out
+
+
+def image_ious(row: dict) -> dict[int, float]:
+    """{true class id: IoU of weakloc's best box of that class with its best true box (0 without such a box)} of
+    one annotation row (schema.ANNOTATION_SCHEMA as a dict, `gt_boxes` filled)."""
+    out = {}
+    for cid, truths in _truth_by_class(row).items():
+        mine = [_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
+        out[cid] = float(boxlib.box_iou(np.array(mine), np.array(truths)).max()) if mine else 0.0
+    return out
+
+
 def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IOU_LEVELS) -> dict:
     """Localization scores of annotation rows that carry `gt_boxes` (schema.ANNOTATION_SCHEMA as dicts).
 
@@ -104,17 +121,14 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
     pairs = []  # (class id, iou, top1 correct, true boxes, width, height)
     images = top1_hits = 0
     for row in rows:
-        truth_by_class: dict[int, list] = {}
-        for g in row.get("gt_boxes") or ():
-            truth_by_class.setdefault(int(g["class_id"]), []).append(_xyxy(g))
+        truth_by_class = _truth_by_class(row)
         if not truth_by_class:
             continue
         images += 1
         top1 = row["classes"][0]["class_id"] if row.get("classes") else -1
         top1_hits += top1 in truth_by_class
-        for cid, truths in truth_by_class.items():
-            mine = [_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
-            iou = float(boxlib.box_iou(np.array(mine), np.array(truths)).max()) if mine else 0.0
+        for cid, iou in image_ious(row).items():
+            truths = truth_by_class[cid]
             pairs.append((cid, iou, top1 == cid, np.array(truths, np.float32), row["width"], row["height"]))
     if not pairs:
         raise ValueError("no annotation row carries ground-truth boxes: nothing to evaluate")
