@@ -48,6 +48,11 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-total', String(imgs.length));
   document.body.setAttribute('data-images-broken', String(broken));
   document.body.setAttribute('data-errors', String(weaklocErrors));
+  var tops = [], heads = document.querySelectorAll('h2[id]');
+  for (var j = 0; j < heads.length; j++) {
+    tops.push(heads[j].id + ':' + Math.round(heads[j].getBoundingClientRect().top + window.scrollY));
+  }
+  document.body.setAttribute('data-section-tops', tops.join(','));
   if (broken) {
     var note = document.getElementById('broken-note');
     note.textContent = broken + ' of ' + imgs.length + ' pictures failed to load: is the report folder complete?';
