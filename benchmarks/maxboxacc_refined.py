@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from weakloc.models import metrics, refine
+from weakloc.models import metrics, opening, refine
 from weakloc.pipeline import calibrate, inputs
 
 
@@ -33,7 +33,8 @@ def main(argv=None):
     ap.add_argument("--step", type=float, default=0.01)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    model, prep = calibrate.load_cam_model(args.model, None, contrast=args.cam_contrast)
+    opened = opening.open_model(args.model, contrast=args.cam_contrast)
+    model, prep = opened.build(), opened.spec.prep
     cal, ev = maps_of(model, prep, args.calib), maps_of(model, prep, args.eval)
     taus = np.round(np.arange(args.step, 1.0, args.step), 2)
     plain = metrics.sweep_thresholds(ev[0], ev[2], valid=ev[1], taus=taus)

@@ -5,7 +5,6 @@ Pure numpy on whole batches: all chosen maps of a batch are normalised and label
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -63,41 +62,6 @@ class BoxOptions:
 
     def threshold(self, class_id: int) -> float:
         return float(self.per_class.get(int(class_id), self.default_threshold))
-
-
-class ThresholdsError(ValueError):
-    """A --thresholds file that does not fit the model."""
-
-
-def parse_thresholds(doc, class_names: Sequence[str]) -> tuple[float | None, dict[int, float]]:
-    """`{"default": t, "per_class": {"name": t}}` -> (default or None, {class id: t}).
-
-    Raises:
-      ThresholdsError: malformed document, a value outside [0, 1], or a class name the model does not have.
-    """
-    if isinstance(doc, (str, bytes)):
-        doc = json.loads(doc)
-    if not isinstance(doc, dict):
-        raise ThresholdsError(f"thresholds: expected a JSON object, got {type(doc).__name__}")
-    # Other keys (a calibration curve, metadata) are allowed and ignored here.
-    default = doc.get("default")
-    per = doc.get("per_class", {}) or {}
-    if not isinstance(per, dict):
-        raise ThresholdsError(f"thresholds: per_class must be an object of name -> value, got {per!r}")
-
-    def check(name, val):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
-            raise ThresholdsError(f"thresholds: {name} must be a number within [0, 1], got {val!r}")
-        return float(val)
-
-    if default is not None:
-        default = check("default", default)
-    index = {n: i for i, n in enumerate(class_names)}
-    missing = sorted(set(per) - set(index))
-    if missing:
-        raise ThresholdsError(f"thresholds: per_class names {missing} are not classes of the model {list(class_names)}")
-    per_ids = {index[n]: check(f"per_class[{n!r}]", v) for n, v in per.items()}
-    return default, per_ids
 
 
 @dataclasses.dataclass

@@ -12,10 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# A decompression bomb (a few KB of PNG that claims 50,000 x 50,000 pixels) must be refused before Pillow
-# allocates it. 100 MP covers every camera and scanner we expect (a 108 MP phone sensor is the outlier,
-# documented); at 3 bytes a pixel the worst accepted image costs 300 MB while it is being decoded.
-DEFAULT_MAX_PIXELS = 100_000_000
+from . import defaults
+
 
 
 class ImageDecodeError(ValueError):
@@ -80,7 +78,7 @@ def decode_image(
     data: bytes,
     input_size: tuple[int, int],
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = defaults.MAX_PIXELS,
     draft: bool = True,
 ) -> DecodedImage:
     """Decode image bytes and resize (bilinear) to the model input size.

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from . import boxes as boxlib
+from .thresholds import Thresholds
 
 IOU_LEVELS = (0.3, 0.5, 0.7)
 
@@ -187,12 +188,12 @@ class Calibration:
         n = self.counts[c]
         return round((n * self.per_class[c].best_threshold + shrink * t) / (n + shrink), 2)
 
-    def thresholds(self, class_names: Sequence[str], *, shrink: float = 0.0) -> dict:
-        """The `--thresholds` document `weakloc label` reads: {"default": t, "per_class": {name: t}}."""
-        return {
-            "default": self.overall.best_threshold,
-            "per_class": {class_names[c]: self.class_threshold(c, shrink) for c in sorted(self.per_class)},
-        }
+    def thresholds(self, class_names: Sequence[str], *, shrink: float = 0.0) -> Thresholds:
+        """The chosen thresholds, as the `--thresholds` document `weakloc label` reads (per class: shrunk)."""
+        return Thresholds(
+            default=self.overall.best_threshold,
+            per_class={class_names[c]: self.class_threshold(c, shrink) for c in sorted(self.per_class)},
+        )
 
 
 def calibrate(

@@ -1,7 +1,6 @@
 """`weakloc calibrate`: choose CAM thresholds on a few boxed images, for `weakloc label --thresholds`.
 
     weakloc calibrate --input 'shards/calib-*.tfrecord' --model models/digits.keras --output models/digits.thresholds.json
-
     weakloc calibrate --input 'photos/fruit/test/*.jpg' --model fruit.keras --output fruit.thresholds.json
 
 True boxes come from the TFRecord examples, from `--ground_truth VOC_DIR|COCO.json|TFRecords`, or, for image
@@ -16,6 +15,7 @@ the overall choice by `--shrink`). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,12 +24,12 @@ from typing import Sequence
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, metrics, refine, sidecar
-from weakloc.transforms.inference import fetch_to_local
+from weakloc.models import cam, defaults, metrics, refine
+from weakloc.models.thresholds import Thresholds
 
-from . import ground_truth, inputs, progress
-from .options import OptionsError, _read_json
+from . import ground_truth, inputs, options, progress
 from .args import Parser
+from .options import OptionsError
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
                     help="true boxes, matched to the inputs by image id, file name or stem; repeatable (default: "
                          "the boxes the TFRecord examples carry, or VOC XML beside the image files)")
-    ap.add_argument("--model", required=True, help=".keras or .h5 GAP classifier, as for `label`")
-    ap.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
-    ap.add_argument("--min_per_class", type=int, default=10,
+    ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
-    ap.add_argument("--shrink", type=float, default=10.0,
+    ap.add_argument("--shrink", type=float, default=defaults.THRESHOLD_SHRINK,
                     help="pull each class's threshold towards the overall one as if this many more images had "
                          "chosen the overall one (0: no pull)")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
@@ -61,38 +59,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine_boxes", action="store_true",
                     help="also fit a box refinement on these images from each map's profile across thresholds "
                          "(models/refine.py; label applies it); kept only if cross-validation says it helps")
-    ap.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE, help="images per forward pass")
     ap.add_argument("--label_offset", type=int, default=0,
                     help="subtract from integer box labels to get model class ids (as label --label_offset)")
     ap.add_argument("--input_format", choices=("tfrecord", "images"),
                     help="default: inferred from the pattern's extension")
-    ap.add_argument("--unsafe_load", action="store_true",
-                    help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
+    options.add_model_args(ap.add_argument_group("model"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return ap
 
 
-def load_cam_model(model_path: str, sidecar_arg: str | None, *, flip_tta: bool = False, contrast: bool = False,
-                   unsafe: bool = False):
-    """(CamModel, Preprocessing) for a model file and its sidecar, checked as `label` checks them."""
-    if not os.path.exists(model_path) and "://" not in model_path:
-        raise OptionsError(f"--model {model_path} does not exist")
-    keras_model = cam.load_keras_model(fetch_to_local(model_path), safe_mode=not unsafe)
-    head = cam.find_gap_head(keras_model)
-    side = sidecar_arg or sidecar.sidecar_path(model_path)
-    doc = _read_json(side, "sidecar") if os.path.exists(side) else None
-    if doc is None:
-        logger.warning("no sidecar at %s: preprocessing from defaults", side)
-    prep = sidecar.resolve_preprocessing(doc, overrides={}, model_input_size=cam.model_input_size(keras_model),
-                                         num_classes=int(head.dense.kernel.shape[1]))
-    if contrast and len(prep.class_names) < 2:
-        raise OptionsError("--cam_contrast needs a model with at least two classes")
-    model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
-                         flip_tta=flip_tta, contrast=contrast)
-    return model, prep
-
-
-def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64, model_classes: Sequence[str] = ()):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, model_classes: Sequence[str] = ()):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
@@ -111,7 +88,7 @@ def class_maps(model: cam.CamModel, examples, *, batch_size: int = 64, model_cla
             truths.append(ex.gt_boxes[: len(ids)][ids == c] * scale)
     if not pixels:
         raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on "
-                           f"(model classes: {', '.join(model_classes[:10]) or '?'})")
+                           f"(model classes: {', '.join(list(model_classes)[:10]) or '?'})")
     normed, valid, top1 = [], [], []
     classes = np.asarray(classes, np.int32)
     for s in range(0, len(pixels), batch_size):
@@ -135,8 +112,8 @@ def run(argv=None) -> dict:
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
                            "--fit_box_stretch and --boxes union")
-    model, prep = load_cam_model(args.model, args.sidecar, flip_tta=args.flip_tta, contrast=args.cam_contrast,
-                                 unsafe=args.unsafe_load)
+    opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
+    model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
     source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
                          label_offset=args.label_offset, labels_from_folder="no")
     source.ground_truth = _ground_truth(args, source, prep.class_names)
@@ -146,43 +123,17 @@ def run(argv=None) -> dict:
                                                             model_classes=prep.class_names)
     cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
                             mode=args.boxes, min_area=args.min_box_area)
-    doc = cal.thresholds(prep.class_names, shrink=args.shrink)
     sweep = cal.overall
     # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
     taus = np.array([cal.class_threshold(c, args.shrink) for c in classes], np.float32)
-    stretch_note = ""
+    thresholds = dataclasses.replace(cal.thresholds(prep.class_names, shrink=args.shrink),
+                                     cam_contrast=bool(args.cam_contrast))
+    notes = ""
     if args.fit_box_stretch:
-        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
-        if args.boxes == "largest" and len(found.map_index) == len(classes):
-            stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index],
-                                                             model.input_size)
-            doc["box_stretch"] = list(stretch)
-            stretch_note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
-                            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
-        else:
-            logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
-    refine_note = ""
+        thresholds, notes = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
     if args.refine_boxes:
-        try:
-            refiner, rep = refine.fit(normed, taus, truths, valid=valid)
-        except refine.RefineError as exc:
-            raise OptionsError(str(exc)) from None
-        after = rep.refined[rep.chosen_alpha]
-
-        def fmt(acc):
-            return " / ".join(f"{v:.1%}" for v in acc)
-
-        keep = rep.helps
-        refine_note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
-                       f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
-                       f"({'kept' if keep else 'NOT kept: no gain'})\n")
-        if keep:
-            doc["box_refine"] = refiner.to_json()
-        doc["box_refine_fit"] = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha,
-                                 "kept": keep, "cv_accuracy_before": rep.base.tolist(),
-                                 "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
-    doc["cam_contrast"] = bool(args.cam_contrast)
-    doc["calibration"] = {
+        thresholds, notes = _fit_refinement(thresholds, normed, taus, valid, truths)
+    thresholds = dataclasses.replace(thresholds, calibration={
         "model": args.model,
         "inputs": list(args.input),
         "images": used,
@@ -191,25 +142,14 @@ def run(argv=None) -> dict:
         "boxes": args.boxes,
         "min_box_area": args.min_box_area,
         "top1": float(top1.mean()),
-        "max_box_acc_v2": sweep.max_box_acc_v2,
-        "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
-        "levels": list(sweep.levels),
-        "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
         "min_per_class": args.min_per_class,
         "shrink": args.shrink,
-        "per_class": {
-            prep.class_names[c]: {
-                "pairs": cal.counts[c],
-                "fitted_threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
-                "threshold": cal.class_threshold(c, args.shrink) if c in cal.per_class else None,
-                "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
-            }
-            for c in sorted(cal.counts)
-        },
-    }
-    doc["calibration"]["notes"] = [n.rstrip("\n") for n in (stretch_note, refine_note) if n]
-    doc["calibration"]["warnings"] = edge_warnings(doc)
-    doc["calibration"]["output"] = args.output
+        **_sweep_record(cal, prep.class_names, args.shrink),
+        "notes": [notes.rstrip("\n")] if notes else [],
+        "warnings": edge_warnings(thresholds),
+        "output": args.output,
+    })
+    doc = thresholds.to_json()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(doc, f, indent=2)
@@ -219,12 +159,11 @@ def run(argv=None) -> dict:
 EDGE_LOW, EDGE_HIGH = 0.0, 0.99  # the ends of the sweep: a full-image box, or a speck at the hottest pixel
 
 
-def edge_warnings(doc: dict) -> list[str]:
-    """A loud line for every threshold at an end of the sweep (full-image or near-empty boxes)."""
-    found = [("default", doc["default"])] + sorted(doc["per_class"].items())
+def edge_warnings(thresholds: Thresholds) -> list[str]:
+    """A loud line for every threshold at an end of the sweep (full-image or near-empty boxes), also logged."""
     out = []
-    for name, t in found:
-        if t <= EDGE_LOW or t >= EDGE_HIGH:
+    for name, t in [("default", thresholds.default), *sorted(thresholds.per_class.items())]:
+        if t is not None and (t <= EDGE_LOW or t >= EDGE_HIGH):
             what = "full-image boxes" if t <= EDGE_LOW else "boxes around the hottest pixels only"
             out.append(f"WARNING: threshold {name} = {t:.2f} is at the end of the sweep and gives {what}: the CAMs "
                        "do not localise these images; check the model and the boxes before labelling with it")
@@ -264,9 +203,61 @@ def _ground_truth(args, source, class_names):
         logger.info("true boxes from VOC XML beside the images: %s", ", ".join(truth.origin[:3]))
     else:
         return None
-    known = set(class_names)
     names = truth.class_names()
-    if names and not known.intersection(names):
+    if names and not set(class_names).intersection(names):
         raise OptionsError(f"the true boxes name {', '.join(names[:8])}, none of which is a model class "
                            f"({', '.join(list(class_names)[:8])})")
     return truth
+
+
+def _fit_stretch(thresholds: Thresholds, normed, taus, valid, truths, args, input_size) -> tuple[Thresholds, str]:
+    """--fit_box_stretch: the (width, height) stretch that best fits the boxes at each map's threshold."""
+    found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
+    if args.boxes != "largest" or len(found.map_index) != len(taus):
+        logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
+        return thresholds, ""
+    stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index], input_size)
+    note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
+            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
+    return dataclasses.replace(thresholds, box_stretch=tuple(stretch)), note
+
+
+def _fit_refinement(thresholds: Thresholds, normed, taus, valid, truths) -> tuple[Thresholds, str]:
+    """--refine_boxes: fit the refinement, kept only where cross-validation shows a gain; its record either way."""
+    try:
+        refiner, rep = refine.fit(normed, taus, truths, valid=valid)
+    except refine.RefineError as exc:
+        raise OptionsError(str(exc)) from None
+    after = rep.refined[rep.chosen_alpha]
+
+    def fmt(acc):
+        return " / ".join(f"{v:.1%}" for v in acc)
+
+    keep = rep.helps
+    note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
+            f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
+            f"({'kept' if keep else 'NOT kept: no gain'})\n")
+    record = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha, "kept": keep,
+              "cv_accuracy_before": rep.base.tolist(),
+              "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
+    return dataclasses.replace(thresholds, box_refine=refiner if keep else None, box_refine_fit=record), note
+
+
+def _sweep_record(cal: metrics.Calibration, class_names, shrink: float) -> dict:
+    """The curve and the per-class choices, as the thresholds file's `calibration` records them."""
+    sweep = cal.overall
+    return {
+        "max_box_acc_v2": sweep.max_box_acc_v2,
+        "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
+        "levels": list(sweep.levels),
+        "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
+        "per_class": {
+            class_names[c]: {
+                "pairs": cal.counts[c],
+                "fitted_threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
+                "threshold": cal.class_threshold(c, shrink) if c in cal.per_class else None,
+                "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
+            }
+            for c in sorted(cal.counts)
+        },
+    }

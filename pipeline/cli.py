@@ -188,10 +188,12 @@ def main(argv=None) -> int:
 
 
 def _run(command: str, rest: list[str], verbose: bool) -> int:
-    from weakloc.models.annotate import ThresholdsError
-    from weakloc.models.cam import ModelFileError, ModelStructureError
     from weakloc.models.export import ExportError
+    from weakloc.models.files import FileFormatError
+    from weakloc.models.graph import ModelStructureError
+    from weakloc.models.opening import ModelFileError
     from weakloc.models.sidecar import SidecarError
+    from weakloc.models.thresholds import ThresholdsError
     from weakloc.models.train import TrainError
 
     from . import calibrate, datasets, demo, evaluate, export, label, report, train
@@ -203,8 +205,8 @@ def _run(command: str, rest: list[str], verbose: bool) -> int:
     module = modules[command]
     try:
         result = module.run(rest)
-    except (OptionsError, ModelStructureError, ModelFileError, SidecarError, ThresholdsError, TrainError,
-            ExportError, IncompleteRunError) as exc:
+    except (OptionsError, ModelStructureError, ModelFileError, FileFormatError, SidecarError, ThresholdsError,
+            TrainError, ExportError, IncompleteRunError) as exc:
         print(f"weakloc {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except EmptyRunError as exc:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ import numpy as np
 from weakloc.models import boxes as boxlib
 from weakloc.models import metrics, records, refine, sidecar, synthetic, train
 from weakloc.models.cam import CamModel
+from weakloc.models.thresholds import Thresholds
+
 from .args import Parser
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ def write_shards(data: synthetic.ShapesSet, directory: str, shards: int, prefix:
     return paths
 
 
-def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep, dict]:
+def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep, Thresholds]:
     """Sweep tau on boxed images using the CAM of each image's true class, then fit the box refinement at the
     chosen tau; returns the sweep and the thresholds document `label` reads."""
     out = model(data.images, extra=data.labels.reshape(-1, 1))
@@ -72,15 +75,15 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
     normed, valid = boxlib.normalize_cams(out.column(k))
     truths = [b[None] for b in data.boxes]
     sweep = metrics.sweep_thresholds(normed, truths, valid=valid)
-    doc = {"default": sweep.best_threshold, "per_class": {}, "cam_contrast": model.contrast,
-           "calibration": {"images": len(data.images), "max_box_acc_v2": sweep.max_box_acc_v2}}
+    doc = Thresholds(default=sweep.best_threshold, cam_contrast=model.contrast,
+                     calibration={"images": len(data.images), "max_box_acc_v2": sweep.max_box_acc_v2})
     try:
         refiner, report = refine.fit(normed, sweep.best_threshold, truths, valid=valid)
     except refine.RefineError as exc:  # e.g. fewer boxed images than a refinement needs
         logger.info("      no box refinement: %s", exc)
         return sweep, doc
     if report.helps:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
-        doc["box_refine"] = refiner.to_json()
+        doc = dataclasses.replace(doc, box_refine=refiner)
     return sweep, doc
 
 
@@ -115,7 +118,7 @@ def run(argv=None) -> dict:
     cam_model = CamModel(keras_model, input_size=size, scale=prep.scale, offset=prep.offset, contrast=True)
     sweep, thresholds = calibrate(cam_model, calib_set)
     with open(os.path.join(model_dir, "shapes.thresholds.json"), "w") as f:
-        json.dump(thresholds, f, indent=2)
+        json.dump(thresholds.to_json(), f, indent=2)
 
     logger.info("%s", "[4/5] labeling the held-out TFRecord shards with the Beam pipeline")
     shard_dir = os.path.join(out_dir, "shards")
@@ -139,7 +142,7 @@ def run(argv=None) -> dict:
         "annotations": os.path.join(labels_dir, "annotations-*.parquet"),
         "summary": os.path.join(labels_dir, "summary.json"),
         "threshold": sweep.best_threshold,
-        "box_refine": "box_refine" in thresholds,
+        "box_refine": thresholds.box_refine is not None,
         "calibration_max_box_acc_v2": round(sweep.max_box_acc_v2, 1),
         "validation_accuracy": fit["val_accuracy"],
         **score,

@@ -18,9 +18,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import boxes, images, records
+from weakloc.models import boxes, defaults, images, records
 from weakloc.models.annotate import resolve_labels
-from weakloc.transforms.read import open_maybe_gzip
+from weakloc.models.files import open_maybe_gzip
 
 from .options import OptionsError, input_layout
 
@@ -164,7 +164,7 @@ def iterate(
     *,
     input_size: Optional[tuple[int, int]] = None,
     label_offset: int = 0,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    max_pixels: int = defaults.MAX_PIXELS,
     keep_texts: bool = False,
 ) -> Iterator[Example]:
     """Every readable input as an Example; decoded to `input_size` when given (undecodable ones are skipped).

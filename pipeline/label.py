@@ -20,8 +20,9 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from weakloc.models.schema import failure_row
 from weakloc.transforms.decode import DecodeDoFn
-from weakloc.transforms.inference import CamModelHandler, forget_model
-from weakloc.transforms.read import FAILURES, NAMESPACE, SKIPPED, ReadInputs
+from weakloc.transforms.inference import CamModelHandler, forget_model, remember_model
+from weakloc.transforms.read import ReadInputs
+from weakloc.transforms.tags import FAILURES, NAMESPACE, SKIPPED
 from weakloc.transforms.write import WriteOutputs, write_json_atomically
 
 from . import options, results
@@ -124,8 +125,9 @@ def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = ap.parse_known_args(argv)
     options.check_beam_args(beam_args, known=ap.option_strings())
     pipeline_options = PipelineOptions(beam_args)
-    config = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner,
-                              keep_model=_workers_in_this_process(pipeline_options))
+    config, method = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
+    # Workers in this process take the method built at launch instead of loading the file again.
+    remember_model(config.spec, method if _workers_in_this_process(pipeline_options) else None)
     if config.overwrite:
         options.remove_previous_outputs(config.output)
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.

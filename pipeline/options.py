@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import logging
 import posixpath
 import re
@@ -16,10 +16,9 @@ from typing import Any, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, gradcam, groundtruth, images, refine, sidecar, zoo
-from weakloc.transforms.decode import DEFAULT_DECODE_THREADS
-from weakloc.transforms.inference import ModelSpec, fetch_to_local, remember_model
-from weakloc.transforms.read import DEFAULT_MAX_FILE_BYTES
+from weakloc.models import annotate, cam, defaults, files, groundtruth, opening, sidecar, zoo
+from weakloc.models.cam import CamMethod
+from weakloc.models.thresholds import Thresholds, ThresholdsError, parse_stretch
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +30,28 @@ OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json")
 
 class OptionsError(ValueError):
     """A flag or a file named by a flag that cannot work; the message says what was expected."""
+
+
+def add_model_args(group) -> None:
+    """The flags that name a model and how to read it, for every command that runs one (`open_model_from_args`)."""
+    group.add_argument("--model", required=True,
+                       help=".keras or .h5 classifier (local, gs://, s3://), or keras:NAME for a keras.applications "
+                            "ImageNet classifier (keras:MobileNetV2, keras:ResNet50, keras:EfficientNetB0, ...)")
+    group.add_argument("--keras_weights", default="imagenet",
+                       help="with --model keras:NAME: imagenet (downloaded by Keras), none (random, for tests), or "
+                            "a weights file of that architecture (local, gs://)")
+    group.add_argument("--method", choices=tuple(opening.METHODS), default="cam",
+                       help="cam: GAP + Dense heads, maps from the Dense kernel in the forward pass; gradcam: any "
+                            "head ending in class scores, maps from gradients (slower)")
+    group.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
+    group.add_argument("--dense_layer", help="--method cam: name of the Dense layer whose kernel weighs the features")
+    group.add_argument("--input_size", help="H,W; overrides the sidecar")
+    group.add_argument("--scale", type=float, help="model input = pixels * scale + offset; overrides the sidecar")
+    group.add_argument("--offset", type=float, help="see --scale; overrides the sidecar")
+    group.add_argument("--class_names", help="comma-separated names in output order; overrides the sidecar")
+    group.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
+    group.add_argument("--unsafe_load", action="store_true",
+                       help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
 
 
 def add_label_args(parser: argparse.ArgumentParser) -> None:
@@ -54,39 +75,22 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                     help="earlier weakloc output directories: inputs whose image id one of them annotated are "
                          "skipped (counted in the summary), so a nightly run labels only what is new")
     io.add_argument("--num_shards", type=int, default=0, help="Parquet files per table (0: the runner decides)")
-    io.add_argument("--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+    io.add_argument("--max_file_bytes", type=int, default=defaults.MAX_FILE_BYTES,
                     help="refuse image files larger than this, from their listed size, before reading them")
-    io.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+    io.add_argument("--max_pixels", type=int, default=defaults.MAX_PIXELS,
                     help="refuse images with more pixels than this (decompression bombs)")
 
     mdl = parser.add_argument_group("model")
-    mdl.add_argument("--model", required=True,
-                     help=".keras or .h5 classifier (local, gs://, s3://), or keras:NAME for a keras.applications "
-                          "ImageNet classifier (keras:MobileNetV2, keras:ResNet50, keras:EfficientNetB0, ...)")
-    mdl.add_argument("--keras_weights", default="imagenet",
-                     help="with --model keras:NAME: imagenet (downloaded by Keras), none (random, for tests), or "
-                          "a weights file of that architecture (local, gs://)")
-    mdl.add_argument("--method", choices=("cam", "gradcam"), default="cam",
-                     help="cam: GAP + Dense heads, maps from the Dense kernel in the forward pass; gradcam: any "
-                          "head ending in class scores, maps from gradients (slower)")
-    mdl.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
-    mdl.add_argument("--dense_layer", help="--method cam: name of the Dense layer whose kernel weighs the features")
-    mdl.add_argument("--input_size", help="H,W; overrides the sidecar")
-    mdl.add_argument("--scale", type=float, help="model input = pixels * scale + offset; overrides the sidecar")
-    mdl.add_argument("--offset", type=float, help="see --scale; overrides the sidecar")
-    mdl.add_argument("--class_names", help="comma-separated names in output order; overrides the sidecar")
-    mdl.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
-    mdl.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
-    mdl.add_argument("--decode_threads", type=int, default=DEFAULT_DECODE_THREADS,
+    add_model_args(mdl)
+    mdl.add_argument("--batch_size", type=int, default=defaults.BATCH_SIZE, help="images per forward pass")
+    mdl.add_argument("--decode_threads", type=int, default=defaults.DECODE_THREADS,
                      help="threads per worker that decode images ahead of the forward pass, up to two batches "
                           "ahead (0: decode in the worker's own thread, between forward passes)")
-    mdl.add_argument("--unsafe_load", action="store_true",
-                     help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
 
     box = parser.add_argument_group("CAM to boxes")
     box.add_argument("--classes", choices=annotate.CLASS_MODES, default="predicted",
                      help="which classes get boxes: the top predictions, the image's own labels, or both")
-    box.add_argument("--top_k", type=int, default=1, help="predicted classes per image")
+    box.add_argument("--top_k", type=int, default=defaults.TOP_K, help="predicted classes per image")
     box.add_argument("--min_score", type=float, default=0.0, help="predicted classes below this get no box")
     box.add_argument("--cam_threshold", type=float,
                      help="tau: keep pixels >= tau of the normalised CAM (default: the thresholds file's "
@@ -97,7 +101,7 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
                      help="one box per class around the largest component, every component, or one box "
                           "around all of them")
-    box.add_argument("--min_box_area", type=float, default=0.01,
+    box.add_argument("--min_box_area", type=float, default=defaults.MIN_BOX_AREA,
                      help="--boxes all|union: smallest component kept, as a fraction of the image")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
     box.add_argument("--box_stretch", metavar="FW,FH",
@@ -125,14 +129,14 @@ class LabelConfig:
     num_shards: int
     max_pixels: int
     max_file_bytes: int
-    spec: ModelSpec
+    spec: opening.ModelSpec
     box: annotate.BoxOptions
     batch_size: int
     sidecar_used: Optional[str]
     thresholds_used: Optional[str]
     skip_patterns: list[str] = dataclasses.field(default_factory=list)
     previous: list[dict] = dataclasses.field(default_factory=list)
-    decode_threads: int = DEFAULT_DECODE_THREADS
+    decode_threads: int = defaults.DECODE_THREADS
 
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
@@ -217,15 +221,16 @@ def infer_input_format(pattern: str) -> str:
     )
 
 
-def _read_json(path: str, what: str) -> Any:
+def read_json(path: str, what: str) -> Any:
+    """The JSON at `path`; a file that does not parse is an OptionsError naming `what`."""
     try:
-        with FileSystems.open(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise OptionsError(f"{what} {path} is not valid JSON: {exc}") from exc
+        return files.read_json(path, what)
+    except files.FileFormatError as exc:
+        raise OptionsError(str(exc)) from None
 
 
-def _parse_size(value: Optional[str]):
+def parse_size(value: Optional[str]):
+    """`--input_size H,W` (or HxW) -> [H, W]; None when not given."""
     if value is None:
         return None
     try:
@@ -235,15 +240,254 @@ def _parse_size(value: Optional[str]):
     return [h, w]
 
 
-def _parse_stretch(value, what: str) -> tuple[float, float]:
+def open_model_from_args(args: argparse.Namespace, **method_options) -> opening.OpenedModel:
+    """`opening.open_model` with the model flags every command shares (`--model`, `--sidecar`, `--keras_weights`,
+    `--method`, `--feature_layer`, `--dense_layer`, the preprocessing overrides, `--unsafe_load`); flags a command
+    does not have take their defaults. Errors about files and options become OptionsError."""
+    get = functools.partial(getattr, args)
+    overrides = {
+        "input_size": parse_size(get("input_size", None)),
+        "scale": get("scale", None),
+        "offset": get("offset", None),
+        "class_names": sidecar.class_names_from_flag(get("class_names", None)),
+    }
     try:
-        parts = value.split(",") if isinstance(value, str) else list(value)
-        fw, fh = (float(v) for v in parts)
-    except (TypeError, ValueError):
-        raise OptionsError(f"{what} expects two factors FW,FH (e.g. 0.85,1.3), got {value!r}") from None
-    if not (0.0 < fw <= 4.0 and 0.0 < fh <= 4.0):
-        raise OptionsError(f"{what} factors must lie within (0, 4], got {fw}, {fh}")
-    return fw, fh
+        return opening.open_model(
+            args.model, sidecar_path=get("sidecar", None), overrides=overrides, method=get("method", "cam"),
+            feature_layer=get("feature_layer", None), dense_layer=get("dense_layer", None),
+            keras_weights=get("keras_weights", "imagenet"), safe_mode=not get("unsafe_load", False),
+            **method_options,
+        )
+    except (opening.ModelFileError, files.FileFormatError) as exc:
+        raise OptionsError(str(exc)) from None
+
+
+def build_method(opened: opening.OpenedModel, spec: opening.ModelSpec, top_k: int) -> CamMethod:
+    """The runnable method of `spec` on the opened model; what it cannot do with this model is an OptionsError."""
+    try:
+        return spec.build(opened.keras_model, top_k=top_k)
+    except cam.ModelStructureError:
+        raise
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+
+
+# Runners whose workers run on other machines and cannot see the launcher's local files.
+REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+
+
+def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple[LabelConfig, CamMethod]:
+    """Check every flag and the files they name, in steps; open the model once and build its method.
+
+    `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
+    Returns the configuration and the method built at launch (`label.prepare` decides whether to keep it).
+
+    Raises:
+      OptionsError, cam.ModelStructureError, sidecar.SidecarError, thresholds.ThresholdsError.
+    """
+    check_flags(args)
+    check_remote_paths(args, runner)
+    input_format, folder_labels = check_inputs(args)
+    check_output(args)
+    previous_docs = read_previous_runs(args)
+    opened = open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
+    if folder_labels:
+        warn_folder_labels(args, opened.spec.class_names)
+    thr, thr_path = read_thresholds(args)
+    box, contrast = box_options(args, opened, thr, thr_path)
+    try:
+        spec = dataclasses.replace(opened.spec, contrast=contrast)
+    except opening.ModelFileError as exc:
+        raise OptionsError(str(exc)) from None
+    method = build_method(opened, spec, box.top_k)
+    previous, skip_patterns = previous_runs(previous_docs, spec)
+    config = LabelConfig(
+        skip_patterns=skip_patterns,
+        previous=previous,
+        inputs=list(args.input),
+        input_format=input_format,
+        folder_labels=folder_labels,
+        label_offset=args.label_offset,
+        output=args.output,
+        overwrite=args.overwrite,
+        num_shards=args.num_shards,
+        max_pixels=args.max_pixels,
+        max_file_bytes=args.max_file_bytes,
+        spec=spec,
+        box=box,
+        batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
+        sidecar_used=opened.sidecar_used,
+        thresholds_used=thr_path,
+    )
+    return config, method
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """What the flags alone can tell, before any file is read (the box options check theirs in BoxOptions)."""
+    try:
+        opening.check_keras_weights(args.model, args.keras_weights)
+    except opening.ModelFileError as exc:
+        raise OptionsError(str(exc)) from None
+    for name in ("batch_size", "max_pixels", "max_file_bytes"):
+        if getattr(args, name) < 1:
+            raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.decode_threads < 0:
+        raise OptionsError(f"--decode_threads must be >= 0, got {args.decode_threads}")
+
+
+def check_remote_paths(args: argparse.Namespace, runner: Optional[str]) -> None:
+    """On a runner whose workers run elsewhere, every path they read or write must be on a shared filesystem."""
+    if not (runner and runner.split(".")[-1] in REMOTE_RUNNERS):
+        return
+    keras_app = zoo.is_keras_application(args.model)
+    paths = [("output", args.output)] + [("input", i) for i in args.input]
+    if keras_app and args.keras_weights not in ("imagenet", "none"):
+        paths.append(("keras_weights", args.keras_weights))
+    if not keras_app:  # keras:NAME is built on each worker, nothing to read
+        paths.append(("model", args.model))
+    local = [f"--{k} {v}" for k, v in paths if "://" not in v]
+    if local:
+        raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
+                           "shared filesystem) for the model, inputs and output")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[str, bool]:
+    """Every pattern must match something now, so an empty nightly drop fails at once, not on a worker."""
+    for pattern in args.input:
+        if not FileSystems.match([pattern])[0].metadata_list:
+            raise OptionsError(f"--input {pattern!r} matches no file")
+    return input_layout(args.input, args.input_format, args.labels_from_folder)
+
+
+def warn_folder_labels(args: argparse.Namespace, class_names) -> None:
+    """Labels from parent folders that name no model class (kangaroo/images/*.jpg): say so at launch."""
+    folders = {posixpath.basename(posixpath.dirname(m.path))
+               for pattern in args.input for m in FileSystems.match([pattern])[0].metadata_list}
+    problem = groundtruth.folder_label_problem(folders, class_names)
+    if problem:
+        logger.warning("%s%s", problem, "; --classes labels will box nothing" if args.classes == "labels" else "")
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Never mix a new run's files with an old one's."""
+    existing = _existing_outputs(args.output)
+    if existing and not args.overwrite:
+        raise OptionsError(
+            f"--output {args.output} already holds weakloc output ({len(existing)} files, e.g. {existing[0]}); "
+            "pass --overwrite to replace it or choose a new directory"
+        )
+
+
+def read_previous_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(directory, summary) of each --skip_labeled output; each must be a finished run (summary.json is last)."""
+    docs = []
+    for prev in args.skip_labeled:
+        if prev.rstrip("/") == args.output.rstrip("/"):
+            raise OptionsError(f"--skip_labeled {prev} is --output itself; name the previous run's directory")
+        summary_path = FileSystems.join(prev.rstrip("/"), "summary.json")
+        if not FileSystems.exists(summary_path):
+            raise OptionsError(f"--skip_labeled {prev} holds no summary.json: expected the output directory of a "
+                               "finished weakloc run")
+        docs.append((prev, read_json(summary_path, "summary")))
+    return docs
+
+
+def previous_runs(previous_docs: list[tuple[str, dict]], spec: opening.ModelSpec) -> tuple[list[dict], list[str]]:
+    """The summary's record of each earlier output, and the annotation tables whose ids are skipped."""
+    previous, skip_patterns = [], []
+    for prev, doc in previous_docs:
+        model = doc.get("model") or {}
+        entry = {
+            "output": prev,
+            "model": model.get("name"),
+            "sha256_16": model.get("sha256_16"),
+            "same_model": model.get("sha256_16") == spec.fingerprint,
+            "annotated": (doc.get("counts") or {}).get("annotated"),
+        }
+        previous.append(entry)
+        if not entry["same_model"]:
+            logger.warning("--skip_labeled %s was labelled with %s, this run uses %s; the union mixes models",
+                           prev, entry["model"], spec.name)
+        pattern = FileSystems.join(prev.rstrip("/"), "annotations-*.parquet")
+        if FileSystems.match([pattern])[0].metadata_list:
+            skip_patterns.append(pattern)
+    return previous, skip_patterns
+
+
+def read_thresholds(args: argparse.Namespace) -> tuple[Optional[Thresholds], Optional[str]]:
+    """The thresholds file (--thresholds, else `<model>.thresholds.json` beside the model), or (None, None)."""
+    thr_path = args.thresholds
+    if thr_path is None and not zoo.is_keras_application(args.model):
+        beside = posixpath.splitext(args.model)[0] + ".thresholds.json"
+        if FileSystems.exists(beside):
+            thr_path = beside
+            logger.warning("using calibrated thresholds found beside the model: %s", beside)
+    if thr_path is None:
+        return None, None
+    if not FileSystems.exists(thr_path):
+        raise OptionsError(f"--thresholds {thr_path} does not exist")
+    return Thresholds.from_json(read_json(thr_path, "thresholds"), where=thr_path), thr_path
+
+
+def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Optional[Thresholds],
+                thr_path: Optional[str]) -> tuple[annotate.BoxOptions, bool]:
+    """Box options from the flags over the thresholds file (flag > file > default), and whether CAMs are contrast
+    CAMs (the flag, or the file's record of what it was calibrated on)."""
+    thr = thr or Thresholds()
+    contrast = args.cam_contrast
+    if thr.cam_contrast is not None:
+        # Thresholds and refinement were chosen on these maps: label with the same kind.
+        if args.cam_contrast and not thr.cam_contrast:
+            logger.warning("--cam_contrast, but %s was calibrated on plain CAMs", thr_path)
+        contrast = contrast or thr.cam_contrast
+    flip = thr.calibrated_flip_tta()
+    if flip is not None and flip != args.flip_tta:
+        logger.warning("%s was calibrated %s --flip_tta but this run is %s it", thr_path,
+                       "with" if flip else "without", "with" if args.flip_tta else "without")
+    stretch = thr.box_stretch or (1.0, 1.0)
+    if args.box_stretch is not None:
+        try:
+            stretch = parse_stretch(args.box_stretch, "--box_stretch")
+        except ThresholdsError as exc:
+            raise OptionsError(str(exc)) from None
+    refiner = None if args.no_box_refine else thr.box_refine
+    if refiner is not None:
+        # The refinement reads a map's boxes relative to its box at the calibrated threshold: anything that
+        # changes that box, or the boxes it is fitted on, makes its corrections meaningless.
+        conflicts = [
+            ("--box_stretch", args.box_stretch is not None),
+            ("the file's box_stretch", args.box_stretch is None and tuple(stretch) != (1.0, 1.0)),
+            (f"--boxes {args.boxes}", args.boxes != "largest"),
+            ("--cam_threshold", args.cam_threshold is not None),
+            ("--method gradcam", args.method == "gradcam"),
+        ]
+        for what, present in conflicts:
+            if present:
+                raise OptionsError(f"the box refinement in {thr_path} was fitted on largest-component CAM boxes at "
+                                   f"the file's thresholds; it cannot be combined with {what}: pass --no_box_refine "
+                                   "to label without it")
+    if contrast and args.method == "gradcam":
+        raise OptionsError(f"{thr_path} was calibrated on contrast CAMs, which --method gradcam cannot make")
+    tau = args.cam_threshold if args.cam_threshold is not None else thr.default
+    try:
+        box = annotate.BoxOptions(
+            classes=args.classes,
+            top_k=args.top_k,
+            min_score=args.min_score,
+            default_threshold=defaults.CAM_THRESHOLD if tau is None else tau,
+            per_class=thr.class_ids(opened.spec.class_names),
+            mode=args.boxes,
+            min_area=args.min_box_area,
+            emit_cams=args.emit_cams,
+            stretch=stretch,
+            refine=refiner,
+        )
+    except ThresholdsError:
+        raise
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+    return box, contrast
 
 
 def check_beam_args(beam_args: list[str], known: Sequence[str] = ()) -> None:
@@ -279,283 +523,6 @@ def _existing_outputs(output: str) -> list[str]:
             continue
         found.extend(m.path for m in result.metadata_list)
     return found
-
-
-# Runners whose workers run on other machines and cannot see the launcher's local files.
-REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
-
-
-def validate(args: argparse.Namespace, *, runner: Optional[str] = None, keep_model: bool = False) -> LabelConfig:
-    """Check every flag and the files they name; load the model once to read its structure.
-
-    `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
-    `keep_model`: the workers run in this process, so the loaded model is kept for them
-    (`transforms.inference.remember_model`) instead of being loaded again; otherwise nothing is kept.
-
-    Raises:
-      OptionsError, cam.ModelStructureError, sidecar.SidecarError, annotate.ThresholdsError.
-    """
-    for name in ("batch_size", "top_k"):
-        if getattr(args, name) < 1:
-            raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_pixels", "max_file_bytes"):
-        if getattr(args, name) < 1:
-            raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.decode_threads < 0:
-        raise OptionsError(f"--decode_threads must be >= 0, got {args.decode_threads}")
-    for name in ("min_score", "cam_threshold", "min_box_area"):
-        val = getattr(args, name)
-        if val is not None and not 0.0 <= val <= 1.0:
-            raise OptionsError(f"--{name} must be within [0, 1], got {val}")
-
-    keras_app = zoo.is_keras_application(args.model)
-    if args.keras_weights != "imagenet" and not keras_app:
-        raise OptionsError(f"--keras_weights goes with --model keras:NAME, not with --model {args.model}")
-    weights_file = args.keras_weights if keras_app and args.keras_weights not in ("imagenet", "none") else None
-    if runner and runner.split(".")[-1] in REMOTE_RUNNERS:
-        paths = [("output", args.output)] + [("input", i) for i in args.input]
-        if weights_file:
-            paths.append(("keras_weights", weights_file))
-        if not keras_app:  # keras:NAME is built on each worker, nothing to read
-            paths.append(("model", args.model))
-        local = [f"--{k} {v}" for k, v in paths if "://" not in v]
-        if local:
-            raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
-                               "shared filesystem) for the model, inputs and output")
-
-    # Inputs: every pattern must match something now, so an empty nightly drop fails at once, not on a worker.
-    folders = set()
-    for pattern in args.input:
-        matched = FileSystems.match([pattern])[0].metadata_list
-        if not matched:
-            raise OptionsError(f"--input {pattern!r} matches no file")
-        folders.update(posixpath.basename(posixpath.dirname(m.path)) for m in matched)
-    input_format, folder_labels = input_layout(args.input, args.input_format, args.labels_from_folder)
-
-    # Output: never mix a new run's files with an old one's.
-    existing = _existing_outputs(args.output)
-    if existing and not args.overwrite:
-        raise OptionsError(
-            f"--output {args.output} already holds weakloc output ({len(existing)} files, e.g. {existing[0]}); "
-            "pass --overwrite to replace it or choose a new directory"
-        )
-
-    # Earlier outputs to skip: each must be a finished weakloc run (its summary.json is written last).
-    previous_docs = []
-    for prev in args.skip_labeled:
-        if prev.rstrip("/") == args.output.rstrip("/"):
-            raise OptionsError(f"--skip_labeled {prev} is --output itself; name the previous run's directory")
-        summary_path = FileSystems.join(prev.rstrip("/"), "summary.json")
-        if not FileSystems.exists(summary_path):
-            raise OptionsError(f"--skip_labeled {prev} holds no summary.json: expected the output directory of a "
-                               "finished weakloc run")
-        previous_docs.append((prev, _read_json(summary_path, "summary")))
-
-    # Model: fingerprint the bytes (or build a keras.applications classifier), load once, find the head,
-    # reconcile with the sidecar.
-    if args.method == "gradcam" and args.flip_tta:
-        raise OptionsError("--flip_tta averages CAMs of the one-pass method; it is not available with --method gradcam")
-    if args.method == "gradcam" and args.cam_contrast:
-        raise OptionsError("--cam_contrast changes the weights of the one-pass CAM; it is not available with "
-                           "--method gradcam")
-    if args.method == "gradcam" and args.dense_layer:
-        raise OptionsError("--dense_layer is for --method cam; Grad-CAM differentiates the class scores at the output")
-    if keras_app:
-        keras_model, base_doc, fingerprint, name = _keras_application(args, weights_file)
-    else:
-        if not FileSystems.exists(args.model):
-            raise OptionsError(f"--model {args.model} does not exist")
-        local = fetch_to_local(args.model)
-        with open(local, "rb") as f:
-            fingerprint = cam.file_fingerprint(f.read())
-        keras_model = cam.load_keras_model(local, safe_mode=not args.unsafe_load)
-        base_doc, name = {}, f"{posixpath.basename(args.model)}@sha256:{fingerprint}"
-    num_classes = _find_head(keras_model, args)
-    side_path = args.sidecar or (None if keras_app else sidecar.sidecar_path(args.model))
-    side_doc = None
-    if side_path and FileSystems.exists(side_path):
-        side_doc = _read_json(side_path, "sidecar")
-    elif args.sidecar:
-        raise OptionsError(f"--sidecar {args.sidecar} does not exist")
-    elif not keras_app:
-        logger.warning("no sidecar at %s; preprocessing comes from flags and defaults", side_path)
-        side_path = None
-    if base_doc:
-        side_doc = {**base_doc, **(side_doc or {})}
-    overrides = {
-        "input_size": _parse_size(args.input_size),
-        "scale": args.scale,
-        "offset": args.offset,
-        "class_names": sidecar.class_names_from_flag(args.class_names),
-    }
-    prep = sidecar.resolve_preprocessing(
-        side_doc, overrides=overrides, model_input_size=cam.model_input_size(keras_model), num_classes=num_classes
-    )
-
-    if folder_labels:
-        problem = groundtruth.folder_label_problem(folders, prep.class_names)
-        if problem:
-            logger.warning("%s%s", problem, "; --classes labels will box nothing" if args.classes == "labels" else "")
-
-    # Thresholds: flag > thresholds file > 0.2.
-    thr_path = args.thresholds
-    if thr_path is None and not keras_app:
-        beside = posixpath.splitext(args.model)[0] + ".thresholds.json"
-        if FileSystems.exists(beside):
-            thr_path = beside
-            logger.warning("using calibrated thresholds found beside the model: %s", beside)
-    file_default, per_class, stretch, refiner, contrast = None, {}, (1.0, 1.0), None, args.cam_contrast
-    if thr_path is not None:
-        if not FileSystems.exists(thr_path):
-            raise OptionsError(f"--thresholds {thr_path} does not exist")
-        thr_doc = _read_json(thr_path, "thresholds")
-        file_default, per_class = annotate.parse_thresholds(thr_doc, prep.class_names)
-        if isinstance(thr_doc, dict) and thr_doc.get("box_stretch") is not None:
-            stretch = _parse_stretch(thr_doc["box_stretch"], f"box_stretch in {thr_path}")
-        if isinstance(thr_doc, dict) and thr_doc.get("box_refine") is not None and not args.no_box_refine:
-            try:
-                refiner = refine.BoxRefiner.from_json(thr_doc["box_refine"])
-            except refine.RefineError as exc:
-                raise OptionsError(f"{exc} (in {thr_path})") from None
-        if isinstance(thr_doc, dict) and thr_doc.get("cam_contrast") is not None:
-            # Thresholds and refinement were chosen on these maps: label with the same kind.
-            if not isinstance(thr_doc["cam_contrast"], bool):
-                raise OptionsError(f"cam_contrast in {thr_path} must be true or false")
-            if args.cam_contrast and not thr_doc["cam_contrast"]:
-                logger.warning("--cam_contrast, but %s was calibrated on plain CAMs", thr_path)
-            contrast = contrast or thr_doc["cam_contrast"]
-        calibrated = (thr_doc.get("calibration") or {}) if isinstance(thr_doc, dict) else {}
-        if isinstance(calibrated, dict) and calibrated.get("flip_tta") not in (None, args.flip_tta):
-            logger.warning("%s was calibrated %s --flip_tta but this run is %s it", thr_path,
-                           "with" if calibrated["flip_tta"] else "without", "with" if args.flip_tta else "without")
-    if args.box_stretch is not None:
-        stretch = _parse_stretch(args.box_stretch, "--box_stretch")
-    if refiner is not None:
-        # The refinement reads a map's boxes relative to its box at the calibrated threshold: anything that
-        # changes that box, or the boxes it is fitted on, makes its corrections meaningless.
-        conflicts = [
-            ("--box_stretch", args.box_stretch is not None),
-            ("the file's box_stretch", args.box_stretch is None and tuple(stretch) != (1.0, 1.0)),
-            (f"--boxes {args.boxes}", args.boxes != "largest"),
-            ("--cam_threshold", args.cam_threshold is not None),
-            ("--method gradcam", args.method == "gradcam"),
-        ]
-        for what, present in conflicts:
-            if present:
-                raise OptionsError(f"the box refinement in {thr_path} was fitted on largest-component CAM boxes at "
-                                   f"the file's thresholds; it cannot be combined with {what}: pass --no_box_refine "
-                                   "to label without it")
-    if contrast and args.method == "gradcam":
-        raise OptionsError(f"{thr_path} was calibrated on contrast CAMs, which --method gradcam cannot make")
-    tau = args.cam_threshold if args.cam_threshold is not None else file_default
-    if tau is None:
-        tau = 0.2
-    box = annotate.BoxOptions(
-        classes=args.classes,
-        top_k=args.top_k,
-        min_score=args.min_score,
-        default_threshold=tau,
-        per_class=per_class,
-        mode=args.boxes,
-        min_area=args.min_box_area,
-        emit_cams=args.emit_cams,
-        stretch=stretch,
-        refine=refiner,
-    )
-    if contrast and num_classes < 2:
-        raise OptionsError("--cam_contrast needs a model with at least two classes")
-    if args.top_k > num_classes:
-        raise OptionsError(f"--top_k {args.top_k} is larger than the model's {num_classes} classes")
-    spec = ModelSpec(
-        path=args.model,
-        name=name,
-        fingerprint=fingerprint,
-        input_size=prep.input_size,
-        scale=prep.scale,
-        offset=prep.offset,
-        class_names=prep.class_names,
-        feature_layer=args.feature_layer,
-        dense_layer=args.dense_layer,
-        safe_mode=not args.unsafe_load,
-        method=args.method,
-        keras_weights=None if args.keras_weights == "none" else (weights_file or args.keras_weights),
-        flip_tta=args.flip_tta,
-        contrast=contrast,
-    )
-    remember_model(spec, keras_model if keep_model else None)
-    previous, skip_patterns = [], []
-    for prev, doc in previous_docs:
-        model = doc.get("model") or {}
-        entry = {
-            "output": prev,
-            "model": model.get("name"),
-            "sha256_16": model.get("sha256_16"),
-            "same_model": model.get("sha256_16") == fingerprint,
-            "annotated": (doc.get("counts") or {}).get("annotated"),
-        }
-        previous.append(entry)
-        if not entry["same_model"]:
-            logger.warning("--skip_labeled %s was labelled with %s, this run uses %s; the union mixes models",
-                           prev, entry["model"], spec.name)
-        pattern = FileSystems.join(prev.rstrip("/"), "annotations-*.parquet")
-        if FileSystems.match([pattern])[0].metadata_list:
-            skip_patterns.append(pattern)
-    return LabelConfig(
-        skip_patterns=skip_patterns,
-        previous=previous,
-        inputs=list(args.input),
-        input_format=input_format,
-        folder_labels=folder_labels,
-        label_offset=args.label_offset,
-        output=args.output,
-        overwrite=args.overwrite,
-        num_shards=args.num_shards,
-        max_pixels=args.max_pixels,
-        max_file_bytes=args.max_file_bytes,
-        spec=spec,
-        box=box,
-        batch_size=args.batch_size,
-        decode_threads=args.decode_threads,
-        sidecar_used=side_path,
-        thresholds_used=thr_path,
-    )
-
-
-def _keras_application(args, weights_file):
-    """--model keras:NAME: build it now (downloading ImageNet weights if need be) so failures show at launch.
-
-    Returns (keras model, sidecar-like doc with its preprocessing and ImageNet names, fingerprint, row name).
-    """
-    weights = {"imagenet": "imagenet", "none": None}.get(args.keras_weights, weights_file)
-    fingerprint, label = "", args.keras_weights
-    if weights_file:
-        if not FileSystems.exists(weights_file):
-            raise OptionsError(f"--keras_weights {weights_file} does not exist")
-        weights = fetch_to_local(weights_file)
-        with open(weights, "rb") as f:
-            fingerprint = cam.file_fingerprint(f.read())  # of the weights file, checked on every worker
-        label = "sha256:" + fingerprint
-    elif weights is None:
-        logger.warning("--keras_weights none: %s gets random weights; its boxes mean nothing", args.model)
-    try:
-        model, prep = zoo.build(args.model, weights=weights)
-    except zoo.ZooError as exc:
-        raise OptionsError(str(exc)) from exc
-    return model, prep.to_json(), fingerprint, f"{args.model}@{label}"
-
-
-def _find_head(keras_model, args) -> int:
-    """Check the model has the head --method needs; returns its class count."""
-    if args.method == "gradcam":
-        head = gradcam.find_gradcam_head(keras_model, feature_layer=args.feature_layer)
-        logger.info("Grad-CAM target: %s", head.description)
-        return head.num_classes
-    try:
-        head = cam.find_gap_head(keras_model, feature_layer=args.feature_layer, dense_layer=args.dense_layer)
-    except cam.ModelStructureError as exc:
-        raise cam.ModelStructureError(f"{exc}; --method gradcam handles other heads (slower)") from exc
-    logger.info("GAP head: %s", head.description)
-    return int(head.dense.kernel.shape[1])
 
 
 def remove_previous_outputs(output: str) -> None:

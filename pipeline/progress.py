@@ -15,8 +15,7 @@ from typing import Any, Optional, TextIO
 from apache_beam.metrics.metric import MetricsFilter
 
 from weakloc.transforms import progress as tally
-from weakloc.transforms.inference import BATCH_DONE
-from weakloc.transforms.read import NAMESPACE
+from weakloc.transforms.tags import BATCH_DONE, NAMESPACE
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import records
-from weakloc.transforms.read import open_maybe_gzip
+from weakloc.models.files import open_maybe_gzip
 
 logger = logging.getLogger(__name__)
 

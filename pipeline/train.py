@@ -21,8 +21,8 @@ import time
 from weakloc.models import sidecar, train
 
 from . import ground_truth, inputs
-from .options import OptionsError, _parse_size
 from .args import Parser
+from .options import OptionsError, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def run(argv=None) -> dict:
                 ", ".join(source.class_names))
     if len(source.class_names) < 2:
         raise OptionsError(f"need at least 2 classes to train a classifier, found {list(source.class_names)}")
-    size = _parse_size(args.input_size)
+    size = parse_size(args.input_size)
     if size is None:
         size = [96, 96] if args.arch == "small" else [224, 224]
         logger.warning("--input_size not given: using %d,%d", *size)

@@ -1,13 +1,20 @@
 """Accounting: overlapping patterns count a file once, inference failures become well-formed rows, the summary's
 balance is checked against an independent count, and a model replaced mid-run is refused on the worker."""
+import dataclasses
+import hashlib
+
 import pytest
 
 from weakloc.models.annotate import ImageMeta
+from weakloc.models.opening import ModelSpec
+from weakloc.models.sidecar import Preprocessing
 from weakloc.pipeline import label, results
 from weakloc.transforms import inference
 from weakloc.transforms.decode import DecodedInput
 from tests.conftest import RUNNER
 from tests.test_pipeline import folder_tree  # noqa: F401  (module-scoped fixture reused)
+
+TINY_PREP = Preprocessing((32, 32), 1 / 255, 0.0, ("cat", "dog", "bird"))
 
 
 def test_overlapping_patterns_label_each_file_once(folder_tree, tiny_model_path, tmp_path):  # noqa: F811
@@ -33,14 +40,11 @@ def test_failed_batch_becomes_one_row_per_image_with_class_and_message():
 
 
 def test_worker_refuses_a_model_that_changed_since_launch(tiny_model_path):
-    spec = inference.ModelSpec(path=tiny_model_path, name="tiny", input_size=(32, 32), scale=1 / 255, offset=0.0,
-                               class_names=("cat", "dog", "bird"), fingerprint="0" * 16)
+    spec = ModelSpec(path=tiny_model_path, name="tiny", prep=TINY_PREP, fingerprint="0" * 16)
     with pytest.raises(RuntimeError, match="changed since the job started"):
         inference.load_cam_model(spec, top_k=1)
     with open(tiny_model_path, "rb") as f:
-        from weakloc.models.cam import file_fingerprint
-
-        good = inference.ModelSpec(**{**spec.__dict__, "fingerprint": file_fingerprint(f.read())})
+        good = dataclasses.replace(spec, fingerprint=hashlib.sha256(f.read()).hexdigest()[:16])
     assert inference.load_cam_model(good, top_k=1).num_classes == 3
 
 
@@ -85,22 +89,22 @@ def test_reading_a_run_without_summary_is_refused(folder_tree, tiny_model_path, 
 
 
 def test_a_worker_in_the_launching_process_takes_the_model_validated_at_launch(tiny_model_path, monkeypatch):
-    from weakloc.models.cam import file_fingerprint, load_keras_model
+    from weakloc.models import opening
 
     with open(tiny_model_path, "rb") as f:
-        fingerprint = file_fingerprint(f.read())
-    spec = inference.ModelSpec(path=tiny_model_path, name="tiny", input_size=(32, 32), scale=1 / 255, offset=0.0,
-                               class_names=("cat", "dog", "bird"), fingerprint=fingerprint)
-    validated = load_keras_model(tiny_model_path)
+        fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+    spec = ModelSpec(path=tiny_model_path, name="tiny", prep=TINY_PREP, fingerprint=fingerprint)
+    validated = spec.open(top_k=1)
     inference.remember_model(spec, validated)
     loads = []
-    monkeypatch.setattr(inference, "load_keras_model", lambda *a, **k: loads.append(a) or load_keras_model(*a, **k))
-    cm = inference.load_cam_model(spec, top_k=1)
-    assert loads == [] and cm.head.dense is validated.get_layer(cm.head.dense.name)
-    # Without a content hash to vouch for the file, or for other contents, the worker loads the file itself.
-    for other in ({"fingerprint": ""}, {"safe_mode": False}):
-        inference.load_cam_model(inference.ModelSpec(**{**spec.__dict__, **other}), top_k=1)
-    assert len(loads) == 2
+    real_load = opening.load_keras_model
+    monkeypatch.setattr(opening, "load_keras_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert inference.load_cam_model(spec, top_k=1) is validated and loads == []
+    # Without a content hash to vouch for the file, for other contents or another top_k, the worker loads the
+    # file itself.
+    for other, k in (({"fingerprint": ""}, 1), ({"safe_mode": False}, 1), ({}, 2)):
+        assert inference.load_cam_model(dataclasses.replace(spec, **other), top_k=k) is not validated
+    assert len(loads) == 3
     inference.forget_model()
 
 
@@ -113,6 +117,6 @@ def test_the_launcher_holds_the_validated_model_only_while_its_own_process_runs_
     assert len(inference._REMEMBERED) == 1
     # Workers in other processes load the file themselves: nothing to keep for them.
     label.prepare([*args, "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
-    assert inference._REMEMBERED == {}
+    assert inference._REMEMBERED == []
     label.run([*args, f"--runner={RUNNER}"])
-    assert inference._REMEMBERED == {}, "the model is let go once the job has run"
+    assert inference._REMEMBERED == [], "the model is let go once the job has run"

@@ -213,7 +213,7 @@ def test_per_class_calibration_finds_each_class_threshold():
     assert cal.per_class[0].best_threshold == pytest.approx(0.34)
     assert cal.per_class[1].best_threshold == pytest.approx(0.01)
     assert 2 not in cal.per_class and cal.counts == {0: 6, 1: 6, 2: 2}
-    doc = cal.thresholds(["zero", "one", "two"])
+    doc = cal.thresholds(["zero", "one", "two"]).to_json()
     assert doc["per_class"] == {"zero": pytest.approx(0.34), "one": pytest.approx(0.01)}
     # No single tau fits both: overall, classes 0 and 2 (8 maps) outvote class 1 (6 maps, whose 2x2 core has
     # IoU 4/36 with its 6x6 truth at tau 0.34, a miss at every level).

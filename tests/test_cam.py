@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
-from weakloc.models import cam
+from weakloc.models import cam, opening
 from tests.conftest import tiny_gap_model
 
 
@@ -79,7 +79,7 @@ def test_nested_backbone_sequential_and_functional(tmp_path):
     np.testing.assert_allclose(out.low_res[0], np.einsum("hwk,kc->chw", f, w)[out.cam_classes[0]], rtol=1e-3, atol=1e-4)
     # A reloaded Sequential calls its layers twice (build, then the rebuilt graph): still found, same maps.
     seq.save(tmp_path / "seq.keras")
-    again = cam.CamModel(cam.load_keras_model(str(tmp_path / "seq.keras")), input_size=(64, 64), scale=1 / 127.5,
+    again = cam.CamModel(opening.load_keras_model(str(tmp_path / "seq.keras")), input_size=(64, 64), scale=1 / 127.5,
                          offset=-1.0, top_k=5)
     np.testing.assert_allclose(again(np.zeros((2, 64, 64, 3), np.uint8)).cams, out.cams, rtol=1e-4, atol=1e-5)
     # The same backbone in a functional model.
@@ -151,7 +151,7 @@ def test_save_reload_parity(tmp_path, rng, suffix):
     model = tiny_gap_model(seed=7)
     path = tmp_path / f"m{suffix}"
     model.save(path)
-    reloaded = cam.load_keras_model(str(path))
+    reloaded = opening.load_keras_model(str(path))
     imgs = _images(rng, 3)
     a = cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0)(imgs)
     b = cam.CamModel(reloaded, input_size=(32, 32), scale=1 / 255, offset=0.0)(imgs)
@@ -166,7 +166,7 @@ def test_lambda_model_refused_with_safe_mode(tmp_path):
     path = tmp_path / "lambda.keras"
     model.save(path)
     with pytest.raises(cam.ModelStructureError, match="unsafe deserialization"):
-        cam.load_keras_model(str(path))
+        opening.load_keras_model(str(path))
 
 
 def test_input_checks(rng):

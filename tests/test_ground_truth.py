@@ -68,7 +68,9 @@ def test_shrunk_class_threshold_is_the_weighted_mean():
 def test_edge_thresholds_warn_loudly():
     from weakloc.pipeline import calibrate
 
-    lines = calibrate.edge_warnings({"default": 0.0, "per_class": {"cat": 0.99, "dog": 0.4}})
+    from weakloc.models.thresholds import Thresholds
+
+    lines = calibrate.edge_warnings(Thresholds(default=0.0, per_class={"cat": 0.99, "dog": 0.4}))
     assert len(lines) == 2 and "default = 0.00" in lines[0] and "full-image boxes" in lines[0]
     assert "cat = 0.99" in lines[1]
 

@@ -225,7 +225,8 @@ def test_non_utf8_text_and_ragged_boxes_are_parse_errors():
 
 
 def test_shard_that_cannot_be_opened_is_one_read_failure(tmp_path):
-    from weakloc.transforms.read import FAILURES, _ReadShardDoFn
+    from weakloc.transforms.read import _ReadShardDoFn
+    from weakloc.transforms.tags import FAILURES
 
     gone = tmp_path / "deleted-after-listing.tfrecord"
     (out,) = list(_ReadShardDoFn().process((str(gone), 123)))

@@ -211,13 +211,36 @@ def test_sidecar_resolution_and_mismatch_errors():
 
 
 def test_thresholds_file_parsing():
+    from weakloc.models.thresholds import Thresholds, ThresholdsError
+
     names = ("cat", "dog")
-    assert annotate.parse_thresholds({"default": 0.4, "per_class": {"dog": 0.6}}, names) == (0.4, {1: 0.6})
-    assert annotate.parse_thresholds('{"per_class": {}, "curve": [1, 2]}', names) == (None, {})
-    with pytest.raises(annotate.ThresholdsError, match="within \\[0, 1\\]"):
-        annotate.parse_thresholds({"default": 1.5}, names)
-    with pytest.raises(annotate.ThresholdsError, match="not classes of the model"):
-        annotate.parse_thresholds({"per_class": {"cow": 0.5}}, names)
+    doc = Thresholds.from_json({"default": 0.4, "per_class": {"dog": 0.6}})
+    assert (doc.default, doc.class_ids(names)) == (0.4, {1: 0.6})
+    other = Thresholds.from_json('{"per_class": {}, "curve": [1, 2]}')
+    assert (other.default, other.class_ids(names), dict(other.extra)) == (None, {}, {"curve": [1, 2]})
+    with pytest.raises(ThresholdsError, match="within \\[0, 1\\]"):
+        Thresholds.from_json({"default": 1.5})
+    with pytest.raises(ThresholdsError, match="not classes of the model"):
+        Thresholds.from_json({"per_class": {"cow": 0.5}}).class_ids(names)
+    with pytest.raises(ThresholdsError, match="true or false"):
+        Thresholds.from_json({"cam_contrast": "yes"})
+    with pytest.raises(ThresholdsError, match="two factors"):
+        Thresholds.from_json({"box_stretch": [1.2]})
+
+
+def test_thresholds_file_round_trip_keeps_every_key():
+    from weakloc.models import refine
+    from weakloc.models.thresholds import Thresholds
+
+    f = 2 + 4 * 2
+    refiner = {"taus": [0.3, 0.6], "alpha": 1.0, "mean": [0.0] * f, "scale": [1.0] * f, "coef": [[0.0] * 4] * (f + 1)}
+    doc = {"default": 0.3, "per_class": {"dog": 0.5}, "cam_contrast": True, "box_stretch": [0.9, 1.2],
+           "box_refine": refiner, "box_refine_fit": {"kept": True}, "calibration": {"images": 7},
+           "written_by": "a later weakloc"}
+    parsed = Thresholds.from_json(doc)
+    assert isinstance(parsed.box_refine, refine.BoxRefiner) and parsed.box_stretch == (0.9, 1.2)
+    assert parsed.to_json() == doc
+    assert Thresholds.from_json(parsed.to_json()).to_json() == doc
 
 
 def test_label_resolution_prefers_text_and_handles_offsets():
@@ -229,7 +252,7 @@ def test_label_resolution_prefers_text_and_handles_offsets():
 
 
 def test_gzip_detection_needs_no_extension(tmp_path):
-    from weakloc.transforms.read import open_maybe_gzip
+    from weakloc.models.files import open_maybe_gzip
 
     raw = records.frame_record(b"r1") + records.frame_record(b"r2")
     path = tmp_path / "shard.tfrecord"

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from weakloc.models import cam, images, synthetic, zoo
+from weakloc.models.opening import ModelSpec
+from weakloc.models.sidecar import Preprocessing
 from weakloc.pipeline import label, results
 from weakloc.pipeline.options import OptionsError
 
@@ -111,8 +113,8 @@ def test_worker_refuses_a_weights_file_that_changed_since_launch(tmp_path):
 
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"retrained since")
-    spec = inference.ModelSpec(path="keras:MobileNetV2", name="keras:MobileNetV2@sha256:" + "0" * 16,
-                               input_size=(224, 224), scale=1.0, offset=0.0, class_names=zoo.imagenet_class_names(),
-                               fingerprint="0" * 16, keras_weights=str(weights))
+    prep = Preprocessing((224, 224), 1.0, 0.0, zoo.imagenet_class_names())
+    spec = ModelSpec(path="keras:MobileNetV2", name="keras:MobileNetV2@sha256:" + "0" * 16, prep=prep,
+                     fingerprint="0" * 16, keras_weights=str(weights))
     with pytest.raises(RuntimeError, match="w.weights.h5 changed since the job started"):
         inference.load_cam_model(spec, top_k=1)

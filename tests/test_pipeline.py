@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from weakloc.models import records, synthetic
-from weakloc.models.annotate import ThresholdsError
+from weakloc.models.thresholds import ThresholdsError
 from weakloc.models.cam import ModelStructureError
 from weakloc.models.sidecar import SidecarError
 from weakloc.pipeline import label, results
@@ -625,6 +625,7 @@ def test_box_refine_and_cam_contrast_from_thresholds_file(small_shard, tiny_mode
 
 
 @pytest.mark.parametrize("doc, flags, match", [
+    # A malformed document is the thresholds file's own error (ThresholdsError); the rest are OptionsErrors.
     ({"box_refine": {"taus": [0.5]}}, [], "malformed"),
     ({"box_refine": _halving_refiner()}, ["--box_stretch", "2,2"], "combined with --box_stretch"),
     ({"box_refine": _halving_refiner(), "box_stretch": [1.2, 1.0]}, [], "combined with the file's box_stretch"),
@@ -639,7 +640,8 @@ def test_refuses_refinement_that_cannot_apply(small_shard, tiny_model_path, tmp_
     thr = tmp_path / "thr.json"
     thr.write_text(json.dumps({"default": 0.5, **doc}))
     out = tmp_path / "o"
-    _expect_refusal(OptionsError, _argv(small_shard, tiny_model_path, out, "--thresholds", str(thr), *flags), out,
+    kind = ThresholdsError if match in ("malformed", "true or false") else OptionsError
+    _expect_refusal(kind, _argv(small_shard, tiny_model_path, out, "--thresholds", str(thr), *flags), out,
                     match=match)
 
 
@@ -665,7 +667,7 @@ def test_label_refines_exactly_as_calibrate_fitted(tiny_model_path, tmp_path):
     """A refinement fitted on calibrate's own maps (per-class thresholds, contrast CAMs) and written to the file
     gives label's boxes: the same maps, thresholds and order (refine at model resolution, then scale)."""
     from weakloc.models import boxes as boxlib
-    from weakloc.models import refine
+    from weakloc.models import opening, refine
     from weakloc.pipeline import calibrate, inputs
 
     data = synthetic.make_shapes(24, size=40, seed=3)
@@ -673,7 +675,8 @@ def test_label_refines_exactly_as_calibrate_fitted(tiny_model_path, tmp_path):
     shard.write_bytes(b"".join(records.frame_record(records.make_example(
         png_bytes(data.images[i]), source_id=f"b{i}", labels=[int(data.labels[i]) % 3],
         boxes=[list(np.asarray(data.boxes[i]) / 40)], box_labels=[int(data.labels[i]) % 3])) for i in range(24)))
-    model, prep = calibrate.load_cam_model(tiny_model_path, None, contrast=True)
+    opened = opening.open_model(tiny_model_path, contrast=True)
+    model, prep = opened.build(), opened.spec.prep
     source = inputs.scan([str(shard)], class_names=prep.class_names)
     examples = list(inputs.iterate(source, input_size=prep.input_size))
     normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples))

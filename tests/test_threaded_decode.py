@@ -21,7 +21,8 @@ from PIL import Image
 from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 from weakloc.transforms.decode import DecodedInput, DecodeDoFn
-from weakloc.transforms.read import FAILURES, SKIPPED, RawInput
+from weakloc.transforms.read import RawInput
+from weakloc.transforms.tags import FAILURES, SKIPPED
 
 from tests.conftest import RUNNER
 

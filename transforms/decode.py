@@ -11,11 +11,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from weakloc.models import boxes, images, records
+from weakloc.models import boxes, defaults, images, records
 from weakloc.models.annotate import ImageMeta, resolve_labels
 from weakloc.models.schema import failure_row
 
-from .read import FAILURES, NAMESPACE, SKIPPED
+from .tags import FAILURES, NAMESPACE, SKIPPED
 
 
 @dataclasses.dataclass
@@ -26,13 +26,6 @@ class DecodedInput:
     pixels: np.ndarray  # uint8 (H_in, W_in, 3)
 
 
-# Decoding ahead of the forward pass (issue 6). Pillow releases the GIL while it decodes and resizes, as TensorFlow
-# does while it runs a batch, so a small pool decodes the next images while the bundle's thread runs the model on
-# the current batch; with two batches in flight, one is ready (or nearly) whenever BatchElements hands one to the
-# model. It pays where the model leaves CPU idle (a GPU worker, more cores than TensorFlow keeps busy); on the
-# 2-core benchmark machine, where TensorFlow already uses both cores, the gain is within the noise (BENCHMARKS.md).
-DEFAULT_DECODE_THREADS = 2
-DEFAULT_DECODE_WINDOW = 64
 
 
 class DecodeDoFn(beam.DoFn):
@@ -53,10 +46,10 @@ class DecodeDoFn(beam.DoFn):
         input_size: tuple[int, int],
         class_names: Sequence[str],
         *,
-        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+        max_pixels: int = defaults.MAX_PIXELS,
         label_offset: int = 0,
-        threads: int = DEFAULT_DECODE_THREADS,
-        window: int = DEFAULT_DECODE_WINDOW,
+        threads: int = defaults.DECODE_THREADS,
+        window: int = defaults.DECODE_WINDOW,
     ):
         if threads < 0:
             raise ValueError(f"decode threads must be >= 0, got {threads}")

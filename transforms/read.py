@@ -6,7 +6,6 @@ instead of failing the bundle. Files are reshuffled before they are opened so th
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import logging
 import os
 import posixpath
@@ -19,18 +18,14 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from weakloc.models import records
+from weakloc.models import defaults, records
+from weakloc.models.files import open_maybe_gzip
 from weakloc.models.schema import failure_row
+
+from .tags import FAILURES, NAMESPACE, SKIPPED
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "weakloc"
-FAILURES = "failures"
-SKIPPED = "skipped"  # inputs an earlier output already labelled (--skip_labeled); elements are image ids
-_GZIP_MAGIC = b"\x1f\x8b"
-# An image file larger than this is refused from its listed size; the biggest real photos (100 MP TIFF, 16-bit)
-# stay below it, and a worker can afford to hold one such file while it decodes.
-DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -48,32 +43,6 @@ class RawInput:
     payload: bytes
     image_id: Optional[str] = None
     folder_label: Optional[str] = None
-
-
-class _GzipStream(gzip.GzipFile):
-    """Python's gzip reader over a Beam file, closing both.
-
-    Unlike Beam's CompressedFile it raises EOFError when the stream stops before gzip's end-of-stream marker,
-    so a shard cut between two records (a partial copy) is reported instead of being read as complete.
-    """
-
-    def __init__(self, raw):
-        super().__init__(fileobj=raw, mode="rb")
-        self._raw = raw
-
-    def close(self):
-        try:
-            super().close()
-        finally:
-            self._raw.close()
-
-
-def open_maybe_gzip(path: str):
-    """Open a file for reading, decompressing gzip whether or not its name ends in .gz."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        magic = f.read(2)
-    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    return _GzipStream(raw) if magic == _GZIP_MAGIC else raw
 
 
 def printable_path(path: str) -> str:
@@ -155,7 +124,7 @@ class _ReadShardDoFn(beam.DoFn):
 class _ReadImageFileDoFn(beam.DoFn):
     """An image file path -> RawInput with its bytes (and its folder label in a class-per-folder layout)."""
 
-    def __init__(self, folder_labels: bool, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    def __init__(self, folder_labels: bool, max_file_bytes: int = defaults.MAX_FILE_BYTES):
         self.folder_labels = folder_labels
         self.max_file_bytes = max_file_bytes
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
@@ -200,7 +169,7 @@ class ReadInputs(beam.PTransform):
     """
 
     def __init__(self, patterns, input_format: str, *, folder_labels: bool = False,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, skip_ids=None):
+                 max_file_bytes: int = defaults.MAX_FILE_BYTES, skip_ids=None):
         super().__init__()
         if input_format not in ("tfrecord", "images"):
             raise ValueError(f"input_format must be 'tfrecord' or 'images', got {input_format!r}")

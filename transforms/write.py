@@ -18,7 +18,7 @@ from apache_beam.metrics import Metrics
 from weakloc.models import schema
 
 from . import progress
-from .read import NAMESPACE
+from .tags import NAMESPACE
 
 
 class _CountRows(beam.CombineFn):

@@ -95,7 +95,8 @@ def stage_times(model_path, prep, shard_glob, batch_size, tmp):
     import pyarrow.parquet as pq
 
     from weakloc.models import annotate, images, records, schema
-    from weakloc.models.cam import CamModel, load_keras_model
+    from weakloc.models.cam import CamModel
+    from weakloc.models.opening import load_keras_model
 
     from tensorflow.core.example import example_pb2  # noqa: F401  imported here, not inside the timed read
 
@@ -182,7 +183,7 @@ def compiled_forward(model, prep):
 
 def forward_limit(model_path, prep, pixels, batch_size, rounds: int = 2) -> float:
     """images/s of the best of `rounds` sustained forward passes over `pixels` (as in `stage_times`)."""
-    from weakloc.models.cam import load_keras_model
+    from weakloc.models.opening import load_keras_model
 
     forward = compiled_forward(load_keras_model(model_path), prep)
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
@@ -292,7 +293,7 @@ def run_tf_keras_vis(model_path, prep, encoded, n):
     from tf_keras_vis.utils.scores import CategoricalScore
 
     from weakloc.models import images
-    from weakloc.models.cam import load_keras_model
+    from weakloc.models.opening import load_keras_model
 
     model = load_keras_model(model_path)
     gradcam = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)

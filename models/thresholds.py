@@ -1,0 +1,128 @@
+"""The thresholds file: the one declaration of what `calibrate` (and `demo`) write and `label --thresholds` reads.
+
+    {"default": 0.34,                          tau for classes without their own
+     "per_class": {"cat": 0.41},               tau per class name
+     "cam_contrast": true,                     the maps were contrast CAMs: label makes the same kind
+     "box_stretch": [0.9, 1.2],                scale box width and height about the centre
+     "box_refine": {...},                      a refine.BoxRefiner (replaces the stretch)
+     "box_refine_fit": {...},                  how the refinement was chosen (a record, not read back)
+     "calibration": {...}}                     the sweep and where it ran (a record, not read back)
+
+Every key is optional. Keys this version does not know are kept as they are, so reading and writing a file
+never loses anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+from .refine import BoxRefiner, RefineError
+
+# The keys that mean something to `label`, in the order they are written.
+_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "calibration")
+
+
+class ThresholdsError(ValueError):
+    """A thresholds document that is malformed or does not fit the model."""
+
+
+def _unit(name: str, val) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
+        raise ThresholdsError(f"thresholds: {name} must be a number within [0, 1], got {val!r}")
+    return float(val)
+
+
+def parse_stretch(value, what: str) -> tuple[float, float]:
+    """`"FW,FH"` or `[fw, fh]` -> (fw, fh), each within (0, 4]. Raises ThresholdsError naming `what`."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        fw, fh = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ThresholdsError(f"{what} expects two factors FW,FH (e.g. 0.85,1.3), got {value!r}") from None
+    if not (0.0 < fw <= 4.0 and 0.0 < fh <= 4.0):
+        raise ThresholdsError(f"{what} factors must lie within (0, 4], got {fw}, {fh}")
+    return fw, fh
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """A validated thresholds document (see the module docstring); `where` names it in errors."""
+
+    default: Optional[float] = None
+    per_class: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    cam_contrast: Optional[bool] = None
+    box_stretch: Optional[tuple[float, float]] = None
+    box_refine: Optional[BoxRefiner] = None
+    box_refine_fit: Optional[dict] = None
+    calibration: Optional[dict] = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc, *, where: str = "thresholds") -> "Thresholds":
+        """From the parsed JSON (or its text).
+
+        Raises:
+          ThresholdsError: not an object, a threshold outside [0, 1], a bad stretch, refinement or flag.
+        """
+        if isinstance(doc, (str, bytes)):
+            try:
+                doc = json.loads(doc)
+            except json.JSONDecodeError as exc:
+                raise ThresholdsError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ThresholdsError(f"thresholds: expected a JSON object, got {type(doc).__name__}")
+        default = doc.get("default")
+        per = doc.get("per_class", {}) or {}
+        if not isinstance(per, dict):
+            raise ThresholdsError(f"thresholds: per_class must be an object of name -> value, got {per!r}")
+        contrast = doc.get("cam_contrast")
+        if contrast is not None and not isinstance(contrast, bool):
+            raise ThresholdsError(f"cam_contrast in {where} must be true or false")
+        stretch = doc.get("box_stretch")
+        refiner = doc.get("box_refine")
+        if refiner is not None:
+            try:
+                refiner = BoxRefiner.from_json(refiner)
+            except RefineError as exc:
+                raise ThresholdsError(f"{exc} (in {where})") from None
+        calibration = doc.get("calibration")
+        return cls(
+            default=None if default is None else _unit("default", default),
+            per_class={n: _unit(f"per_class[{n!r}]", v) for n, v in per.items()},
+            cam_contrast=contrast,
+            box_stretch=None if stretch is None else parse_stretch(stretch, f"box_stretch in {where}"),
+            box_refine=refiner,
+            box_refine_fit=doc.get("box_refine_fit"),
+            calibration=calibration if isinstance(calibration, dict) else None,
+            extra={k: v for k, v in doc.items() if k not in _KNOWN},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"default": self.default, "per_class": dict(self.per_class)}
+        if self.cam_contrast is not None:
+            out["cam_contrast"] = self.cam_contrast
+        if self.box_stretch is not None:
+            out["box_stretch"] = list(self.box_stretch)
+        if self.box_refine is not None:
+            out["box_refine"] = self.box_refine.to_json()
+        if self.box_refine_fit is not None:
+            out["box_refine_fit"] = self.box_refine_fit
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        out.update(self.extra)
+        return out
+
+    def class_ids(self, class_names: Sequence[str]) -> dict[int, float]:
+        """per_class by model class id. Raises ThresholdsError for a name the model does not have."""
+        index = {n: i for i, n in enumerate(class_names)}
+        missing = sorted(set(self.per_class) - set(index))
+        if missing:
+            raise ThresholdsError(f"thresholds: per_class names {missing} are not classes of the model "
+                                  f"{list(class_names)}")
+        return {index[n]: t for n, t in self.per_class.items()}
+
+    def calibrated_flip_tta(self) -> Optional[bool]:
+        """Whether the maps it was calibrated on were flip-averaged (None: not recorded)."""
+        value = (self.calibration or {}).get("flip_tta")
+        return value if isinstance(value, bool) else None
