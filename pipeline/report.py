@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import metrics
 from weakloc.models import visualize as viz
-from weakloc.models.export import safe_stem
+from weakloc.models.export import common_root, relative_id, safe_stem
 
 from . import ground_truth, progress, results, sources
 from .options import OptionsError
@@ -163,18 +163,12 @@ def _template():
 
 
 def short_captions(rows: list[dict]) -> dict[str, str]:
-    """image id -> a short caption: image files relative to the folder all the run's files share, record ids as
-    they are; anything over 48 characters keeps its tail."""
-    files = [r["source"] for r in rows if r["source"] == r["image_id"] and ":" not in r["source"][2:]]
-    try:
-        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
-    except ValueError:  # mixed absolute and relative paths
-        root = ""
+    """image id -> a short caption: image files relative to the folder all the run's files share (as export names
+    them), record ids as they are; anything over 48 characters keeps its tail."""
+    root = common_root([(r["image_id"], r["source"]) for r in rows])
     out = {}
     for r in rows:
-        text = r["image_id"]
-        if root and r["source"] == r["image_id"] and text.startswith(root):
-            text = os.path.relpath(text, root)
+        text = relative_id(r["image_id"], root)
         out[r["image_id"]] = text if len(text) <= 48 else "..." + text[-45:]
     return out
 
