@@ -17,7 +17,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+        hidden = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if ("default" in text or hidden or not action.option_strings
                 or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: %(default)s)"
@@ -83,3 +84,22 @@ class Parser(argparse.ArgumentParser):
                 message = f"{unrecognised(wrong, known)}; {message}"
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+# Flags several commands share, declared once and added with argparse's `parents=`.
+
+def annotations_flag() -> argparse.ArgumentParser:
+    """--annotations: the run folder that evaluate, report and export read."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--annotations", required=True,
+                        help="a `weakloc label` --output folder (local, gs://, s3://)")
+    return parent
+
+
+def ground_truth_flag(use: str, default: str) -> argparse.ArgumentParser:
+    """--ground_truth, repeatable: VOC folders, COCO JSON or TFRecord patterns (pipeline/ground_truth.py)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
+                        help=f"{use}; matched to pictures by image id, file name or file stem; repeatable "
+                             f"(default: {default})")
+    return parent

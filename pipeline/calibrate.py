@@ -28,20 +28,18 @@ from weakloc.models import cam, defaults, metrics, refine
 from weakloc.models.thresholds import Thresholds
 
 from . import ground_truth, inputs, options, progress
-from .args import Parser
+from .args import Parser, ground_truth_flag
 from .options import OptionsError
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser("weakloc calibrate", description=__doc__.splitlines()[0])
+    ap = Parser("weakloc calibrate", description=__doc__.splitlines()[0], parents=[ground_truth_flag(
+        "true boxes to calibrate on", "the boxes the TFRecord examples carry, or VOC XML beside the image files")])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
                     help="TFRecord shards whose examples carry true boxes (image/object/bbox/*), or image files "
                          "with VOC XML beside them or named by --ground_truth; repeatable")
-    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
-                    help="true boxes, matched to the inputs by image id, file name or stem; repeatable (default: "
-                         "the boxes the TFRecord examples carry, or VOC XML beside the image files)")
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
     ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")

@@ -20,17 +20,16 @@ from weakloc.models import metrics
 
 from . import ground_truth, results
 from .options import OptionsError
-from .args import Parser
+from .args import Parser, annotations_flag, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser("weakloc evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="output folder of `weakloc label`")
-    ap.add_argument("--ground_truth", action="append",
-                    help="TFRecord pattern, VOC folder (*.xml) or COCO .json; repeatable (default: the boxes the "
-                         "annotation rows carry from their TFRecord inputs)")
+    ap = Parser("weakloc evaluate", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(),
+        ground_truth_flag("true boxes to score the run against", "the boxes the annotation rows carry from their "
+                          "TFRecord inputs")])
     ap.add_argument("--output", help="JSON report (default: <annotations>/evaluation.json)")
     return ap
 

@@ -22,7 +22,7 @@ from weakloc.models import records
 
 from . import ground_truth, results, sources
 from .options import OptionsError
-from .args import Parser
+from .args import Parser, annotations_flag, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ SUMMARY = "export.json"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser("weakloc export", description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
+    ap = Parser("weakloc export", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(), ground_truth_flag("true boxes to export beside the weak ones (coco: ground_truth.json)",
+                                              "the boxes the inputs carried")])
     ap.add_argument("--format", required=True, choices=fmt.FORMATS, help="what to write")
     ap.add_argument("--output", required=True, help="folder to write (local, gs://, s3://)")
     ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier export")
@@ -47,9 +48,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num_shards", type=int, default=1, help="tfrecord: number of output shards")
     ap.add_argument("--val_percent", type=float, default=10.0,
                     help="yolo: share of images in the val split (stable: CRC32 of the image id)")
-    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
-                    help="true boxes to export beside the weak ones (coco: ground_truth.json), as for evaluate "
-                         "(default: the boxes the inputs carried)")
     ap.add_argument("--copy_images", action="store_true",
                     help="coco, yolo, voc: also copy each picture, re-read from its source, beside the labels "
                          "(images/, or JPEGImages/ for voc); tfrecord always holds them")

@@ -27,7 +27,7 @@ from weakloc.models.export import common_root, relative_id, safe_stem
 
 from . import ground_truth, progress, results, sources
 from .options import OptionsError
-from .args import Parser
+from .args import Parser, annotations_flag, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,14 @@ details summary { cursor: pointer; font-weight: bold; }
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser("weakloc report", description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
+    ap = Parser("weakloc report", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(), ground_truth_flag("true boxes to draw and score the run against",
+                                              "the boxes the inputs carried, and the figures of the run's evaluation.json if any")])
     ap.add_argument("--output", required=True, help="local folder for index.html, its pictures and the sheet")
     ap.add_argument("--per_class", type=int, default=6, help="sampled images per class")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-class sample")
     ap.add_argument("--max_side", type=int, default=320, help="longest side of a thumbnail, in pixels")
     ap.add_argument("--zoom_side", type=int, default=960, help="longest side of the picture a click opens")
-    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json|TFRECORDS",
-                    help="true boxes to draw and score the run against, as for evaluate (default: the boxes the "
-                         "inputs carried, and the figures of the run's evaluation.json if any)")
     ap.add_argument("--max_failures", type=int, default=200, help="failure rows listed (all are counted)")
     ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier report")
     return ap

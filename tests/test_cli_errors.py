@@ -116,7 +116,8 @@ def test_every_flag_has_help_and_shows_its_default():
             assert action.help, f"{name} {action.option_strings} has no help"
         text = parser.format_help()
         for action in parser._actions:
-            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            if action.option_strings and not (action.default is None or action.default is False
+                                              or action.default == [] or action.default == argparse.SUPPRESS):
                 assert "default" in (parser._get_formatter()._get_help_string(action) or ""), \
                     f"{name} {action.option_strings} hides its default {action.default!r}"
         assert "usage: " in text
