@@ -51,8 +51,8 @@ def _quiet_libraries(verbose: bool, whole_process: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# Commands whose work needs TensorFlow; the others never pay for importing it.
-_TF_COMMANDS = ("label", "demo", "train", "calibrate", "datasets")
+# Commands that import TensorFlow (evaluate, report and export reach it through Keras at run time).
+_TF_COMMANDS = ("label", "demo", "train", "calibrate", "datasets", "evaluate", "report", "export")
 
 
 def _import_tensorflow_quietly() -> None:
