@@ -48,6 +48,8 @@ setuptools.setup(
         "matplotlib>=3.6",
         # weakloc report: the page is a template with autoescape, so no run value can become markup.
         "jinja2>=3.0",
+        # weakloc evaluate: COCO AP / AP50 / AR@100 by the reference implementation, never re-derived.
+        "pycocotools>=2.0.6",
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
@@ -55,8 +57,8 @@ setuptools.setup(
         # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
         # tf-keras-vis and tensorflow-hub (imported by Beam's stock TF model handler) let the suite check that
         # the throughput benchmark, which compares against both, still runs.
-        "test": ["pytest>=7", "pycocotools>=2.0.6", "hypothesis>=6.100", "apache-beam[gcp]>=2.60,<3",
-                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp]>=2.60,<3",
+                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
 )

@@ -10,11 +10,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import boxes as boxlib
-from .cam import CamOutputs
+from .cam import CamOutputs, upsample
+from .classmap import ClassMap
 from .refine import BoxRefiner
 
 CLASS_MODES = ("predicted", "labels", "both")
-BOX_MODES = ("largest", "all", "union")
+BOX_MODES = ("largest", "all", "union", "instances")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,9 @@ class BoxOptions:
 
     classes: "predicted" (top_k classes with probability >= min_score), "labels" (the image's own labels), "both".
     default_threshold: tau for classes without their own; per_class: class id -> tau.
-    mode: "largest" component or "all" components covering >= min_area of the map.
+    mode: "largest" component, "all" components covering >= min_area of the map, their "union", or
+      "instances": one box per object under the `instances` rule, each box's score the class probability times
+      the instance's peak (so a detector, and AP, rank a map's weaker peaks below its strongest).
     refine: a BoxRefiner fitted by calibrate (mode "largest" only; replaces the stretch).
     """
 
@@ -37,6 +40,8 @@ class BoxOptions:
     emit_cams: bool = False
     stretch: tuple[float, float] = (1.0, 1.0)
     refine: BoxRefiner | None = None
+    instances: boxlib.InstanceRule = dataclasses.field(default_factory=boxlib.InstanceRule)
+    class_map: ClassMap | None = None  # dataset labels -> model classes; with classes "labels" only
 
     def __post_init__(self):
         if self.classes not in CLASS_MODES:
@@ -56,6 +61,9 @@ class BoxOptions:
                              f"{self.mode!r}")
         if self.refine is not None and tuple(self.stretch) != (1.0, 1.0):
             raise ValueError("box refinement and a box stretch both correct box sizes; use one of them")
+        if self.class_map is not None and self.classes != "labels":
+            raise ValueError(f"a class map boxes the images' own labels: it needs classes 'labels', got "
+                             f"{self.classes!r}")
         for cid, tau in self.per_class.items():
             if not 0.0 <= float(tau) <= 1.0:
                 raise ValueError(f"threshold for class {cid} must be within [0, 1], got {tau}")
@@ -85,10 +93,15 @@ class ImageMeta:
 
 
 def extra_classes(metas: Sequence[ImageMeta], opts: BoxOptions) -> np.ndarray:
-    """int32 (B, M) label class ids to request CAMs for, -1 padded; M = 0 unless labels are used."""
+    """int32 (B, M) model class ids to request CAMs for, -1 padded; M = 0 unless labels are used. With a class
+    map, the label ids are dataset labels and every model class mapped from them is requested."""
     if opts.classes == "predicted":
         return np.zeros((len(metas), 0), np.int32)
-    ids = [[c for c in dict.fromkeys(m.label_ids) if c >= 0] for m in metas]
+    if opts.class_map is not None:
+        members = opts.class_map.members
+        ids = [list(dict.fromkeys(c for j in m.label_ids if j >= 0 for c in members[j])) for m in metas]
+    else:
+        ids = [[c for c in dict.fromkeys(m.label_ids) if c >= 0] for m in metas]
     width = max((len(x) for x in ids), default=0)
     out = np.full((len(metas), width), -1, np.int32)
     for i, x in enumerate(ids):
@@ -111,33 +124,21 @@ def annotate_batch(
       metas: per image, in batch order.
       extra: the int32 (B, M) array passed to the model (-1 = padding).
     """
-    b_count = len(metas)
-    k = out.top_classes.shape[1]
-    # (image, map index, class id) for every CAM that becomes boxes.
-    picks: list[tuple[int, int, int]] = []
+    b_count, k = len(metas), out.top_classes.shape[1]
     top_classes, top_scores = out.top_classes.tolist(), out.top_scores.tolist()
-    passes = (out.top_scores >= opts.min_score).tolist()  # compared in float32, as the scores are
-    wanted = extra.tolist()
-    for b in range(b_count):
-        seen = set()
-        if opts.classes in ("predicted", "both"):
-            for m, (c, ok) in enumerate(zip(top_classes[b], passes[b])):
-                if ok:
-                    seen.add(c)
-                    picks.append((b, m, c))
-        if opts.classes in ("labels", "both"):
-            for j, c in enumerate(wanted[b]):
-                if c >= 0 and c not in seen:
-                    seen.add(c)
-                    picks.append((b, k + j, c))
+    if opts.class_map is not None:
+        pick_b, pick_c, raw, pick_score = _mapped_picks(out, metas, opts.class_map, extra)
+        box_names = opts.class_map.labels
+    else:
+        pick_b, pick_c, raw, pick_score = _model_picks(out, opts, extra)
+        box_names = class_names
     h_in, w_in = out.size
     boxes_per_image: list[list[dict]] = [[] for _ in range(b_count)]
-    if picks:
-        pick_b = np.array([p[0] for p in picks])
-        pick_m = np.array([p[1] for p in picks])
-        normed, valid = boxlib.normalize_cams(out.maps(pick_b, pick_m))
-        taus = np.array([opts.threshold(p[2]) for p in picks], np.float32)
-        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area)
+    if len(pick_b):
+        normed, valid = boxlib.normalize_cams(raw)
+        taus = np.array([opts.threshold(c) for c in pick_c.tolist()], np.float32)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=opts.mode, min_area=opts.min_area,
+                                       instances=opts.instances)
         xyxy = found.xyxy
         if opts.refine is not None:
             xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
@@ -145,18 +146,19 @@ def annotate_batch(
             xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
         # Every box to original pixels at once (boxlib.scale_boxes' arithmetic, vectorised over the batch).
         box_b = pick_b[found.map_index]
-        box_c = np.array([p[2] for p in picks], np.int64)[found.map_index]
+        box_c = pick_c[found.map_index]
         sizes = np.array([(m.width, m.height) for m in metas], np.float64).reshape(-1, 2)[box_b]
         factors = np.concatenate([sizes / (w_in, h_in)] * 2, axis=1)
         scaled = (np.asarray(xyxy, np.float64) * factors).astype(np.float32).tolist()
-        scores = out.scores[box_b, box_c].tolist()
+        scores = pick_score[found.map_index]
+        scores = (scores * found.peak if found.peak is not None else scores).tolist()
         cam_scores = found.cam_score.tolist()
         for b, c, (x0, y0, x1, y1), score, cam_score in zip(box_b.tolist(), box_c.tolist(), scaled, scores,
                                                             cam_scores):
             boxes_per_image[b].append(
                 {
                     "class_id": c,
-                    "label": class_names[c],
+                    "label": box_names[c],
                     "score": score,
                     "cam_score": cam_score,
                     "xmin": x0,
@@ -194,6 +196,51 @@ def annotate_batch(
             ]
         rows.append(row)
     return rows
+
+
+def _model_picks(out: CamOutputs, opts: BoxOptions, extra: np.ndarray):
+    """(image, class id, raw map (n, H_in, W_in), class probability) of every model class that gets boxes."""
+    k = out.top_classes.shape[1]
+    picks: list[tuple[int, int, int]] = []  # (image, map index, class id)
+    passes = (out.top_scores >= opts.min_score).tolist()  # compared in float32, as the scores are
+    top_classes, wanted = out.top_classes.tolist(), extra.tolist()
+    for b in range(len(top_classes)):
+        seen = set()
+        if opts.classes in ("predicted", "both"):
+            for m, (c, ok) in enumerate(zip(top_classes[b], passes[b])):
+                if ok:
+                    seen.add(c)
+                    picks.append((b, m, c))
+        if opts.classes in ("labels", "both"):
+            for j, c in enumerate(wanted[b]):
+                if c >= 0 and c not in seen:
+                    seen.add(c)
+                    picks.append((b, k + j, c))
+    pick_b, pick_m, pick_c = (np.array([p[i] for p in picks], np.int64) for i in range(3))
+    if not picks:
+        return pick_b, pick_c, np.zeros((0, *out.size), np.float32), np.zeros(0, np.float32)
+    return pick_b, pick_c, out.maps(pick_b, pick_m), out.scores[pick_b, pick_c]
+
+
+def _mapped_picks(out: CamOutputs, metas: Sequence[ImageMeta], cmap: ClassMap, extra: np.ndarray):
+    """As `_model_picks`, for the dataset labels of each image through a class map: a label's map combines its
+    model classes' raw maps at feature-map resolution (then upsampled); its score is their probabilities' sum."""
+    k = out.top_classes.shape[1]
+    pick_b, pick_c, lows, scores = [], [], [], []
+    for b, (meta, wanted) in enumerate(zip(metas, extra.tolist())):
+        column = {c: k + j for j, c in enumerate(wanted) if c >= 0}
+        for lab in dict.fromkeys(j for j in meta.label_ids if j >= 0):
+            members = list(cmap.members[lab])
+            if not members:
+                continue
+            pick_b.append(b)
+            pick_c.append(lab)
+            lows.append(cmap.combine_maps(out.low_res[b, [column[c] for c in members]]))
+            scores.append(out.scores[b, members].sum())
+    if not lows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, *out.size), np.float32), np.zeros(0)
+    return (np.array(pick_b, np.int64), np.array(pick_c, np.int64), upsample(np.stack(lows), out.size),
+            np.array(scores, np.float32))
 
 
 def gt_rows(meta: ImageMeta) -> list[dict]:

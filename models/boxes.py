@@ -56,12 +56,77 @@ class Boxes:
     xyxy: float32 (n, 4) x0, y0, x1, y1 in the maps' pixel coordinates, max edge exclusive.
     cam_score: float32 (n,) mean normalised CAM inside the box.
     area: int64 (n,) pixels in the component (not the box).
+    peak: float32 (n,) the highest normalised CAM value in the component (mode "instances" only, else None):
+      the instance's own score, 1.0 for the component that holds the map's maximum.
     """
 
     map_index: np.ndarray
     xyxy: np.ndarray
     cam_score: np.ndarray
     area: np.ndarray
+    peak: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRule:
+    """Which components of one class's map become separate instance boxes (`--boxes instances`).
+
+    min_rel_area: a component needs at least this share of the pixels of its map's largest component (relative,
+      so one rule fits small and large objects alike); min_peak: its highest normalised CAM value must reach
+      this (the map's own maximum is 1, so this too is relative); nms_iou: of two kept boxes of one map whose
+      IoU exceeds it, the one with the lower peak goes (1.0 keeps every box). The map's largest component is
+      always a candidate, so every map with foreground keeps at least one box.
+    """
+
+    min_rel_area: float = 0.1
+    min_peak: float = 0.0
+    nms_iou: float = 0.5
+
+    def __post_init__(self):
+        for name in ("min_rel_area", "min_peak", "nms_iou"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
+                raise ValueError(f"instance rule: {name} must be a number within [0, 1], got {val!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc) -> "InstanceRule":
+        if not isinstance(doc, dict) or set(doc) - {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"instance rule: expected an object with keys min_rel_area, min_peak, nms_iou, got {doc!r}")
+        return cls(**doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """Every component of a stack of thresholded maps, with what an `InstanceRule` reads (see `candidates`).
+
+    map_index, xyxy, area, peak: as in `Boxes`, one entry a component, ordered by map, then by decreasing peak,
+    then decreasing area, then raster order (the order NMS visits them). rel_area: float32 (n,) area over the
+    largest component's area in the same map; largest: bool (n,) the map's largest component (`Components.ranked`).
+    """
+
+    map_index: np.ndarray
+    xyxy: np.ndarray
+    area: np.ndarray
+    peak: np.ndarray
+    rel_area: np.ndarray
+    largest: np.ndarray
+
+    def select(self, rule: InstanceRule) -> np.ndarray:
+        """int64 indices of the candidates `rule` keeps, in candidate order: the area and peak tests (the
+        largest component always passes), then one batched NMS call with the maps as NMS classes."""
+        keep = np.flatnonzero(self.largest | ((self.rel_area >= rule.min_rel_area) & (self.peak >= rule.min_peak)))
+        if len(keep) <= 1 or rule.nms_iou >= 1.0:
+            return keep
+        xywh = self.xyxy[keep].astype(np.float64)
+        xywh[:, 2:] -= xywh[:, :2]
+        # The candidates are already in visiting order: strictly decreasing ranks make OpenCV keep it exactly.
+        rank = np.linspace(1.0, 0.5, len(keep), dtype=np.float32)
+        kept = cv2.dnn.NMSBoxesBatched(xywh, rank, self.map_index[keep].astype(np.int32), -1.0,
+                                       float(rule.nms_iou))
+        return keep[np.sort(np.asarray(kept, np.int64).ravel())]
 
 
 def boxes_from_cams(
@@ -71,6 +136,7 @@ def boxes_from_cams(
     valid: np.ndarray | None = None,
     mode: str = "largest",
     min_area: float = 0.0,
+    instances: InstanceRule | None = None,
 ) -> Boxes:
     """Threshold normalised maps and box their connected components.
 
@@ -81,18 +147,25 @@ def boxes_from_cams(
       mode: "largest": one box per map, around its largest 8-connected component (ties: first in raster
         order); "all": every component covering at least `min_area` of the map, and always the largest;
         "union": one box per map enclosing all the components "all" would keep (an object the map splits into
-        pieces gets one box).
+        pieces gets one box); "instances": one box per object, the components `instances` keeps (see
+        `InstanceRule`), each with its peak as its score.
       min_area: fraction of H*W, used by modes "all" and "union".
+      instances: the rule of mode "instances" (default `InstanceRule()`).
 
     Returns:
-      Boxes, ordered by map index, then (mode "all") by decreasing component area. A map with no foreground
-      pixel (every value below tau) gets no box.
+      Boxes, ordered by map index, then (mode "all") by decreasing component area, (mode "instances") by
+      decreasing peak. A map with no foreground pixel (every value below tau) gets no box.
     """
     normed = np.asarray(normed, dtype=np.float32)
     if normed.ndim != 3:
         raise ValueError(f"expected normalised maps of shape (N, H, W), got {normed.shape}")
-    if mode not in ("largest", "all", "union"):
-        raise ValueError(f"mode must be 'largest', 'all' or 'union', got {mode!r}")
+    if mode not in ("largest", "all", "union", "instances"):
+        raise ValueError(f"mode must be 'largest', 'all', 'union' or 'instances', got {mode!r}")
+    if mode == "instances":
+        cands = candidates(normed, thresholds, valid)
+        keep = cands.select(instances or InstanceRule())
+        return Boxes(cands.map_index[keep], cands.xyxy[keep],
+                     _box_means(normed, cands.map_index[keep], cands.xyxy[keep]), cands.area[keep], cands.peak[keep])
     n, h, w = normed.shape
     comps = threshold_components(normed, thresholds, valid)
     if comps.count == 0:
@@ -114,6 +187,29 @@ def boxes_from_cams(
         return Boxes(maps.astype(np.int64), xyxy, _box_means(normed, maps, xyxy),
                      np.add.reduceat(sizes[keep], first).astype(np.int64))
     return Boxes(map_of[keep], xyxy, _box_means(normed, map_of[keep], xyxy), sizes[keep].astype(np.int64))
+
+
+def candidates(normed: np.ndarray, thresholds, valid: np.ndarray | None = None) -> Candidates:
+    """Every component of the maps normed >= tau, boxed, with its peak and relative area (mode "instances").
+
+    One labelling of the stack, one `scipy.ndimage.maximum` for every component's peak. Computed once per
+    threshold, it serves any number of `InstanceRule`s (calibrate tries many).
+    """
+    comps = threshold_components(normed, thresholds, valid)
+    if comps.count == 0:
+        z = np.zeros(0, np.int64)
+        return Candidates(z, np.zeros((0, 4), np.float32), z, np.zeros(0, np.float32), np.zeros(0, np.float32),
+                          np.zeros(0, bool))
+    ids = np.arange(1, comps.count + 1)
+    peak = np.asarray(ndimage.maximum(normed, comps.labels, ids), np.float32).reshape(-1)
+    order, first = comps.ranked()
+    largest = np.zeros(comps.count, bool)
+    largest[order[first]] = True
+    biggest = np.zeros(normed.shape[0], np.int64)
+    biggest[comps.map_of[order[first]]] = comps.sizes[order[first]]
+    visit = np.lexsort((ids, -comps.sizes, -peak, comps.map_of))
+    return Candidates(comps.map_of[visit], comps.boxes(visit + 1), comps.sizes[visit], peak[visit],
+                      (comps.sizes[visit] / biggest[comps.map_of[visit]]).astype(np.float32), largest[visit])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

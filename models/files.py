@@ -11,7 +11,7 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -62,6 +62,30 @@ def fetch_checked(path: str, fingerprint: str) -> str:
         if found != fingerprint:
             raise RuntimeError(f"{path} changed since the job started: sha256 {found}, expected {fingerprint}")
     return local
+
+
+def shard_paths(directory: str, prefix: str, shards: int) -> list[str]:
+    """`directory/prefix-00000-of-0000N.tfrecord`, ... (the sharded name Beam and TFDS use)."""
+    return [FileSystems.join(directory, f"{prefix}-{s:05d}-of-{shards:05d}.tfrecord") for s in range(shards)]
+
+
+def write_tfrecord_shards(payloads: Iterable[bytes], paths: Sequence[str]) -> int:
+    """Write serialized records round-robin into TFRecord files at `paths` (any Beam filesystem, folders made
+    for local paths); returns how many were written. The one TFRecord writer of weakloc."""
+    from . import records
+
+    for path in paths:
+        if "://" not in path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handles = [FileSystems.create(p) for p in paths]
+    count = 0
+    try:
+        for count, payload in enumerate(payloads, 1):
+            handles[(count - 1) % len(handles)].write(records.frame_record(payload))
+    finally:
+        for h in handles:
+            h.close()
+    return count
 
 
 def read_json(path: str, what: str) -> Any:

@@ -150,7 +150,8 @@ def _named_head(model, feature_layer, dense_layer) -> GapHead:
         try:
             return model.get_layer(name)
         except ValueError:
-            raise ModelStructureError(f"--{role} {name!r} is not a layer of the model; top-level layers: {names}")
+            raise ModelStructureError(
+                f"--{role} {name!r} is not a layer of the model; top-level layers: {names}") from None
 
     if not (feature_layer and dense_layer):
         raise ModelStructureError("--feature_layer and --dense_layer go together: name both or neither")

@@ -85,14 +85,15 @@ def sweep_thresholds(
     return Sweep(taus=taus, levels=tuple(levels), accuracy=acc)
 
 
-def _xyxy(d) -> list[float]:
+def box_xyxy(d) -> list[float]:
+    """[x0, y0, x1, y1] of a box row (xmin, ymin, xmax, ymax)."""
     return [d["xmin"], d["ymin"], d["xmax"], d["ymax"]]
 
 
 def _truth_by_class(row: dict) -> dict[int, list]:
     out: dict[int, list] = {}
     for g in row.get("gt_boxes") or ():
-        out.setdefault(int(g["class_id"]), []).append(_xyxy(g))
+        out.setdefault(int(g["class_id"]), []).append(box_xyxy(g))
     return out
 
 
@@ -101,7 +102,7 @@ def image_ious(row: dict) -> dict[int, float]:
     one annotation row (schema.ANNOTATION_SCHEMA as a dict, `gt_boxes` filled)."""
     out = {}
     for cid, truths in _truth_by_class(row).items():
-        mine = [_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
+        mine = [box_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
         out[cid] = float(boxlib.box_iou(np.array(mine), np.array(truths)).max()) if mine else 0.0
     return out
 
@@ -136,11 +137,10 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
 
     ious = np.array([p[1] for p in pairs])
     top1_ok = np.array([p[2] for p in pairs])
-    rel = np.concatenate([(p[3][:, 2:] - p[3][:, :2]) / np.array([p[4], p[5]], np.float32) for p in pairs])
-    med_w, med_h = np.median(rel, axis=0)
+    median = median_relative_size([p[3] for p in pairs], [(p[4], p[5]) for p in pairs])
 
-    def baseline(box_fn):
-        vals = np.array([boxlib.box_iou(box_fn(p[4], p[5])[None], p[3]).max() for p in pairs])
+    def baseline(kind):
+        vals = np.array([boxlib.box_iou(baseline_box(kind, p[4], p[5], median)[None], p[3]).max() for p in pairs])
         return {"gt_known": {lv: float((vals >= lv).mean()) for lv in levels}, "mean_iou": float(vals.mean())}
 
     per_class = {}
@@ -160,15 +160,27 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
         "top1_loc": {lv: float(((ious >= lv) & top1_ok).mean()) for lv in levels},
         "mean_iou": float(ious.mean()),
         "per_class": per_class,
-        "baselines": {
-            "full_image": baseline(lambda w, h: np.array([0, 0, w, h], np.float32)),
-            "centred_median": baseline(
-                lambda w, h: np.array(
-                    [w * (1 - med_w) / 2, h * (1 - med_h) / 2, w * (1 + med_w) / 2, h * (1 + med_h) / 2], np.float32
-                )
-            ),
-        },
+        "baselines": {kind: baseline(kind) for kind in BASELINES},
     }
+
+
+BASELINES = ("full_image", "centred_median")
+
+
+def median_relative_size(truths: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """Median (width, height) of true boxes (each array (m_i, 4) in pixels) relative to their image (w_i, h_i)."""
+    rel = np.concatenate([(t[:, 2:] - t[:, :2]) / np.array(wh, np.float32) for t, wh in zip(truths, sizes)])
+    med_w, med_h = np.median(rel, axis=0)
+    return float(med_w), float(med_h)
+
+
+def baseline_box(kind: str, w: float, h: float, median: tuple[float, float]) -> np.ndarray:
+    """float32 (4,) a baseline's box in a w x h image: the whole image, or a box of the median true relative
+    size centred in it."""
+    if kind == "full_image":
+        return np.array([0, 0, w, h], np.float32)
+    mw, mh = median
+    return np.array([w * (1 - mw) / 2, h * (1 - mh) / 2, w * (1 + mw) / 2, h * (1 + mh) / 2], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +190,7 @@ class Calibration:
     overall: Sweep
     per_class: dict[int, Sweep]
     counts: dict[int, int]
+    instances: boxlib.InstanceRule | None = None  # chosen with the thresholds for --boxes instances
 
     def class_threshold(self, c: int, shrink: float = 0.0) -> float:
         """Class `c`'s threshold, pulled towards the overall one as if `shrink` more maps had chosen it:
@@ -193,6 +206,7 @@ class Calibration:
         return Thresholds(
             default=self.overall.best_threshold,
             per_class={class_names[c]: self.class_threshold(c, shrink) for c in sorted(self.per_class)},
+            instances=self.instances,
         )
 
 
@@ -220,13 +234,21 @@ def calibrate(
     valid = np.ones(len(normed), bool) if valid is None else np.asarray(valid, bool)
     kw = dict(taus=taus, mode=mode, min_area=min_area)
     overall = sweep_thresholds(normed, truths, valid=valid, **kw)
+    per_class, counts = per_class_sweeps(
+        class_ids, min_per_class,
+        lambda sel: sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw))
+    return Calibration(overall, per_class, counts)
+
+
+def per_class_sweeps(class_ids: np.ndarray, min_per_class: int, sweep) -> tuple[dict[int, Sweep], dict[int, int]]:
+    """({class: sweep(its map indices)} for each class with at least `min_per_class` maps, {class: map count})."""
     per_class, counts = {}, {}
     for c in np.unique(class_ids):
         sel = np.flatnonzero(class_ids == c)
         counts[int(c)] = len(sel)
         if len(sel) >= min_per_class:
-            per_class[int(c)] = sweep_thresholds(normed[sel], [truths[i] for i in sel], valid=valid[sel], **kw)
-    return Calibration(overall, per_class, counts)
+            per_class[int(c)] = sweep(sel)
+    return per_class, counts
 
 
 def fit_box_stretch(

@@ -11,7 +11,7 @@ BOX_STRUCT = pa.struct(
     [
         ("class_id", pa.int32()),
         ("label", pa.string()),
-        ("score", pa.float32()),  # the class probability
+        ("score", pa.float32()),  # the class probability (--boxes instances: times the instance's CAM peak)
         ("cam_score", pa.float32()),  # mean normalised CAM inside the box, in [0, 1]
         ("xmin", pa.float32()),
         ("ymin", pa.float32()),

@@ -88,3 +88,23 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def examples(data: ShapesSet, prefix: str):
+    """Each picture of `data` as a serialized tf.train.Example with its label and normalised true box, ids
+    `prefix-000000`, ... (for `files.write_tfrecord_shards`)."""
+    from . import records
+
+    size = data.images.shape[1]
+    for i, (img, label, box) in enumerate(zip(data.images, data.labels, data.boxes)):
+        yield records.make_example(
+            encode_png(img),
+            source_id=f"{prefix}-{i:06d}",
+            labels=[int(label)],
+            label_texts=[data.class_names[label]],
+            boxes=[list(np.asarray(box) / size)],
+            box_labels=[int(label)],
+            box_texts=[data.class_names[label]],
+            width=size,
+            height=size,
+        )

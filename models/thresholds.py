@@ -6,6 +6,8 @@
      "box_stretch": [0.9, 1.2],                scale box width and height about the centre
      "box_refine": {...},                      a refine.BoxRefiner (replaces the stretch)
      "box_refine_fit": {...},                  how the refinement was chosen (a record, not read back)
+     "instances": {"min_rel_area": 0.1,        --boxes instances: which components become instance boxes
+                   "min_peak": 0.5, "nms_iou": 0.3},   (a boxes.InstanceRule, chosen by calibrate --boxes instances)
      "calibration": {...}}                     the sweep and where it ran (a record, not read back)
 
 Every key is optional. Keys this version does not know are kept as they are, so reading and writing a file
@@ -17,10 +19,12 @@ import dataclasses
 import json
 from typing import Any, Mapping, Optional, Sequence
 
-from .refine import BoxRefiner, RefineError
+from .boxes import InstanceRule
+from .refine import BoxRefiner
 
 # The keys that mean something to `label`, in the order they are written.
-_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "calibration")
+_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
+          "calibration")
 
 
 class ThresholdsError(ValueError):
@@ -45,6 +49,16 @@ def parse_stretch(value, what: str) -> tuple[float, float]:
     return fw, fh
 
 
+def _nested(value, from_json, where: str):
+    """A nested document read by its own class (None stays None); its error, a ValueError, names the file."""
+    if value is None:
+        return None
+    try:
+        return from_json(value)
+    except ValueError as exc:  # RefineError and InstanceRule's errors alike
+        raise ThresholdsError(f"{exc} (in {where})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
     """A validated thresholds document (see the module docstring); `where` names it in errors."""
@@ -55,6 +69,7 @@ class Thresholds:
     box_stretch: Optional[tuple[float, float]] = None
     box_refine: Optional[BoxRefiner] = None
     box_refine_fit: Optional[dict] = None
+    instances: Optional[InstanceRule] = None
     calibration: Optional[dict] = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -80,12 +95,8 @@ class Thresholds:
         if contrast is not None and not isinstance(contrast, bool):
             raise ThresholdsError(f"cam_contrast in {where} must be true or false")
         stretch = doc.get("box_stretch")
-        refiner = doc.get("box_refine")
-        if refiner is not None:
-            try:
-                refiner = BoxRefiner.from_json(refiner)
-            except RefineError as exc:
-                raise ThresholdsError(f"{exc} (in {where})") from None
+        refiner = _nested(doc.get("box_refine"), BoxRefiner.from_json, where)
+        instances = _nested(doc.get("instances"), InstanceRule.from_json, where)
         calibration = doc.get("calibration")
         return cls(
             default=None if default is None else _unit("default", default),
@@ -94,6 +105,7 @@ class Thresholds:
             box_stretch=None if stretch is None else parse_stretch(stretch, f"box_stretch in {where}"),
             box_refine=refiner,
             box_refine_fit=doc.get("box_refine_fit"),
+            instances=instances,
             calibration=calibration if isinstance(calibration, dict) else None,
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
@@ -108,6 +120,8 @@ class Thresholds:
             out["box_refine"] = self.box_refine.to_json()
         if self.box_refine_fit is not None:
             out["box_refine_fit"] = self.box_refine_fit
+        if self.instances is not None:
+            out["instances"] = self.instances.to_json()
         if self.calibration is not None:
             out["calibration"] = self.calibration
         out.update(self.extra)
@@ -121,6 +135,11 @@ class Thresholds:
             raise ThresholdsError(f"thresholds: per_class names {missing} are not classes of the model "
                                   f"{list(class_names)}")
         return {index[n]: t for n, t in self.per_class.items()}
+
+    def calibrated_class_map(self) -> Optional[dict]:
+        """The class map the maps were calibrated through ({"combine", "labels"}; None: not recorded)."""
+        value = (self.calibration or {}).get("class_map")
+        return value if isinstance(value, dict) else None
 
     def calibrated_flip_tta(self) -> Optional[bool]:
         """Whether the maps it was calibrated on were flip-averaged (None: not recorded)."""

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, defaults, metrics, refine
+from weakloc.models import cam, defaults, detection, metrics, refine
 from weakloc.models.thresholds import Thresholds
 
 from . import ground_truth, inputs, options, progress
@@ -47,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
                     help="pull each class's threshold towards the overall one as if this many more images had "
                          "chosen the overall one (0: no pull)")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
-    ap.add_argument("--boxes", choices=("largest", "union"), default="largest",
-                    help="calibrate the box rule label will use (label --boxes)")
+    ap.add_argument("--boxes", choices=("largest", "union", "instances"), default="largest",
+                    help="calibrate the box rule label will use (label --boxes); instances: also choose the "
+                         "instance rule (relative area, peak, NMS IoU) with the threshold, by instance F1")
     ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
     ap.add_argument("--fit_box_stretch", action="store_true",
                     help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
@@ -63,12 +64,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--input_format", choices=("tfrecord", "images"),
                     help="default: inferred from the pattern's extension")
     options.add_model_args(ap.add_argument_group("model"))
+    options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return ap
 
 
-def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, model_classes: Sequence[str] = ()):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None,
+               model_classes: Sequence[str] = ()):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
+
+    With a class map the classes are its dataset labels, each label's map combined from its model classes' as
+    `label --class_map` combines them (labels mapped to nothing are left out); top-1 is right when the model's
+    top class is one of the label's.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
     bool (N,), images used).
@@ -78,7 +85,7 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, model_cl
     pixels, classes, truths, used = [], [], [], 0
     for ex in examples:
         ids = np.asarray(ex.gt_ids[: len(ex.gt_boxes)])
-        known = sorted({int(c) for c in ids if c >= 0})
+        known = sorted({int(c) for c in ids if c >= 0 and (class_map is None or class_map.members[c])})
         used += bool(known)
         for c in known:
             pixels.append(ex.pixels)
@@ -89,13 +96,26 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, model_cl
                            f"(model classes: {', '.join(list(model_classes)[:10]) or '?'})")
     normed, valid, top1 = [], [], []
     classes = np.asarray(classes, np.int32)
+    if class_map is None:
+        members = classes[:, None]
+    else:  # each label's model classes, -1 padded
+        width = max(len(class_map.members[c]) for c in classes)
+        members = np.full((len(classes), width), -1, np.int32)
+        for i, c in enumerate(classes.tolist()):
+            members[i, : len(class_map.members[c])] = class_map.members[c]
     for s in range(0, len(pixels), batch_size):
-        out = model(np.stack(pixels[s : s + batch_size]), extra=classes[s : s + batch_size, None])
+        mem = members[s : s + batch_size]
+        out = model(np.stack(pixels[s : s + batch_size]), extra=mem)
         k = out.top_classes.shape[1]
-        n_, v_ = boxlib.normalize_cams(out.column(k))
+        if class_map is None:
+            raw = out.column(k)
+        else:
+            raw = cam.upsample(np.stack([class_map.combine_maps(out.low_res[i, k + np.flatnonzero(row >= 0)])
+                                         for i, row in enumerate(mem)]), out.size)
+        n_, v_ = boxlib.normalize_cams(raw)
         normed.append(n_)
         valid.append(v_)
-        top1.append(out.top_classes[:, 0] == classes[s : s + batch_size])
+        top1.append((out.top_classes[:, :1] == mem).any(axis=1))
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
@@ -109,28 +129,42 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--shrink must be >= 0, got {args.shrink}")
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
-                           "--fit_box_stretch and --boxes union")
+                           f"--fit_box_stretch and --boxes {args.boxes}")
     opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
     model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
-    source = inputs.scan(args.input, input_format=args.input_format, class_names=prep.class_names,
+    cmap = options.read_class_map(args, prep.class_names)
+    if cmap is not None:
+        options.check_input_labels(args, cmap)
+    box_names = cmap.labels if cmap is not None else prep.class_names
+    source = inputs.scan(args.input, input_format=args.input_format, class_names=box_names,
                          label_offset=args.label_offset, labels_from_folder="no")
-    source.ground_truth = _ground_truth(args, source, prep.class_names)
+    source.ground_truth = _ground_truth(args, source, box_names)
     examples = progress.counted(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset),
                                 source.count, "calibrate: images read")
     normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
-                                                            model_classes=prep.class_names)
-    cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
-                            mode=args.boxes, min_area=args.min_box_area)
+                                                            class_map=cmap, model_classes=box_names)
+    if args.boxes == "instances":
+        cal = detection.calibrate_instances(normed, truths, classes, valid=valid, min_per_class=args.min_per_class)
+    else:
+        cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
+                                mode=args.boxes, min_area=args.min_box_area)
     sweep = cal.overall
-    # Each map's threshold as label will use it (per class where calibrated): what a stretch or refinement fits on.
+    # Each map's threshold as label will use it (per class where calibrated, shrunk towards the overall one): what
+    # a stretch or refinement fits on.
     taus = np.array([cal.class_threshold(c, args.shrink) for c in classes], np.float32)
-    thresholds = dataclasses.replace(cal.thresholds(prep.class_names, shrink=args.shrink),
+    thresholds = dataclasses.replace(cal.thresholds(box_names, shrink=args.shrink),
                                      cam_contrast=bool(args.cam_contrast))
     notes = ""
+    if cal.instances is not None:
+        r = cal.instances
+        notes = (f"instance rule: components >= {r.min_rel_area:g} of the largest's area with peak >= "
+                 f"{r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
     if args.fit_box_stretch:
-        thresholds, notes = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
+        thresholds, note = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
+        notes += note
     if args.refine_boxes:
-        thresholds, notes = _fit_refinement(thresholds, normed, taus, valid, truths)
+        thresholds, note = _fit_refinement(thresholds, normed, taus, valid, truths)
+        notes += note
     thresholds = dataclasses.replace(thresholds, calibration={
         "model": args.model,
         "inputs": list(args.input),
@@ -139,11 +173,15 @@ def run(argv=None) -> dict:
         "flip_tta": args.flip_tta,
         "boxes": args.boxes,
         "min_box_area": args.min_box_area,
+        "class_map": cmap.to_json(prep.class_names) if cmap is not None else None,
         "top1": float(top1.mean()),
         "min_per_class": args.min_per_class,
         "shrink": args.shrink,
-        **_sweep_record(cal, prep.class_names, args.shrink),
-        "notes": [notes.rstrip("\n")] if notes else [],
+        **_sweep_record(cal, box_names, args.shrink),
+        # --boxes instances: the curve is instance F1 at the chosen rule, and its "MaxBoxAccV2" the same
+        # best-per-level mean of F1 instead of accuracy.
+        "curve_metric": "F1" if args.boxes == "instances" else "acc",
+        "notes": [n for n in notes.splitlines() if n],
         "warnings": edge_warnings(thresholds),
         "output": args.output,
     })
@@ -174,7 +212,8 @@ def render(doc: dict) -> str:
     """What calibrate prints: the curve (every 0.05 and the choice), the choice, per-class thresholds, warnings."""
     cal = doc["calibration"]
     best = doc["default"]
-    lines = ["  tau   acc@0.3 acc@0.5 acc@0.7  mean"]
+    what = cal.get("curve_metric", "acc")
+    lines = ["  tau   " + " ".join(f"{what + '@' + str(lv):>7s}" for lv in cal["levels"]) + "  mean"]
     for t, *acc in cal["curve"]:
         if round(t * 100) % 5 == 0 or t == best:
             mark = "  <- chosen" if t == best else ""
@@ -183,7 +222,8 @@ def render(doc: dict) -> str:
                     f"{cal['per_class'][k]['pairs']})" for k, v in doc["per_class"].items())
     per = per or f"none (fewer than --min_per_class {cal['min_per_class']} boxed images per class)"
     return ("\n".join(lines) + f"\n\nimages: {cal['images']} ({cal['pairs']} image-class pairs), top-1 on them "
-            f"{cal['top1']:.1%}\ndefault threshold: {best:.2f}   MaxBoxAccV2: {cal['max_box_acc_v2']:.1f}\n"
+            f"{cal['top1']:.1%}\ndefault threshold: {best:.2f}   "
+            f"{'max instance F1' if what == 'F1' else 'MaxBoxAccV2'}: {cal['max_box_acc_v2']:.1f}\n"
             f"per-class thresholds: {per}\n" + "".join(n + "\n" for n in cal["notes"] + cal["warnings"])
             + f"written: {cal['output']}")
 

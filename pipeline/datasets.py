@@ -14,9 +14,8 @@ import json
 import logging
 import os
 
-from weakloc.models import groundtruth, mnist, synthetic
+from weakloc.models import files, groundtruth, mnist, synthetic
 
-from .demo import write_shards
 from .options import OptionsError
 from .args import Parser
 
@@ -78,7 +77,7 @@ def run(argv=None) -> dict:
             data, picks = mnist.make_cluttered(digits[lo:hi], labels[lo:hi], size=args.size, **kw)
             shards = args.shards if split != "calib" else 1
             made[split] = {"images": len(data.labels), "digits": [lo, hi],
-                           "files": write_shards(data, args.output, shards, split)}
+                           "files": _write_split(data, args.output, shards, split)}
             logger.info("%s: %d canvases from digits %d-%d", split, len(data.labels), lo, hi - 1)
     elif args.dataset == "photos":
         made = photos(args)
@@ -87,13 +86,20 @@ def run(argv=None) -> dict:
         for split, n, seed in (("train", args.train, args.seed), ("calib", args.calib, args.seed + 1),
                                ("eval", args.eval, args.seed + 2)):
             data = synthetic.make_shapes(n, size=args.size, seed=seed)
-            made[split] = {"images": n, "files": write_shards(data, args.output, args.shards if split != "calib"
-                                                              else 1, split)}
+            made[split] = {"images": n, "files": _write_split(data, args.output, args.shards if split != "calib"
+                                                               else 1, split)}
     os.makedirs(args.output, exist_ok=True)
     doc = {"dataset": args.dataset, "options": vars(args), "splits": made}
     with open(os.path.join(args.output, "dataset.json"), "w") as f:
         json.dump(doc, f, indent=2)
     return doc
+
+
+def _write_split(data, directory: str, shards: int, split: str) -> list[str]:
+    """A ShapesSet (or cluttered-MNIST set) as `split-*.tfrecord` shards; returns their paths."""
+    paths = files.shard_paths(directory, split, shards)
+    files.write_tfrecord_shards(synthetic.examples(data, split), paths)
+    return paths
 
 
 def render(doc: dict) -> str:
@@ -174,10 +180,8 @@ def photos(args) -> dict:
                 width=w, height=h))
     made = {}
     for split, exs in examples.items():
-        path = os.path.join(args.output, f"{split}-00000-of-00001.tfrecord")
-        with open(path, "wb") as f:
-            for ex in exs:
-                f.write(records.frame_record(ex))
-        made[split] = {"images": len(exs), "files": [path]}
+        paths = files.shard_paths(args.output, split, 1)
+        files.write_tfrecord_shards(exs, paths)
+        made[split] = {"images": len(exs), "files": paths}
     made["skipped_unreadable"] = {"images": skipped, "files": []}
     return made

@@ -16,10 +16,8 @@ import logging
 import os
 import time
 
-import numpy as np
-
 from weakloc.models import boxes as boxlib
-from weakloc.models import metrics, records, refine, sidecar, synthetic, train
+from weakloc.models import files, metrics, refine, sidecar, synthetic, train
 from weakloc.models.cam import CamModel
 from weakloc.models.thresholds import Thresholds
 
@@ -39,32 +37,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shards", type=int, default=2, help="TFRecord shards of the held-out images")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     return ap
-
-
-def write_shards(data: synthetic.ShapesSet, directory: str, shards: int, prefix: str) -> list[str]:
-    """Write a ShapesSet as TFRecord shards of tf.train.Example with labels and normalised true boxes."""
-    os.makedirs(directory, exist_ok=True)
-    size = data.images.shape[1]
-    paths = [os.path.join(directory, f"{prefix}-{s:05d}-of-{shards:05d}.tfrecord") for s in range(shards)]
-    files = [open(p, "wb") for p in paths]
-    try:
-        for i, (img, label, box) in enumerate(zip(data.images, data.labels, data.boxes)):
-            ex = records.make_example(
-                synthetic.encode_png(img),
-                source_id=f"{prefix}-{i:06d}",
-                labels=[int(label)],
-                label_texts=[data.class_names[label]],
-                boxes=[list(np.asarray(box) / size)],
-                box_labels=[int(label)],
-                box_texts=[data.class_names[label]],
-                width=size,
-                height=size,
-            )
-            files[i % shards].write(records.frame_record(ex))
-    finally:
-        for f in files:
-            f.close()
-    return paths
 
 
 def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep, Thresholds]:
@@ -122,7 +94,7 @@ def run(argv=None) -> dict:
 
     logger.info("%s", "[4/5] labeling the held-out TFRecord shards with the Beam pipeline")
     shard_dir = os.path.join(out_dir, "shards")
-    write_shards(eval_set, shard_dir, args.shards, "heldout")
+    files.write_tfrecord_shards(synthetic.examples(eval_set, "heldout"), files.shard_paths(shard_dir, "heldout", args.shards))
     labels_dir = os.path.join(out_dir, "labels")
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args = ["--runner=FnApiRunner", *beam_args]  # the local runner, with no Prism download attempt

@@ -4,8 +4,10 @@
 
 Ground truth comes from TFRecord shards (image/object/bbox/*, matched on the image id), a Pascal VOC folder of
 XML files or a COCO JSON (both matched on the file name). Reports GT-known Loc (the box of the true class has
-IoU >= delta), Top-1 Loc (and the top-1 class is right), per-class CorLoc and mean IoU at delta 0.3/0.5/0.7, and
-the same for a full-image box and a centred box of the median true size. Boxes: x0y0x1y1 continuous pixels, max
+IoU >= delta), Top-1 Loc (and the top-1 class is right), per-class CorLoc and mean IoU at delta 0.3/0.5/0.7; the
+boxes as a detector's (COCO AP, AP50 and AR@100 by pycocotools over every box ranked by its score, and the share
+of true instances a one-to-one matching finds at IoU 0.5); and the same for a full-image box and a centred box of
+the median true size, one per true class of an image (score 1). Boxes: x0y0x1y1 continuous pixels, max
 edge exclusive; VOC's 1-based inclusive corners are converted (xmin - 1, ymin - 1, xmax, ymax).
 """
 from __future__ import annotations
@@ -16,11 +18,11 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import metrics
+from weakloc.models import classmap, detection, metrics
 
 from . import ground_truth, results
-from .options import OptionsError
 from .args import Parser, annotations_flag, ground_truth_flag
+from .options import OptionsError, read_class_map
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
         ground_truth_flag("true boxes to score the run against", "the boxes the annotation rows carry from their "
                           "TFRecord inputs")])
     ap.add_argument("--output", help="JSON report (default: <annotations>/evaluation.json)")
+    ap.add_argument("--class_map", metavar="FILE",
+                    help="JSON or CSV: dataset label -> model class names; boxes and top-1 classes of the model's "
+                         "classes are scored as the dataset labels they map to (default: the class map the label "
+                         "run used, if any)")
     return ap
 
 
@@ -46,6 +52,12 @@ def _table(ev: dict) -> str:
     line("Top-1 Loc (weakloc)", ev["top1_loc"])
     line("GT-known Loc, full-image box", ev["baselines"]["full_image"]["gt_known"])
     line("GT-known Loc, centred median box", ev["baselines"]["centred_median"]["gt_known"])
+    lines.append(f"\n{'as a detector (COCOeval)':34s}      AP    AP50  AR@100  instance recall@0.5")
+    for name, det in (("weakloc", ev["detection"]), ("full-image box", ev["baselines"]["full_image"]["detection"]),
+                      ("centred median box", ev["baselines"]["centred_median"]["detection"])):
+        lines.append(f"{name:34s}  {det['ap']:6.1%}  {det['ap50']:6.1%}  {det['ar100']:6.1%}  {det['instance_recall']:6.1%}")
+    d = ev["detection"]
+    lines.append(f"{d['predicted_boxes']} predicted boxes, {d['instances']} true instances")
     lines.append(f"\nimages {ev['images']}, image-class pairs {ev['pairs']}, top-1 classification {ev['top1']:.1%}")
     lines.append(f"mean IoU: weakloc {ev['mean_iou']:.3f}, full image {ev['baselines']['full_image']['mean_iou']:.3f}, "
                  f"centred median {ev['baselines']['centred_median']['mean_iou']:.3f}\n")
@@ -73,6 +85,9 @@ def run(argv=None) -> dict:
     rows = results.read_table(args.annotations, "annotations").to_pylist()
     if not rows:
         raise OptionsError(f"--annotations {args.annotations} holds no annotation rows")
+    cmap = class_map_of(args, summary, class_names)
+    if cmap is not None:
+        class_names = cmap.labels  # every class below is a dataset label
     unmatched = 0
     if args.ground_truth:
         for row in rows:
@@ -86,6 +101,8 @@ def run(argv=None) -> dict:
         if unmatched:
             logger.warning("%d of %d annotated images have no ground truth in %s", unmatched, len(rows),
                            args.ground_truth)
+    if cmap is not None:
+        to_labels(rows, cmap, summary["model"]["class_names"])
     unknown = sum(1 for r in rows for g in r["gt_boxes"] if g["class_id"] < 0)
     if unknown:
         logger.warning("%d true boxes name classes the model does not know; they are left out", unknown)
@@ -93,6 +110,9 @@ def run(argv=None) -> dict:
             r["gt_boxes"] = [g for g in r["gt_boxes"] if g["class_id"] >= 0]
     try:
         ev = metrics.evaluate_rows(rows, class_names)
+        ev["detection"] = detection.detection_scores(rows)
+        for kind in metrics.BASELINES:
+            ev["baselines"][kind]["detection"] = detection.detection_scores(detection.baseline_rows(rows, kind))
     except ValueError as exc:
         raise OptionsError(str(exc)) from None
     ev["annotations"] = args.annotations

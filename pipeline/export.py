@@ -18,7 +18,7 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import export as fmt
-from weakloc.models import records
+from weakloc.models import files
 
 from . import ground_truth, results, sources
 from .options import OptionsError
@@ -151,26 +151,22 @@ def _copy_images(es: fmt.ExportSet, out: str, folder, counts: dict, stems: dict)
 
 def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) -> list[str]:
     by_source = {im.source: im for im in es.images}
-    names = [f"weakloc-{s:05d}-of-{num_shards:05d}.tfrecord" for s in range(num_shards)]
-    handles = [FileSystems.create(FileSystems.join(out, n)) for n in names]
-    missing, written = [], 0
-    try:
+    paths = files.shard_paths(out, "weakloc", num_shards)
+    missing = []
+
+    def payloads():
         for source, encoded, reason in sources.iter_image_bytes(im.source for im in es.images):
             if encoded is None:
                 missing.append({"source": source, "reason": reason})
                 logger.warning("left out of the TFRecords (no image bytes): %s", reason)
                 continue
-            im = by_source[source]
-            handles[written % num_shards].write(
-                records.frame_record(fmt.tf_example(im, encoded, image_format=fmt.sniff_format(encoded)[0])))
-            written += 1
-    finally:
-        for h in handles:
-            h.close()
+            yield fmt.tf_example(by_source[source], encoded, image_format=fmt.sniff_format(encoded)[0])
+
+    written = files.write_tfrecord_shards(payloads(), paths)
     _write(FileSystems.join(out, "label_map.pbtxt"), fmt.label_map_pbtxt(es.categories).encode())
     counts["images_written"] = written
     counts["images_without_bytes"] = missing
-    return names + ["label_map.pbtxt"]
+    return [posixpath.basename(p) for p in paths] + ["label_map.pbtxt"]
 
 
 def run(argv: Optional[list[str]] = None) -> dict:

@@ -18,9 +18,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import boxes, defaults, images, records
-from weakloc.models.annotate import resolve_labels
+from weakloc.models import defaults, images, records
 from weakloc.models.files import open_maybe_gzip
+from weakloc.models.annotate import resolve_labels
+from weakloc.models.reading import InputReader, RawInput
 
 from .options import OptionsError, input_layout
 
@@ -59,7 +60,7 @@ class Source:
     folder_names: tuple[str, ...] = ()  # the parent folders that gave labels (to warn when none is a class)
 
 
-def _image_labels(source: "Source", path: str, folder_label: str) -> list[str]:
+def _image_labels(source: "Source", path: str, folder_label: Optional[str]) -> list[str]:
     """An image file's labels: its manifest line, else its true boxes' names, else its folder (when on)."""
     from .ground_truth import manifest_labels
 
@@ -71,7 +72,7 @@ def _image_labels(source: "Source", path: str, folder_label: str) -> list[str]:
         found = source.ground_truth.find(path, path)
         if found is not None:
             return sorted({n for n, _ in found[0]})
-    return [folder_label] if source.folder_labels else []
+    return [folder_label] if folder_label else []
 
 
 def _match(patterns: Sequence[str]) -> list[str]:
@@ -84,22 +85,23 @@ def _match(patterns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _raw_records(files: Sequence[str], input_format: str, *, read_images: bool = True
-                 ) -> Iterator[tuple[str, str, bytes, Optional[str]]]:
-    """(kind, id, payload, folder label) of every record or image file; damaged shard tails are skipped.
+def _raw_records(files: Sequence[str], input_format: str, folder_labels: bool, *,
+                 read_images: bool = True) -> Iterator[RawInput]:
+    """Every record or image file as `label` reads it; damaged shard tails are skipped with a warning.
     `read_images=False` gives image files an empty payload (their labels need no bytes)."""
     for path in files:
         if input_format == "images":
+            folder = posixpath.basename(posixpath.dirname(path)) if folder_labels else None
             if not read_images:
-                yield "image", path, b"", posixpath.basename(posixpath.dirname(path))
+                yield RawInput(path, "image", b"", image_id=path, folder_label=folder)
                 continue
             with FileSystems.open(path) as f:
-                yield "image", path, f.read(), posixpath.basename(posixpath.dirname(path))
+                yield RawInput(path, "image", f.read(), image_id=path, folder_label=folder)
             continue
         with open_maybe_gzip(path) as stream:
             try:
                 for i, (_, data) in enumerate(records.iter_records(stream)):
-                    yield "example", f"{path}:{i}", data, None
+                    yield RawInput(f"{path}:{i}", "example", data)
             except (records.RecordError, EOFError, OSError) as exc:
                 logger.warning("skipping the rest of %s: %s", path, exc)
 
@@ -126,22 +128,22 @@ def scan(
         folder = folder and labels_from_folder == "yes"  # explicit labels win over a guessed layout
     probe = Source(files, fmt, folder, (), 0, "", manifest, ground_truth)
     texts, ints, keys, folders = set(), set(), [], set()
-    for kind, rid, payload, folder_label in _raw_records(files, fmt, read_images=False):
-        if kind == "image":
-            lab = _image_labels(probe, rid, folder_label)
-            if folder and lab == [folder_label]:
-                folders.add(folder_label)
+    for raw in _raw_records(files, fmt, folder, read_images=False):
+        if raw.kind == "image":
+            lab = _image_labels(probe, raw.source, raw.folder_label)
+            if raw.folder_label and lab == [raw.folder_label]:
+                folders.add(raw.folder_label)
             texts.update(lab)
-            keys.append(f"{rid}\t{','.join(lab)}")
+            keys.append(f"{raw.source}\t{','.join(lab)}")
             continue
         try:
-            ex = records.parse_example(payload)
+            ex = records.parse_example(raw.payload)
         except records.ExampleError as exc:
-            logger.warning("skipping %s: %s", rid, exc)
+            logger.warning("skipping %s: %s", raw.source, exc)
             continue
         texts.update(ex.label_texts)
         ints.update(v - label_offset for v in ex.labels)
-        keys.append(f"{ex.image_id or rid}\t{ex.labels}\t{ex.label_texts}")
+        keys.append(f"{ex.image_id or raw.source}\t{ex.labels}\t{ex.label_texts}")
     if class_names:
         names = tuple(class_names)
     elif texts:
@@ -167,40 +169,38 @@ def iterate(
     max_pixels: int = defaults.MAX_PIXELS,
     keep_texts: bool = False,
 ) -> Iterator[Example]:
-    """Every readable input as an Example; decoded to `input_size` when given (undecodable ones are skipped).
+    """Every readable input as an Example, read as `label` reads it (models/reading.py); decoded to `input_size`
+    when given (undecodable ones are skipped with a warning).
 
-    With `source.ground_truth`, decoded pictures take their true boxes from it (normalised by the picture's
-    size); `keep_texts` also keeps the boxes' class names in `gt_texts` (for classes the model may not know).
-    """
-    for kind, rid, payload, folder_label in _raw_records(source.files, source.input_format):
-        gt_texts: list[str] = []
-        if kind == "image":
-            label_ids, _ = resolve_labels([], _image_labels(source, rid, folder_label), source.class_names)
-            image_id, encoded, gt, gt_ids = rid, payload, np.zeros((0, 4), np.float32), []
-        else:
-            try:
-                ex = records.parse_example(payload)
-            except records.ExampleError:
-                continue  # already reported by scan()
-            image_id = ex.image_id or rid
-            label_ids, _ = resolve_labels(ex.labels, ex.label_texts, source.class_names, id_offset=label_offset)
-            gt_ids, gt_texts = resolve_labels(ex.gt_labels, ex.gt_texts, source.class_names,
-                                              id_offset=label_offset)
-            encoded, gt = ex.encoded, np.asarray(ex.gt_boxes, np.float32).reshape(-1, 4)
-        item = Example(image_id=image_id, label_ids=label_ids, gt_boxes=gt, gt_ids=gt_ids,
-                       gt_texts=gt_texts if keep_texts else [], source=rid)
-        if input_size is not None:
-            try:
-                img = images.decode_image(encoded, input_size, max_pixels=max_pixels)
-            except images.ImageDecodeError as exc:
-                logger.warning("skipping %s: %s", rid, exc)
-                continue
-            item.pixels, item.width, item.height = img.pixels, img.width, img.height
-            if source.ground_truth is not None:
-                _attach_ground_truth(item, source)
-            if len(item.gt_boxes) and img.orientation != 1:
-                # As the label pipeline's decode step: truth stored for the un-rotated grid turns with the picture.
-                item.gt_boxes = boxes.orient_normalized_boxes(item.gt_boxes, img.orientation)
+    Image files take their labels from `source.manifest` or `source.ground_truth` first; decoded pictures take
+    their true boxes from `source.ground_truth` (normalised by the picture's size). `keep_texts` keeps the boxes'
+    class names in `gt_texts` (for classes the model may not know)."""
+    reader = InputReader(source.class_names, input_size=input_size or (1, 1), label_offset=label_offset,
+                         max_pixels=max_pixels)
+    for raw in _raw_records(source.files, source.input_format, source.folder_labels):
+        try:
+            parsed = reader.parse(raw)
+        except records.ExampleError:
+            continue  # already reported by scan()
+        if raw.kind == "image" and (source.manifest is not None or source.ground_truth is not None):
+            ids, texts = resolve_labels([], _image_labels(source, raw.source, raw.folder_label), source.class_names)
+            parsed = dataclasses.replace(parsed, label_ids=ids, label_texts=texts)
+        texts_kept = list(parsed.gt_texts) if keep_texts else []
+        if input_size is None:
+            yield Example(image_id=parsed.image_id, label_ids=parsed.label_ids,
+                          gt_boxes=np.asarray(parsed.gt_boxes, np.float32).reshape(-1, 4), gt_ids=parsed.gt_ids,
+                          gt_texts=texts_kept, source=raw.source)
+            continue
+        try:
+            meta, pixels = reader.decode(parsed)
+        except images.ImageDecodeError as exc:
+            logger.warning("skipping %s: %s", raw.source, exc)
+            continue
+        item = Example(image_id=meta.image_id, label_ids=meta.label_ids,
+                       gt_boxes=np.asarray(meta.gt_boxes, np.float32).reshape(-1, 4), gt_ids=meta.gt_ids,
+                       pixels=pixels, width=meta.width, height=meta.height, gt_texts=texts_kept, source=raw.source)
+        if source.ground_truth is not None:
+            _attach_ground_truth(item, source)
         yield item
 
 
@@ -209,11 +209,9 @@ def _attach_ground_truth(item: Example, source: Source) -> None:
     objs = source.ground_truth.pixel_boxes(item.image_id, item.source, item.width, item.height)
     if objs is None:
         return
-    names = [n for n, _ in objs]
     size = np.array([item.width, item.height, item.width, item.height], np.float32)
     item.gt_boxes = (np.asarray([b for _, b in objs], np.float32).reshape(-1, 4) / size).clip(0.0, 1.0)
-    item.gt_ids, texts = resolve_labels([], names, source.class_names)
-    item.gt_texts = texts
+    item.gt_ids, item.gt_texts = resolve_labels([], [n for n, _ in objs], source.class_names)
 
 
 def in_validation(image_id: str, percent: float) -> bool:

@@ -69,7 +69,7 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
     )
     decode_fn = DecodeDoFn(
         config.spec.input_size,
-        config.spec.class_names,
+        config.box_class_names,
         max_pixels=config.max_pixels,
         label_offset=config.label_offset,
         threads=config.decode_threads,

@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, defaults, files, groundtruth, opening, sidecar, zoo
+from weakloc.models import annotate, cam, classmap, defaults, files, groundtruth, opening, sidecar, zoo
+from weakloc.models import boxes as boxlib
 from weakloc.models.cam import CamMethod
 from weakloc.models.thresholds import Thresholds, ThresholdsError, parse_stretch
 
@@ -52,6 +53,17 @@ def add_model_args(group) -> None:
     group.add_argument("--sidecar", help="preprocessing JSON (default: the model path with .json)")
     group.add_argument("--unsafe_load", action="store_true",
                        help="turn Keras safe_mode off (runs code in the model file; only for files you trust)")
+
+
+def add_class_map_args(group) -> None:
+    """--class_map and how it combines maps, for label and calibrate (`read_class_map`)."""
+    group.add_argument("--class_map", metavar="FILE",
+                       help="JSON or CSV: dataset label -> model class names (e.g. {\"kangaroo\": [\"wallaby\"]}), "
+                            "so an off-the-shelf model boxes the images' own labels (--classes labels); boxes are "
+                            "named by the dataset label")
+    group.add_argument("--class_map_combine", choices=classmap.COMBINES, default=classmap.DEFAULT_COMBINE,
+                       help="how a label mapped to several model classes gets its map: the sum of their CAMs (the "
+                            "merged class's CAM; better on the shared photos, BENCHMARKS.md) or the element-wise max")
 
 
 def add_label_args(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +102,7 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     box = parser.add_argument_group("CAM to boxes")
     box.add_argument("--classes", choices=annotate.CLASS_MODES, default="predicted",
                      help="which classes get boxes: the top predictions, the image's own labels, or both")
+    add_class_map_args(box)
     box.add_argument("--top_k", type=int, default=defaults.TOP_K, help="predicted classes per image")
     box.add_argument("--min_score", type=float, default=0.0, help="predicted classes below this get no box")
     box.add_argument("--cam_threshold", type=float,
@@ -99,8 +112,9 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                      help='JSON {"default": t, "per_class": {"name": t}} (default: <model>.thresholds.json '
                           "beside the model, if present)")
     box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
-                     help="one box per class around the largest component, every component, or one box "
-                          "around all of them")
+                     help="one box per class around the largest component, every component, one box "
+                          "around all of them, or one box per object (instances: the rule calibrate --boxes "
+                          "instances chose, from the thresholds file)")
     box.add_argument("--min_box_area", type=float, default=defaults.MIN_BOX_AREA,
                      help="--boxes all|union: smallest component kept, as a fraction of the image")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
@@ -138,6 +152,11 @@ class LabelConfig:
     previous: list[dict] = dataclasses.field(default_factory=list)
     decode_threads: int = defaults.DECODE_THREADS
 
+    @property
+    def box_class_names(self) -> tuple[str, ...]:
+        """The names boxes and image labels are given: the class map's dataset labels, else the model's classes."""
+        return self.box.class_map.labels if self.box.class_map is not None else self.spec.class_names
+
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
         return {
@@ -166,10 +185,13 @@ class LabelConfig:
                 "top_k": self.box.top_k,
                 "min_score": self.box.min_score,
                 "cam_threshold": self.box.default_threshold,
-                "per_class_thresholds": {self.spec.class_names[c]: t for c, t in sorted(self.box.per_class.items())},
+                "per_class_thresholds": {self.box_class_names[c]: t for c, t in sorted(self.box.per_class.items())},
+                "class_map": (self.box.class_map.to_json(self.spec.class_names) if self.box.class_map is not None
+                              else None),
                 "thresholds_file": self.thresholds_used,
                 "boxes": self.box.mode,
                 "min_box_area": self.box.min_area,
+                "instances": self.box.instances.to_json() if self.box.mode == "instances" else None,
                 "batch_size": self.batch_size,
                 "decode_threads": self.decode_threads,
                 "emit_cams": self.box.emit_cams,
@@ -293,8 +315,11 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     opened = open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
     if folder_labels:
         warn_folder_labels(args, opened.spec.class_names)
+    cmap = read_class_map(args, opened.spec.class_names)
+    if cmap is not None:
+        check_input_labels(args, cmap)
     thr, thr_path = read_thresholds(args)
-    box, contrast = box_options(args, opened, thr, thr_path)
+    box, contrast = box_options(args, opened, thr, thr_path, cmap)
     try:
         spec = dataclasses.replace(opened.spec, contrast=contrast)
     except opening.ModelFileError as exc:
@@ -431,9 +456,10 @@ def read_thresholds(args: argparse.Namespace) -> tuple[Optional[Thresholds], Opt
 
 
 def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Optional[Thresholds],
-                thr_path: Optional[str]) -> tuple[annotate.BoxOptions, bool]:
+                thr_path: Optional[str], cmap: Optional[classmap.ClassMap] = None) -> tuple[annotate.BoxOptions, bool]:
     """Box options from the flags over the thresholds file (flag > file > default), and whether CAMs are contrast
-    CAMs (the flag, or the file's record of what it was calibrated on)."""
+    CAMs (the flag, or the file's record of what it was calibrated on). With a class map, per-class thresholds
+    are per dataset label."""
     thr = thr or Thresholds()
     contrast = args.cam_contrast
     if thr.cam_contrast is not None:
@@ -445,6 +471,14 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
     if flip is not None and flip != args.flip_tta:
         logger.warning("%s was calibrated %s --flip_tta but this run is %s it", thr_path,
                        "with" if flip else "without", "with" if args.flip_tta else "without")
+    used_map = thr.calibrated_class_map()
+    if used_map is not None and cmap is not None and used_map.get("combine") != cmap.combine:
+        logger.warning("%s was calibrated on class maps combined by %s, this run combines them by %s", thr_path,
+                       used_map.get("combine"), cmap.combine)
+    instances = thr.instances
+    if args.boxes == "instances" and instances is None:
+        instances = boxlib.InstanceRule()
+        logger.warning("--boxes instances with no instance rule from calibrate --boxes instances: using %s", instances)
     stretch = thr.box_stretch or (1.0, 1.0)
     if args.box_stretch is not None:
         try:
@@ -476,18 +510,52 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
             top_k=args.top_k,
             min_score=args.min_score,
             default_threshold=defaults.CAM_THRESHOLD if tau is None else tau,
-            per_class=thr.class_ids(opened.spec.class_names),
+            per_class=thr.class_ids(cmap.labels if cmap is not None else opened.spec.class_names),
             mode=args.boxes,
             min_area=args.min_box_area,
             emit_cams=args.emit_cams,
             stretch=stretch,
             refine=refiner,
+            instances=instances or boxlib.InstanceRule(),
+            class_map=cmap,
         )
     except ThresholdsError:
         raise
     except ValueError as exc:
         raise OptionsError(str(exc)) from None
     return box, contrast
+
+
+def read_class_map(args: argparse.Namespace, class_names) -> Optional[classmap.ClassMap]:
+    """The --class_map file (JSON, or CSV by its extension) checked against the model's classes; None without one."""
+    path = getattr(args, "class_map", None)
+    if path is None:
+        return None
+    if getattr(args, "classes", "labels") != "labels":
+        raise OptionsError(f"--class_map boxes the images' own labels: it needs --classes labels, got {args.classes}")
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode("utf-8")
+    except Exception as exc:  # noqa: BLE001 - whatever keeps the file from us, one clear line
+        raise OptionsError(f"--class_map {path} cannot be read: {exc}") from None
+    try:
+        return classmap.parse_class_map(text, class_names, fmt="csv" if path.lower().endswith(".csv") else "json",
+                                        combine=getattr(args, "class_map_combine", classmap.DEFAULT_COMBINE))
+    except classmap.ClassMapError as exc:
+        raise OptionsError(f"--class_map {path}: {exc}") from None
+
+
+def check_input_labels(args: argparse.Namespace, cmap: classmap.ClassMap) -> None:
+    """Read every input's labels once (no pixel decoded) and refuse any the class map does not declare, before a
+    worker starts: a label matched by nothing would otherwise fall back to its integer id in the wrong space."""
+    from . import inputs  # inputs imports this module
+
+    source = inputs.scan(args.input, input_format=args.input_format,
+                         labels_from_folder=getattr(args, "labels_from_folder", "auto"), label_offset=args.label_offset)
+    try:
+        classmap.check_labels(source.class_names, cmap, f"--input {' '.join(args.input)}")
+    except classmap.ClassMapError as exc:
+        raise OptionsError(f"--class_map {args.class_map}: {exc}") from None
 
 
 def check_beam_args(beam_args: list[str], known: Sequence[str] = ()) -> None:

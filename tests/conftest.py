@@ -1,59 +1,28 @@
-"""Shared fixtures: tiny seeded GAP models saved with their sidecars, and paths to ../shared data.
+"""Shared fixtures: tiny seeded GAP models saved with their sidecars, labelled runs and input trees.
 
 Models are built fresh per session from a seed (no downloads) and saved to a temp dir, so every test that loads
 one exercises the real `.keras` loading path with safe_mode on.
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED = pathlib.Path(os.environ.get("WEAKLOC_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
-RUNNER = "FnApiRunner"  # never DirectRunner here: it would try to download Prism first
-
-
-def shared_path(*parts: str) -> pathlib.Path:
-    """A path under ../shared/data, or skip the test where a user's clone has no ../shared."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs ../shared/data/{'/'.join(parts)} (absent in a plain clone)")
-    return path
-
-
-def tiny_gap_model(
-    num_classes: int = 3,
-    input_size=(32, 32),
-    *,
-    activation: str = "softmax",
-    channels: int = 8,
-    seed: int = 0,
-):
-    """conv -> relu -> conv (stride 2) -> GAP -> Dense; random but seeded weights."""
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((*input_size, 3))
-    x = layers.Conv2D(channels, 3, padding="same", activation="relu", name="c1")(inp)
-    x = layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu", name="features")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    out = layers.Dense(num_classes, activation=activation, name="head")(x)
-    return keras.Model(inp, out)
-
-
-def save_model(model, directory: pathlib.Path, name: str, sidecar: dict | None = None) -> str:
-    path = directory / f"{name}.keras"
-    model.save(path)
-    if sidecar is not None:
-        (directory / f"{name}.json").write_text(json.dumps(sidecar))
-    return str(path)
-
+# Helpers are imported from tests.helpers; these names stay importable from here for older test modules.
+from tests.helpers import (  # noqa: E402, F401
+    CLASSES,
+    HOSTILE_IDS,
+    RUNNER,
+    SHARED,
+    png_bytes,
+    save_model,
+    shared_path,
+    tiny_gap_model,
+)
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
@@ -85,11 +54,6 @@ def shapes_model(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-# Image ids that must never become paths outside an output folder (export file names, report thumbnails).
-HOSTILE_IDS = ("../../etc/x", "gs://b/a.jpg", "C:\\dir\\img 4.png", "/abs/path/../y.png", "", "same/name", "same_name",
-               "<img src=x onerror=alert(1)>")
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +91,35 @@ def labelled_run(tmp_path_factory, tiny_model_path) -> dict:
     label.run(["--input", str(shards / "*.tfrecord"), "--model", tiny_model_path, "--output", str(out),
                "--top_k", "2", "--emit_cams", f"--runner={RUNNER}"])
     return {"out": str(out), "shards": shards, "model": tiny_model_path, "class_names": names}
+
+
+@pytest.fixture(scope="module")
+def folder_tree(tmp_path_factory):
+    """root/<class>/*.png, 3 images per class (one non-square per class); returns (root, {path: class})."""
+    from weakloc.models import synthetic
+
+    root = tmp_path_factory.mktemp("folders")
+    data = synthetic.make_shapes(9, size=40, seed=5)
+    truth = {}
+    for i in range(9):
+        cls = CLASSES[i % 3]
+        (root / cls).mkdir(exist_ok=True)
+        img = data.images[i]
+        if i < 3:
+            img = np.concatenate([img, img[:, :12]], axis=1)  # 52 wide, 40 tall
+        path = root / cls / f"img{i}.png"
+        path.write_bytes(png_bytes(img))
+        truth[str(path)] = (cls, img.shape[1], img.shape[0])
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def small_shard(tmp_path_factory):
+    from weakloc.models import records, synthetic
+
+    d = tmp_path_factory.mktemp("small_shard")
+    data = synthetic.make_shapes(3, size=40, seed=9)
+    path = d / "s.tfrecord"
+    path.write_bytes(b"".join(
+        records.frame_record(records.make_example(png_bytes(data.images[i]), source_id=f"s{i}")) for i in range(3)))
+    return str(path)

@@ -11,8 +11,8 @@ from weakloc.models.sidecar import Preprocessing
 from weakloc.pipeline import label, results
 from weakloc.transforms import inference
 from weakloc.transforms.decode import DecodedInput
-from tests.conftest import RUNNER
-from tests.test_pipeline import folder_tree  # noqa: F401  (module-scoped fixture reused)
+from tests.helpers import RUNNER
+
 
 TINY_PREP = Preprocessing((32, 32), 1 / 255, 0.0, ("cat", "dog", "bird"))
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from weakloc.models import api
 from weakloc.pipeline import label, results
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -19,7 +19,7 @@ from PIL import Image
 from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 
-from tests.conftest import RUNNER, shared_path
+from tests.helpers import RUNNER, shared_path
 
 
 def run(*argv: str) -> dict:

@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import layers
 
 from weakloc.models import cam, opening
-from tests.conftest import tiny_gap_model
+from tests.helpers import tiny_gap_model
 
 
 def _images(rng, n, size=(32, 32)):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from weakloc.pipeline import cli
-from tests.conftest import RUNNER, shared_path, save_model, tiny_gap_model
+from tests.helpers import RUNNER, shared_path, save_model, tiny_gap_model
 
 ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
 

@@ -18,7 +18,7 @@ from weakloc.models import export as fmt
 from weakloc.models import records
 from weakloc.pipeline import cli, label, results, sources
 
-from tests.conftest import HOSTILE_IDS, RUNNER, shared_path
+from tests.helpers import HOSTILE_IDS, RUNNER, shared_path
 
 NAMES = ["cat", "dog", "bird"]
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from weakloc.models import images, records, synthetic
 from weakloc.transforms.decode import DecodedInput, DecodeDoFn
-from weakloc.transforms.read import RawInput
+from weakloc.models.reading import RawInput
 from weakloc.transforms.tags import FAILURES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow narrates corrupt TIFF/EXIF it survives

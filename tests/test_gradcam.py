@@ -7,7 +7,7 @@ from keras import layers
 from weakloc.models import cam, gradcam
 from weakloc.pipeline import label, results
 
-from tests.conftest import RUNNER, save_model, tiny_gap_model
+from tests.helpers import RUNNER, save_model, tiny_gap_model
 
 TINY_FEATURE = 16  # tiny_gap_model: 32x32 input, one stride-2 conv
 

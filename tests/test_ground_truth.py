@@ -10,7 +10,7 @@ import pytest
 from weakloc.models import groundtruth, metrics
 from weakloc.pipeline import cli, ground_truth, inputs
 from weakloc.pipeline.options import OptionsError
-from tests.conftest import RUNNER, shared_path
+from tests.helpers import RUNNER, shared_path
 
 
 def voc_xml(filename: str, objects) -> str:
@@ -150,7 +150,7 @@ def test_voc_folder_through_calibrate_label_evaluate_report(tmp_path, capsys, sh
 
 def test_calibrate_on_the_real_fruit_test_folder(tmp_path, capsys):
     """../shared/data/photos/fruit/test is a folder of JPEGs with VOC XML beside them: calibrate takes it as is."""
-    from tests.conftest import save_model, tiny_gap_model
+    from tests.helpers import save_model, tiny_gap_model
 
     folder = shared_path("photos", "fruit", "test")
     model = save_model(tiny_gap_model(), tmp_path, "fruit", {"input_size": [32, 32], "scale": 1 / 255, "offset": 0.0,

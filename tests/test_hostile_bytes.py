@@ -19,7 +19,7 @@ from PIL import Image
 
 from weakloc.models import images, records
 
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

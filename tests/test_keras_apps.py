@@ -9,7 +9,7 @@ from weakloc.models.sidecar import Preprocessing
 from weakloc.pipeline import label, results
 from weakloc.pipeline.options import OptionsError
 
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 
 def test_imagenet_names_ship_with_the_package():

@@ -7,7 +7,7 @@ import pytest
 
 from weakloc.models import groundtruth
 from weakloc.pipeline import cli, ground_truth, results
-from tests.conftest import RUNNER, shared_path
+from tests.helpers import RUNNER, shared_path
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from weakloc.models import mnist
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 def _write_idx(path, arr, magic, compress):

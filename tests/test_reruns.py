@@ -14,7 +14,7 @@ import pytest
 from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 FINAL_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json")
 

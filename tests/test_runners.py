@@ -21,7 +21,7 @@ import pytest
 from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 N_GOOD = 10  # records that decode; one more is not an image and must come out as the same failure row everywhere
 

@@ -8,7 +8,7 @@ from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 from weakloc.pipeline.options import OptionsError
 
-from tests.conftest import RUNNER, save_model, tiny_gap_model
+from tests.helpers import RUNNER, save_model, tiny_gap_model
 
 
 def run(*argv: str) -> dict:

@@ -21,10 +21,10 @@ from PIL import Image
 from weakloc.models import records, synthetic
 from weakloc.pipeline import label, results
 from weakloc.transforms.decode import DecodedInput, DecodeDoFn
-from weakloc.transforms.read import RawInput
+from weakloc.models.reading import RawInput
 from weakloc.transforms.tags import FAILURES, SKIPPED
 
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 CLASSES = ("cat", "dog", "bird")
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakloc.models import boxes, records, synthetic
+from weakloc.models import boxes, records
 from weakloc.pipeline import label, results
 
-from tests.conftest import RUNNER
+from tests.helpers import RUNNER
 
 # What Pillow's exif_transpose does to the stored picture for each tag, and the inverse a producer applies to
 # a viewer's picture before tagging it.

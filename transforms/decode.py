@@ -4,15 +4,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from weakloc.models import boxes, defaults, images, records
-from weakloc.models.annotate import ImageMeta, resolve_labels
+from weakloc.models import defaults
+from weakloc.models.annotate import ImageMeta
+from weakloc.models.reading import InputReader, Parsed, RawInput
 from weakloc.models.schema import failure_row
 
 from .tags import FAILURES, NAMESPACE, SKIPPED
@@ -24,8 +25,6 @@ class DecodedInput:
 
     meta: ImageMeta
     pixels: np.ndarray  # uint8 (H_in, W_in, 3)
-
-
 
 
 class DecodeDoFn(beam.DoFn):
@@ -65,7 +64,7 @@ class DecodeDoFn(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "decode_failures")
         self.skipped = Metrics.counter(NAMESPACE, "skipped_labeled")
         self._pool = None
-        self._index = None
+        self._reader = None
         self._pending: collections.deque = collections.deque()
 
     def setup(self):
@@ -74,8 +73,8 @@ class DecodeDoFn(beam.DoFn):
         # Pillow refuses images above 2x its own limit at open; let --max_pixels be the only limit.
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
             Image.MAX_IMAGE_PIXELS = self.max_pixels
-        # Built once: resolving labels against 1,000 ImageNet names per record costs more than the lookup.
-        self._index = {n: i for i, n in enumerate(self.class_names)}
+        self._reader = InputReader(self.class_names, input_size=self.input_size, label_offset=self.label_offset,
+                                   max_pixels=self.max_pixels)
         if self.threads:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="weakloc-decode")
 
@@ -109,73 +108,51 @@ class DecodeDoFn(beam.DoFn):
             else:
                 yield WindowedValue(out, timestamp, (window,))
 
-    def _start(self, raw, skip_ids):
+    def _start(self, raw, skip_ids) -> "_Work":
         """Parse and check one input here; hand its pixels to the pool. Returns what `_finish` completes."""
-        image_id = raw.image_id
         try:
-            if raw.kind == "example":
-                ex = records.parse_example(raw.payload)
-                image_id = ex.image_id or raw.source
-                if skip_ids is not None and image_id in skip_ids:
-                    return ("skipped", image_id)
-                label_ids, label_texts = resolve_labels(
-                    ex.labels, ex.label_texts, self.class_names, id_offset=self.label_offset, index=self._index
-                )
-                gt_ids, _ = resolve_labels(ex.gt_labels, ex.gt_texts, self.class_names, id_offset=self.label_offset,
-                                           index=self._index)
-                encoded, gt = ex.encoded, (ex.gt_boxes, gt_ids, ex.gt_texts)
-            else:
-                labels = [raw.folder_label] if raw.folder_label else []
-                label_ids, label_texts = resolve_labels([], labels, self.class_names, index=self._index)
-                encoded, gt = raw.payload, ([], [], [])
+            parsed = self._reader.parse(raw)
         except Exception as exc:  # every reason becomes a row; the run goes on
-            return ("failed", failure_row(raw.source, "parse", exc, image_id=image_id))
+            return _Work(raw, failure=failure_row(raw.source, "parse", exc, image_id=raw.image_id))
+        if skip_ids is not None and raw.kind == "example" and parsed.image_id in skip_ids:
+            return _Work(raw, parsed, skipped=True)
         if self._pool is not None:
-            pixels = self._pool.submit(self._decode, encoded, gt)
+            decoded = self._pool.submit(self._reader.decode, parsed)
         else:
-            pixels = concurrent.futures.Future()
+            decoded = concurrent.futures.Future()
             try:
-                pixels.set_result(self._decode(encoded, gt))
+                decoded.set_result(self._reader.decode(parsed))
             except Exception as exc:  # raised again, as a failure row, by `_finish`
-                pixels.set_exception(exc)
-        return ("decoding", raw, image_id, label_ids, label_texts, pixels)
+                decoded.set_exception(exc)
+        return _Work(raw, parsed, decoded=decoded)
 
-    def _decode(self, encoded, gt):
-        """In a pool thread: bytes -> (DecodedImage, ground truth on the picture a viewer sees)."""
-        img = images.decode_image(encoded, self.input_size, max_pixels=self.max_pixels)
-        if gt[0] and img.orientation != 1:
-            # Ground truth is normalised to the stored grid (TensorFlow's decoders ignore EXIF); boxes are
-            # reported on the picture a viewer sees, so the truth turns with it.
-            gt = (boxes.orient_normalized_boxes(gt[0], img.orientation).tolist(), gt[1], gt[2])
-        return img, gt
-
-    def _finish(self, work):
+    def _finish(self, work: "_Work"):
         """Back in the bundle's thread (metrics live there): the outputs of one input."""
-        if work[0] == "skipped":
+        if work.skipped:
             self.skipped.inc()
-            yield beam.pvalue.TaggedOutput(SKIPPED, work[1])
+            yield beam.pvalue.TaggedOutput(SKIPPED, work.parsed.image_id)
             return
-        if work[0] == "failed":
+        if work.failure is not None:
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES, work[1])
+            yield beam.pvalue.TaggedOutput(FAILURES, work.failure)
             return
-        _, raw, image_id, label_ids, label_texts, pixels = work
         try:
-            img, gt = pixels.result()
+            meta, pixels = work.decoded.result()
         except Exception as exc:  # every reason becomes a row; the run goes on
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(raw.source, "decode", exc, image_id=image_id))
+            yield beam.pvalue.TaggedOutput(FAILURES, failure_row(work.raw.source, "decode", exc,
+                                                                 image_id=work.parsed.image_id))
             return
         self.decoded.inc()
-        meta = ImageMeta(
-            image_id=image_id,
-            source=raw.source,
-            width=img.width,
-            height=img.height,
-            label_ids=label_ids,
-            label_texts=label_texts,
-            gt_boxes=gt[0],
-            gt_ids=gt[1],
-            gt_texts=gt[2],
-        )
-        yield DecodedInput(meta=meta, pixels=img.pixels)
+        yield DecodedInput(meta=meta, pixels=pixels)
+
+
+@dataclasses.dataclass
+class _Work:
+    """One input between `_start` and `_finish`: skipped, failed (its failure row), or decoding."""
+
+    raw: RawInput
+    parsed: Optional[Parsed] = None
+    skipped: bool = False
+    failure: Optional[dict] = None
+    decoded: Optional[concurrent.futures.Future] = None

@@ -5,12 +5,10 @@ instead of failing the bundle. Files are reshuffled before they are opened so th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import posixpath
 import stat
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -19,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from weakloc.models import defaults, records
+from weakloc.models.reading import RawInput
 from weakloc.models.files import open_maybe_gzip
 from weakloc.models.schema import failure_row
 
@@ -26,23 +25,6 @@ from .tags import FAILURES, NAMESPACE, SKIPPED
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclasses.dataclass
-class RawInput:
-    """One input before decoding.
-
-    source: where it came from (`shard:index` for TFRecord records, the path for image files).
-    kind: "example" (payload is a serialized tf.train.Example) or "image" (payload is the file's bytes).
-    image_id: known before parsing (image files: the path), else None.
-    folder_label: the class-per-folder label of an image file, else None.
-    """
-
-    source: str
-    kind: str
-    payload: bytes
-    image_id: Optional[str] = None
-    folder_label: Optional[str] = None
 
 
 def printable_path(path: str) -> str:

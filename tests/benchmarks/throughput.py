@@ -66,14 +66,10 @@ def make_images(n: int, size, fmt: str, seed: int = 0) -> list[bytes]:
 
 
 def write_shards(images: list[bytes], directory: str, shards: int = 4) -> str:
-    from weakloc.models import records
+    from weakloc.models import files, records
 
-    os.makedirs(directory, exist_ok=True)
-    files = [open(os.path.join(directory, f"bench-{s:05d}-of-{shards:05d}.tfrecord"), "wb") for s in range(shards)]
-    for i, data in enumerate(images):
-        files[i % shards].write(records.frame_record(records.make_example(data, source_id=f"img{i:06d}")))
-    for f in files:
-        f.close()
+    files.write_tfrecord_shards((records.make_example(data, source_id=f"img{i:06d}") for i, data in enumerate(images)),
+                                files.shard_paths(directory, "bench", shards))
     return os.path.join(directory, "bench-*.tfrecord")
 
 
