@@ -148,7 +148,6 @@ def run(argv=None) -> dict:
     else:
         cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
                                 mode=args.boxes, min_area=args.min_box_area)
-    sweep = cal.overall
     # Each map's threshold as label will use it (per class where calibrated, shrunk towards the overall one): what
     # a stretch or refinement fits on.
     taus = np.array([cal.class_threshold(c, args.shrink) for c in classes], np.float32)

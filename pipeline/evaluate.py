@@ -40,6 +40,43 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def class_map_of(args, summary: dict, class_names) -> "classmap.ClassMap | None":
+    """--class_map, else the class map the label run recorded, else None."""
+    if args.class_map:
+        return read_class_map(args, class_names)
+    used = (summary.get("options") or {}).get("class_map")
+    if not used:
+        return None
+    return classmap.parse_class_map(json.dumps(used["labels"]), class_names, combine=used["combine"])
+
+
+def to_labels(rows: list[dict], cmap, model_names) -> None:
+    """Name every box, top class and true box by its dataset label (in place): a model class becomes the label
+    that maps it, a box of an unmapped class is dropped, a top class of an unmapped one gets class id -1, true
+    boxes of a label mapped to nothing are dropped.
+
+    Raises:
+      OptionsError: a true box whose label the class map does not declare.
+    """
+    index = {lab: j for j, lab in enumerate(cmap.labels)}
+    of = {model_names[c]: j for c, j in cmap.label_of().items()}
+
+    def label_id(name):
+        return index.get(name, of.get(name, -1))
+
+    try:
+        classmap.check_labels({g["label"] for r in rows for g in r["gt_boxes"]}, cmap, "the ground truth")
+    except classmap.ClassMapError as exc:
+        raise OptionsError(str(exc)) from None
+    for row in rows:
+        row["boxes"] = [dict(b, class_id=label_id(b["label"])) for b in row.get("boxes") or ()
+                        if label_id(b["label"]) >= 0]
+        row["classes"] = [dict(c, class_id=label_id(c["label"])) for c in row.get("classes") or ()]
+        # A label mapped to no model class (raccoon for an ImageNet model) can have no box: its truths are left out.
+        row["gt_boxes"] = [dict(g, class_id=index[g["label"]]) for g in row["gt_boxes"]
+                           if cmap.members[index[g["label"]]]]
+
+
 def _table(ev: dict) -> str:
     levels = sorted(ev["gt_known"])
     head = "".join(f"  @{lv:<5}" for lv in levels)
