@@ -13,6 +13,7 @@ PACKAGES = {
     "weakloc.pipeline": "pipeline",
     "weakloc.transforms": "transforms",
     "weakloc.models": "models",
+    "weakloc.models.engines": "models/engines",
 }
 
 setuptools.setup(
@@ -32,6 +33,10 @@ setuptools.setup(
         # Keras 3 is what TensorFlow ships from 2.16 on; weakloc needs its functional API and safe_mode.
         "tensorflow>=2.16",
         "keras>=3.0",
+        # The default CPU engine (issue 14): a faster forward pass than TensorFlow's on MobileNetV2 (BENCHMARKS.md),
+        # 180 MB, manylinux_2_28 wheels that install on Dataflow's Debian workers. --engine auto falls back to
+        # TensorFlow where it is absent.
+        "openvino>=2024.0",
         "pillow>=10.0",
         "numpy>=1.24",
         "pyarrow>=14",

@@ -18,15 +18,20 @@ from .thresholds import Thresholds
 IOU_LEVELS = (0.3, 0.5, 0.7)
 
 
-def best_iou(pred: np.ndarray, truths: Sequence[np.ndarray]) -> np.ndarray:
-    """For each predicted box i (n, 4), its IoU with the best-matching box of truths[i] (each (m_i, 4))."""
+def best_iou(pred: np.ndarray, truths: Sequence[np.ndarray], owner: np.ndarray | None = None) -> np.ndarray:
+    """For each predicted box i (n, 4), its IoU with the best-matching box of truths[owner[i]] (each (m_j, 4)).
+
+    Without `owner`, box i is matched against truths[i]. With it, many boxes of the same maps (e.g. at every
+    threshold of a sweep) are scored in one IoU call, which costs far less than one call each.
+    """
     pred = np.asarray(pred, np.float32).reshape(-1, 4)
+    owner = np.arange(len(pred)) if owner is None else np.asarray(owner, np.int64)
     flat = [np.asarray(t, np.float32).reshape(-1, 4) for t in truths]
-    owner = np.concatenate([np.full(len(t), i) for i, t in enumerate(flat)] + [np.zeros(0, int)])
-    if not len(owner):
+    of = np.concatenate([np.full(len(t), i) for i, t in enumerate(flat)] + [np.zeros(0, int)])
+    if not len(of) or not len(pred):
         return np.zeros(len(pred), np.float32)
     iou = boxlib.box_iou(pred, np.concatenate(flat))
-    iou = np.where(owner[None, :] == np.arange(len(pred))[:, None], iou, 0.0)
+    iou = np.where(of[None, :] == owner[:, None], iou, 0.0)
     return iou.max(axis=1).astype(np.float32)
 
 
@@ -53,6 +58,45 @@ class Sweep:
         return float(self.accuracy.max(axis=0).mean() * 100.0)
 
 
+DEFAULT_TAUS = np.round(np.arange(0.0, 1.0, 0.01), 2)  # wsolevaluation's step
+
+
+def iou_table(
+    normed: np.ndarray,
+    truths: Sequence[np.ndarray],
+    *,
+    valid: np.ndarray | None = None,
+    taus: np.ndarray | None = None,
+    mode: str = "largest",
+    min_area: float = 0.0,
+) -> np.ndarray:
+    """float32 (T, N): at each threshold, each map's best IoU between its boxes and its true boxes (0 for a map
+    with no box). Any subset of the maps is then swept by averaging its columns (`sweep_thresholds`, and the
+    cross-validation of `choose.py`, which scores many subsets of the same maps).
+
+    Args:
+      normed: float (N, H, W) normalised CAMs of the true class, in [0, 1].
+      truths: N arrays (m_i, 4) of true boxes in the maps' pixel coordinates.
+      taus: thresholds to try; default DEFAULT_TAUS, 0.00, 0.01, ..., 0.99.
+      mode, min_area: as boxes_from_cams; with mode "all" a map counts as right when any of its boxes is.
+    """
+    normed = np.asarray(normed, np.float32)
+    n = len(normed)
+    if n != len(truths):
+        raise ValueError(f"expected one truth list per map, got {n} maps and {len(truths)} truths")
+    taus = DEFAULT_TAUS if taus is None else np.asarray(taus, np.float32)
+    table = np.zeros((len(taus), n), np.float32)
+    xyxy, maps, at = [], [], []
+    for ti, tau in enumerate(taus):
+        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid, mode=mode, min_area=min_area)
+        xyxy.append(found.xyxy)
+        maps.append(found.map_index)
+        at.append(np.full(len(found.map_index), ti))
+    maps, at = np.concatenate(maps), np.concatenate(at)
+    np.maximum.at(table, (at, maps), best_iou(np.concatenate(xyxy), truths, owner=maps))
+    return table
+
+
 def sweep_thresholds(
     normed: np.ndarray,
     truths: Sequence[np.ndarray],
@@ -63,26 +107,16 @@ def sweep_thresholds(
     mode: str = "largest",
     min_area: float = 0.0,
 ) -> Sweep:
-    """Box accuracy of the largest-component box at every threshold.
+    """Box accuracy of the largest-component box at every threshold (arguments as `iou_table`)."""
+    taus = DEFAULT_TAUS if taus is None else np.asarray(taus, np.float32)
+    table = iou_table(normed, truths, valid=valid, taus=taus, mode=mode, min_area=min_area)
+    return sweep_of(table, taus, levels)
 
-    Args:
-      normed: float (N, H, W) normalised CAMs of the true class, in [0, 1].
-      truths: N arrays (m_i, 4) of true boxes in the maps' pixel coordinates.
-      taus: thresholds to try; default 0.00, 0.01, ..., 0.99 (wsolevaluation's step).
-      mode, min_area: as boxes_from_cams; with mode "all" a map counts as right when any of its boxes is.
-    """
-    normed = np.asarray(normed, np.float32)
-    n = len(normed)
-    if n != len(truths):
-        raise ValueError(f"expected one truth list per map, got {n} maps and {len(truths)} truths")
-    taus = np.round(np.arange(0.0, 1.0, 0.01), 2) if taus is None else np.asarray(taus, np.float32)
-    acc = np.zeros((len(taus), len(levels)), np.float64)
-    for ti, tau in enumerate(taus):
-        found = boxlib.boxes_from_cams(normed, float(tau), valid=valid, mode=mode, min_area=min_area)
-        ious = np.zeros(n, np.float32)
-        np.maximum.at(ious, found.map_index, best_iou(found.xyxy, [truths[i] for i in found.map_index]))
-        acc[ti] = [(ious >= lv).mean() if n else 0.0 for lv in levels]
-    return Sweep(taus=taus, levels=tuple(levels), accuracy=acc)
+
+def sweep_of(table: np.ndarray, taus: np.ndarray, levels: tuple[float, ...] = IOU_LEVELS) -> Sweep:
+    """The Sweep of an `iou_table` (T, N): the share of its maps reaching each IoU level at each threshold."""
+    acc = np.stack([(table >= lv).mean(axis=1) if table.shape[1] else np.zeros(len(taus)) for lv in levels], axis=1)
+    return Sweep(taus=np.asarray(taus), levels=tuple(levels), accuracy=acc.astype(np.float64))
 
 
 def box_xyxy(d) -> list[float]:
@@ -271,17 +305,16 @@ def fit_box_stretch(
       ((fw, fh), mean accuracy with it, mean accuracy unstretched). Ties keep the factor closest to (1, 1).
     """
     factors = np.round(np.arange(0.70, 1.501, 0.05), 2) if factors is None else np.asarray(factors)
-
-    def score(f):
-        ious = best_iou(boxlib.stretch_boxes(xyxy, f, size), truths)
-        return float(np.mean([(ious >= lv).mean() for lv in levels]))
-
-    base = score((1.0, 1.0))
+    xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    n = len(xyxy)
+    grid = [(1.0, 1.0)] + [(float(fw), float(fh)) for fw in factors for fh in factors]
+    stretched = np.concatenate([boxlib.stretch_boxes(xyxy, f, size) for f in grid])
+    ious = best_iou(stretched, truths, owner=np.tile(np.arange(n), len(grid))).reshape(len(grid), n)
+    scores = np.mean([(ious >= lv).mean(axis=1) for lv in levels], axis=0) if n else np.zeros(len(grid))
+    base = float(scores[0])
     best, best_f = base, (1.0, 1.0)
-    for fw in factors:
-        for fh in factors:
-            sc = score((float(fw), float(fh)))
-            closer = abs(fw - 1) + abs(fh - 1) < abs(best_f[0] - 1) + abs(best_f[1] - 1)
-            if sc > best + 1e-12 or (abs(sc - best) <= 1e-12 and closer):
-                best, best_f = sc, (float(fw), float(fh))
+    for f, sc in zip(grid[1:], scores[1:].tolist()):
+        closer = abs(f[0] - 1) + abs(f[1] - 1) < abs(best_f[0] - 1) + abs(best_f[1] - 1)
+        if sc > best + 1e-12 or (abs(sc - best) <= 1e-12 and closer):
+            best, best_f = sc, f
     return best_f, best, base

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from . import sidecar, zoo
+from . import engines, sidecar, zoo
 from .cam import CamMethod, CamModel
 from .files import fetch_checked, fetch_to_local, local_fingerprint, read_json
 from .gradcam import GradCamModel
@@ -107,6 +107,7 @@ class ModelSpec:
     keras_weights: Optional[str] = "imagenet"
     flip_tta: bool = False  # average the CAMs of each picture and of its mirror image
     contrast: bool = False  # CAMs of each class's margin over the mean class (models/cam.py)
+    converted: Optional[engines.ConvertedModel] = None  # the graph converted at launch (--engine); None: Keras
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -162,8 +163,11 @@ class ModelSpec:
         return METHODS[self.method](keras_model, input_size=self.input_size, scale=self.scale, offset=self.offset,
                                     top_k=top_k, **options)
 
-    def open(self, *, top_k: int) -> CamMethod:
-        """Load and build (what a worker does)."""
+    def open(self, *, top_k: int):
+        """What a worker does: the graph converted at launch on its engine (engines.EngineCam, no TensorFlow
+        imported), else load the Keras model and build the method. Either has the method's call and outputs."""
+        if self.converted is not None:
+            return engines.open_converted(self.converted)
         return self.build(self.load_keras(), top_k=top_k)
 
 

@@ -173,10 +173,16 @@ class BoxRefiner:
 
 
 def _accuracy(pred: np.ndarray, truths: Sequence[np.ndarray], levels=LEVELS) -> np.ndarray:
+    """Box accuracy per level (len(levels),) of boxes (n, 4) of the n maps of `truths`; for a stack of sets of
+    boxes (s, n, 4), one row (s, len(levels)) per set."""
     from .metrics import best_iou
 
-    iou = best_iou(pred, truths)
-    return np.array([(iou >= lv).mean() for lv in levels])
+    pred = np.asarray(pred, np.float32)
+    sets = pred.reshape(-1, len(truths), 4)
+    iou = best_iou(sets.reshape(-1, 4), truths, owner=np.tile(np.arange(len(truths)), len(sets)))
+    iou = iou.reshape(len(sets), len(truths))
+    acc = np.stack([(iou >= lv).mean(axis=1) for lv in levels], axis=1)
+    return acc if pred.ndim == 3 else acc[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,26 +224,29 @@ def fit(normed: np.ndarray, taus, truths: Sequence[np.ndarray], *, valid: np.nda
     n = len(x)
     if n < MIN_PAIRS:
         raise RefineError(f"box refinement needs at least {MIN_PAIRS} boxed maps to fit on, got {n}")
-    target_boxes = np.empty((n, 4), np.float32)
-    for i, t in enumerate(truths):
-        t = np.asarray(t, np.float32).reshape(-1, 4)
+    flat = [np.asarray(t, np.float32).reshape(-1, 4) for t in truths]
+    for i, t in enumerate(flat):
         if not len(t):
             raise RefineError(f"map {i} has no true box")
-        target_boxes[i] = t[np.argmax(boxlib.box_iou(base_xyxy[i : i + 1], t)[0])]
+    # One IoU call for every map against every true box; each map keeps its own best-overlapping one.
+    owner = np.concatenate([np.full(len(t), i) for i, t in enumerate(flat)])
+    iou = np.where(owner[None, :] == np.arange(n)[:, None], boxlib.box_iou(base_xyxy, np.concatenate(flat)), -1.0)
+    target_boxes = np.concatenate(flat)[np.argmax(iou, axis=1)]
     y = _targets(base_xyxy, target_boxes)
     folds = max(2, min(folds, n))
     fold = np.arange(n) % folds
     size = normed.shape[1:]
-    refined = {}
-    for alpha in alphas:
-        pred = np.empty((n, 4), np.float32)
+    preds = np.empty((len(alphas), n, 4), np.float32)
+    for a, alpha in enumerate(alphas):
         for k in range(folds):
             test = fold == k
             mean, scale, coef = _solve(x[~test], y[~test], alpha)
             out = np.c_[(x[test] - mean) / scale, np.ones(test.sum())] @ coef
-            pred[test] = _decode(base_xyxy[test], out, size)
-        refined[float(alpha)] = _accuracy(pred, truths)
+            preds[a, test] = _decode(base_xyxy[test], out, size)
+    # Every penalty's boxes and the base boxes scored in one IoU call.
+    acc = _accuracy(np.concatenate([base_xyxy[None], preds]), truths)
+    refined = {float(alpha): acc[a + 1] for a, alpha in enumerate(alphas)}
     chosen = max(refined, key=lambda a: (refined[a].mean(), a))  # ties: the stronger penalty
     mean, scale, coef = _solve(x, y, chosen)
-    report = FitReport(pairs=n, folds=folds, base=_accuracy(base_xyxy, truths), refined=refined, chosen_alpha=chosen)
+    report = FitReport(pairs=n, folds=folds, base=acc[0], refined=refined, chosen_alpha=chosen)
     return BoxRefiner(tuple(float(t) for t in profile), mean, scale, coef, chosen), report

@@ -8,6 +8,11 @@
      "box_refine_fit": {...},                  how the refinement was chosen (a record, not read back)
      "instances": {"min_rel_area": 0.1,        --boxes instances: which components become instance boxes
                    "min_peak": 0.5, "nms_iou": 0.3},   (a boxes.InstanceRule, chosen by calibrate --boxes instances)
+     "method": {"name": "contrast_refine",     the method calibrate chose (models/choose.py): label makes
+                "flip_tta": false,             flip-averaged maps or not, and boxes them with this rule,
+                "boxes": "largest",            unless a flag says otherwise
+                "min_box_area": 0.01},
+     "candidates": [...],                      every method calibrate tried, cross-validated (a record)
      "calibration": {...}}                     the sweep and where it ran (a record, not read back)
 
 Every key is optional. Keys this version does not know are kept as they are, so reading and writing a file
@@ -19,12 +24,14 @@ import dataclasses
 import json
 from typing import Any, Mapping, Optional, Sequence
 
+from . import defaults
 from .boxes import InstanceRule
 from .refine import BoxRefiner
 
 # The keys that mean something to `label`, in the order they are written.
 _KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
-          "calibration")
+          "method", "candidates", "calibration")
+_BOX_RULES = ("largest", "all", "union", "instances")  # annotate.BOX_MODES (annotate imports this module's neighbours)
 
 
 class ThresholdsError(ValueError):
@@ -60,6 +67,33 @@ def _nested(value, from_json, where: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class Method:
+    """Which maps and box rule the thresholds were chosen for; `label` follows them (flag > file > default).
+    The default is plain CAM: what label does when nothing was calibrated."""
+
+    name: str = "cam"
+    flip_tta: bool = False
+    boxes: str = "largest"
+    min_box_area: float = defaults.MIN_BOX_AREA
+
+    @classmethod
+    def from_json(cls, doc, *, where: str = "thresholds") -> "Method":
+        if not isinstance(doc, dict):
+            raise ThresholdsError(f"method in {where} must be an object, got {type(doc).__name__}")
+        out = cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls) if f.name in doc})
+        if not isinstance(out.name, str):
+            raise ThresholdsError(f"method.name in {where} must be a string, got {out.name!r}")
+        if not isinstance(out.flip_tta, bool):
+            raise ThresholdsError(f"method.flip_tta in {where} must be true or false, got {out.flip_tta!r}")
+        if out.boxes not in _BOX_RULES:
+            raise ThresholdsError(f"method.boxes in {where} must be one of {_BOX_RULES}, got {out.boxes!r}")
+        return dataclasses.replace(out, min_box_area=_unit(f"method.min_box_area in {where}", out.min_box_area))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Thresholds:
     """A validated thresholds document (see the module docstring); `where` names it in errors."""
 
@@ -70,6 +104,8 @@ class Thresholds:
     box_refine: Optional[BoxRefiner] = None
     box_refine_fit: Optional[dict] = None
     instances: Optional[InstanceRule] = None
+    method: Optional[Method] = None
+    candidates: Optional[list] = None
     calibration: Optional[dict] = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -98,6 +134,7 @@ class Thresholds:
         refiner = _nested(doc.get("box_refine"), BoxRefiner.from_json, where)
         instances = _nested(doc.get("instances"), InstanceRule.from_json, where)
         calibration = doc.get("calibration")
+        method = doc.get("method")
         return cls(
             default=None if default is None else _unit("default", default),
             per_class={n: _unit(f"per_class[{n!r}]", v) for n, v in per.items()},
@@ -106,6 +143,8 @@ class Thresholds:
             box_refine=refiner,
             box_refine_fit=doc.get("box_refine_fit"),
             instances=instances,
+            method=None if method is None else Method.from_json(method, where=where),
+            candidates=doc.get("candidates"),
             calibration=calibration if isinstance(calibration, dict) else None,
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
@@ -122,6 +161,10 @@ class Thresholds:
             out["box_refine_fit"] = self.box_refine_fit
         if self.instances is not None:
             out["instances"] = self.instances.to_json()
+        if self.method is not None:
+            out["method"] = self.method.to_json()
+        if self.candidates is not None:
+            out["candidates"] = self.candidates
         if self.calibration is not None:
             out["calibration"] = self.calibration
         out.update(self.extra)
@@ -143,5 +186,17 @@ class Thresholds:
 
     def calibrated_flip_tta(self) -> Optional[bool]:
         """Whether the maps it was calibrated on were flip-averaged (None: not recorded)."""
+        if self.method is not None:
+            return self.method.flip_tta
         value = (self.calibration or {}).get("flip_tta")
         return value if isinstance(value, bool) else None
+
+    def chosen_method(self) -> Method:
+        """The method to label with: the one calibrate chose, or, in a file from before calibrate chose, what its
+        calibration record says it was calibrated on (plain CAM where it says nothing)."""
+        if self.method is not None:
+            return self.method
+        record = self.calibration or {}
+        boxes = record.get("boxes")
+        return Method(flip_tta=self.calibrated_flip_tta() or False,
+                      boxes=boxes if boxes in _BOX_RULES else "largest")

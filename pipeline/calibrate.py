@@ -1,16 +1,14 @@
-"""`weakloc calibrate`: choose CAM thresholds on a few boxed images, for `weakloc label --thresholds`.
+"""`weakloc calibrate`: choose how CAMs become boxes, on a few boxed images, for `weakloc label --thresholds`.
 
     weakloc calibrate --input 'shards/calib-*.tfrecord' --model models/digits.keras --output models/digits.thresholds.json
-    weakloc calibrate --input 'photos/fruit/test/*.jpg' --model fruit.keras --output fruit.thresholds.json
 
-True boxes come from the TFRecord examples, from `--ground_truth VOC_DIR|COCO.json|TFRecords`, or, for image
-files, from Pascal VOC XML beside them (same stem; or in an annots/ or annotations/ folder next to theirs).
-For every (image, class with true boxes) pair, the CAM of that class is box-thresholded at tau = 0.00, 0.01, ...,
-0.99; the chosen tau maximises box accuracy averaged over IoU 0.3/0.5/0.7 (the MaxBoxAccV2 criterion of
-clovaai/wsolevaluation), over all pairs and per class where a class has `--min_per_class` pairs (pulled towards
-the overall choice by `--shrink`). Writes
-`{"default": t, "per_class": {name: t}, "calibration": {...curve...}}` and prints the curve. Written as
-`<model>.thresholds.json`, `label` picks it up by itself.
+Every method of `models/choose.py`'s table (plain or contrast CAMs, flip averaging, box rules, a box stretch, the
+box refinement; thresholds per class or global) is fitted on four fifths of the (image, class with true boxes)
+pairs and scored on the fifth it did not see, for the mean box accuracy over IoU 0.3/0.5/0.7 (the operating point
+of clovaai/wsolevaluation's MaxBoxAccV2); the best is refitted on all pairs and written: thresholds
+(tau = 0.00, 0.01, ..., 0.99), the method and the table of candidates. Written as `<model>.thresholds.json`,
+`label` picks it up by itself and boxes as the winner does, with no other flag. The method flags
+(--cam_contrast, --flip_tta, --boxes, --fit_box_stretch, --refine_boxes) force one method instead.
 """
 from __future__ import annotations
 
@@ -19,15 +17,14 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Sequence
 
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, defaults, detection, metrics, refine
-from weakloc.models.thresholds import Thresholds
+from weakloc.models import cam, choose, defaults, detection, metrics
+from weakloc.models.thresholds import Method, Thresholds
 
-from . import ground_truth, inputs, options, progress
+from . import engine, ground_truth, inputs, options
 from .args import Parser, ground_truth_flag
 from .options import OptionsError
 
@@ -43,9 +40,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
     ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
-    ap.add_argument("--shrink", type=float, default=defaults.THRESHOLD_SHRINK,
-                    help="pull each class's threshold towards the overall one as if this many more images had "
-                         "chosen the overall one (0: no pull)")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
     ap.add_argument("--boxes", choices=("largest", "union", "instances"), default="largest",
                     help="calibrate the box rule label will use (label --boxes); instances: also choose the "
@@ -58,19 +52,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine_boxes", action="store_true",
                     help="also fit a box refinement on these images from each map's profile across thresholds "
                          "(models/refine.py; label applies it); kept only if cross-validation says it helps")
-    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE, help="images per forward pass")
-    ap.add_argument("--label_offset", type=int, default=0,
-                    help="subtract from integer box labels to get model class ids (as label --label_offset)")
-    ap.add_argument("--input_format", choices=("tfrecord", "images"),
-                    help="default: inferred from the pattern's extension")
+    ap.add_argument("--candidates", metavar="NAME,...",
+                    help="methods to choose among (default: every row of models/choose.py's CANDIDATES: "
+                         + ", ".join(c.name for c in choose.CANDIDATES) + ")")
+    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE)
+    ap.add_argument("--label_offset", type=int, default=0)
+    ap.add_argument("--input_format", choices=("tfrecord", "images"))
     options.add_model_args(ap.add_argument_group("model"))
     options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    engine.add_engine_args(ap)
     return ap
 
 
-def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None,
-               model_classes: Sequence[str] = ()):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
 
     With a class map the classes are its dataset labels, each label's map combined from its model classes' as
@@ -92,8 +87,7 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
             classes.append(c)
             truths.append(ex.gt_boxes[: len(ids)][ids == c] * scale)
     if not pixels:
-        raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on "
-                           f"(model classes: {', '.join(list(model_classes)[:10]) or '?'})")
+        raise OptionsError("no input carries true boxes of a class the model knows: nothing to calibrate on")
     normed, valid, top1 = [], [], []
     classes = np.asarray(classes, np.int32)
     if class_map is None:
@@ -119,19 +113,40 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
+def _candidates(args, num_classes: int) -> list:
+    """The candidates to try: the whole table, those named by --candidates, or the one the method flags force
+    (with --refine_boxes, that one with and without the refinement, so it is kept only where it helps)."""
+    forced = args.flip_tta or args.cam_contrast or args.boxes != "largest" or args.fit_box_stretch or args.refine_boxes
+    if forced and args.candidates:
+        raise OptionsError("--candidates chooses among methods; the method flags (--flip_tta, --cam_contrast, "
+                           "--boxes, --fit_box_stretch, --refine_boxes) force one: use one or the other")
+    if forced:
+        kind = choose.MapKind(contrast=args.cam_contrast, flip_tta=args.flip_tta)
+        base = choose.Candidate("flags", kind, boxes=args.boxes, post="stretch" if args.fit_box_stretch else "none")
+        if not args.refine_boxes:
+            return [base]
+        return [base, choose.Candidate("flags_refine", kind, post="refine", per_class=False)]
+    if args.candidates:
+        try:
+            return [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
+        except KeyError as exc:
+            raise OptionsError(f"--candidates: {exc.args[0]}") from None
+    # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps.
+    return [c for c in choose.CANDIDATES if (num_classes >= 2 or not c.maps.contrast)
+            and (args.method == "cam" or c.maps == choose.PLAIN)]
+
+
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
     if args.min_per_class < 1:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
-    if args.shrink < 0:
-        raise OptionsError(f"--shrink must be >= 0, got {args.shrink}")
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
                            f"--fit_box_stretch and --boxes {args.boxes}")
     opened = options.open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
-    model, prep = options.build_method(opened, opened.spec, top_k=defaults.TOP_K), opened.spec.prep
+    prep = opened.spec.prep
     cmap = options.read_class_map(args, prep.class_names)
     if cmap is not None:
         options.check_input_labels(args, cmap)
@@ -139,56 +154,141 @@ def run(argv=None) -> dict:
     source = inputs.scan(args.input, input_format=args.input_format, class_names=box_names,
                          label_offset=args.label_offset, labels_from_folder="no")
     source.ground_truth = _ground_truth(args, source, box_names)
-    examples = progress.counted(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset),
-                                source.count, "calibrate: images read")
-    normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
-                                                            class_map=cmap, model_classes=box_names)
+    examples = list(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset))
+    engines_used = []
+
+    def maps_of(kind):
+        spec = dataclasses.replace(opened.spec, contrast=kind.contrast, flip_tta=kind.flip_tta)
+        model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
+        engines_used.append({"name": ran.engine, "precision": ran.precision})
+        normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
+                                                                class_map=cmap)
+        return choose.Maps(normed, valid, truths, classes), top1, used
+
+    record = {"model": args.model, "inputs": list(args.input), "min_box_area": args.min_box_area,
+              "class_map": cmap.to_json(prep.class_names) if cmap is not None else None}
     if args.boxes == "instances":
-        cal = detection.calibrate_instances(normed, truths, classes, valid=valid, min_per_class=args.min_per_class)
+        thresholds, text = _calibrate_instances(args, maps_of, box_names, record)
     else:
-        cal = metrics.calibrate(normed, truths, classes, valid=valid, min_per_class=args.min_per_class,
-                                mode=args.boxes, min_area=args.min_box_area)
-    # Each map's threshold as label will use it (per class where calibrated, shrunk towards the overall one): what
-    # a stretch or refinement fits on.
-    taus = np.array([cal.class_threshold(c, args.shrink) for c in classes], np.float32)
-    thresholds = dataclasses.replace(cal.thresholds(box_names, shrink=args.shrink),
-                                     cam_contrast=bool(args.cam_contrast))
-    notes = ""
-    if cal.instances is not None:
-        r = cal.instances
-        notes = (f"instance rule: components >= {r.min_rel_area:g} of the largest's area with peak >= "
-                 f"{r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
-    if args.fit_box_stretch:
-        thresholds, note = _fit_stretch(thresholds, normed, taus, valid, truths, args, model.input_size)
-        notes += note
-    if args.refine_boxes:
-        thresholds, note = _fit_refinement(thresholds, normed, taus, valid, truths)
-        notes += note
-    thresholds = dataclasses.replace(thresholds, calibration={
-        "model": args.model,
-        "inputs": list(args.input),
-        "images": used,
-        "pairs": len(classes),
-        "flip_tta": args.flip_tta,
-        "boxes": args.boxes,
-        "min_box_area": args.min_box_area,
-        "class_map": cmap.to_json(prep.class_names) if cmap is not None else None,
-        "top1": float(top1.mean()),
-        "min_per_class": args.min_per_class,
-        "shrink": args.shrink,
-        **_sweep_record(cal, box_names, args.shrink),
-        # --boxes instances: the curve is instance F1 at the chosen rule, and its "MaxBoxAccV2" the same
-        # best-per-level mean of F1 instead of accuracy.
-        "curve_metric": "F1" if args.boxes == "instances" else "acc",
-        "notes": [n for n in notes.splitlines() if n],
-        "warnings": edge_warnings(thresholds),
-        "output": args.output,
-    })
+        thresholds, text = _choose_method(args, maps_of, box_names, record)
+    thresholds.calibration["engine"] = engines_used[0] if engines_used else None
+    warnings = edge_warnings(thresholds)
+    text += "".join(w + "\n" for w in warnings)
     doc = thresholds.to_json()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(doc, f, indent=2)
+    print(f"{text}written: {args.output}", flush=True)
     return doc
+
+
+def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
+    """Every candidate method cross-validated on the boxed maps (models/choose.py); the winner refitted on all."""
+    candidates = _candidates(args, len(box_names))
+    maps_by_kind = {}
+    for kind in dict.fromkeys(c.maps for c in candidates):
+        maps_by_kind[kind], top1, used = maps_of(kind)
+    pairs = len(next(iter(maps_by_kind.values())).classes)
+    if pairs < choose.FOLDS:
+        logger.warning("%d boxed maps are too few to cross-validate methods: calibrating plain CAM only", pairs)
+        candidates = [choose.DEFAULT]
+        if choose.DEFAULT.maps not in maps_by_kind:
+            maps_by_kind[choose.DEFAULT.maps], top1, used = maps_of(choose.DEFAULT.maps)
+    try:
+        choice = choose.choose(maps_by_kind, candidates, min_per_class=args.min_per_class,
+                               min_area=args.min_box_area)
+    except choose.CandidateError as exc:
+        raise OptionsError(str(exc)) from None
+    winner = choice.winner
+    maps = maps_by_kind[winner.candidate.maps]
+    # The winner's threshold curve on all these maps (in-sample; the choice itself was cross-validated).
+    sweep = metrics.sweep_thresholds(maps.normed, maps.truths, valid=maps.valid, mode=winner.candidate.boxes,
+                                     min_area=args.min_box_area)
+    counts = {int(c): int((maps.classes == c).sum()) for c in np.unique(maps.classes)}
+    thresholds = dataclasses.replace(
+        winner.thresholds(box_names),
+        candidates=[{"name": s.candidate.name, "cam_contrast": s.candidate.maps.contrast,
+                     "flip_tta": s.candidate.maps.flip_tta, "boxes": s.candidate.boxes, "post": s.candidate.post,
+                     "per_class": s.candidate.per_class,
+                     "cv_accuracy": None if s.accuracy is None else s.accuracy.tolist(), "reason": s.reason or None}
+                    for s in choice.scores],
+        calibration={
+            **record,
+            "images": used,
+            "pairs": pairs,
+            "folds": choose.FOLDS,
+            "flip_tta": winner.candidate.maps.flip_tta,
+            "boxes": winner.candidate.boxes,
+            "top1": float(top1.mean()),
+            "cv_accuracy": choice.best.accuracy.tolist(),
+            "max_box_acc_v2": sweep.max_box_acc_v2,
+            "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
+            "levels": list(sweep.levels),
+            "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
+            "per_class": {box_names[c]: {"pairs": n, "threshold": winner.per_class.get(c)}
+                          for c, n in sorted(counts.items())},
+        },
+    )
+    per = ", ".join(f"{k}={v:.2f}" for k, v in thresholds.per_class.items()) or "none"
+    notes = ""
+    if winner.stretch != (1.0, 1.0):
+        notes += f"box stretch: width x{winner.stretch[0]:.2f}, height x{winner.stretch[1]:.2f}\n"
+    if winner.refiner is not None:
+        notes += f"box refinement from base threshold {winner.default:.2f}, penalty {winner.refiner.alpha:g}\n"
+    text = (f"{_candidates_text(choice)}\n\nthreshold curve of {winner.candidate.name} on all {pairs} maps:\n"
+            f"{_curve_text(sweep)}\n\nimages: {used} ({pairs} image-class pairs), top-1 on them {top1.mean():.1%}\n"
+            f"chosen: {winner.candidate.name} (cross-validated mean accuracy {choice.best.mean:.1%})\n"
+            f"threshold: {winner.default:.2f}   MaxBoxAccV2 of its maps: {sweep.max_box_acc_v2:.1f}\n"
+            f"per-class thresholds: {per}\n{notes}")
+    return thresholds, text
+
+
+def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
+    """--boxes instances: the threshold and the instance rule (relative area, peak, NMS IoU) chosen together, by
+    instance F1, on CAMs of the kind the flags say (no method choice: instance boxes are their own rule)."""
+    maps, top1, used = maps_of(choose.MapKind(contrast=args.cam_contrast, flip_tta=args.flip_tta))
+    cal = detection.calibrate_instances(maps.normed, maps.truths, maps.classes, valid=maps.valid,
+                                        min_per_class=args.min_per_class)
+    sweep, r = cal.overall, cal.instances
+    thresholds = dataclasses.replace(cal.thresholds(box_names), cam_contrast=bool(args.cam_contrast),
+                                     method=Method(name="instances", flip_tta=args.flip_tta, boxes="instances",
+                                                   min_box_area=args.min_box_area))
+    thresholds = dataclasses.replace(thresholds, calibration={
+        **record, "images": used, "pairs": len(maps.classes), "flip_tta": args.flip_tta, "boxes": "instances",
+        "top1": float(top1.mean()), "max_instance_f1": sweep.max_box_acc_v2, "levels": list(sweep.levels),
+        "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
+        "per_class": {box_names[c]: {"pairs": cal.counts[c],
+                                     "threshold": cal.per_class[c].best_threshold if c in cal.per_class else None}
+                      for c in sorted(cal.counts)},
+    })
+    per = ", ".join(f"{k}={v:.2f}" for k, v in thresholds.per_class.items()) or "none (too few images per class)"
+    # The curve is instance F1 at the chosen rule, its best-per-level mean in place of MaxBoxAccV2.
+    text = (_curve_text(sweep, "F1") + f"\n\nimages: {used} ({len(maps.classes)} image-class pairs), top-1 on them "
+            f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   max instance F1: "
+            f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\ninstance rule: components >= "
+            f"{r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
+    return thresholds, text
+
+
+def _candidates_text(choice: choose.Choice) -> str:
+    lines = [f"  candidate              {choose.FOLDS}-fold CV acc@0.3 acc@0.5 acc@0.7  mean"]
+    for s in choice.scores:
+        mark = "  <- chosen" if s.candidate == choice.winner.candidate else ""
+        if s.accuracy is None:
+            lines.append(f"  {s.candidate.name:22s} not fitted: {s.reason}")
+        else:
+            a = s.accuracy
+            lines.append(f"  {s.candidate.name:22s} {a[0]:17.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
+    return "\n".join(lines)
+
+
+def _curve_text(sweep: metrics.Sweep, what: str = "acc") -> str:
+    lines = ["  tau   " + " ".join(f"{what + '@' + str(lv):>7s}" for lv in sweep.levels) + "  mean"]
+    for t, a in zip(sweep.taus, sweep.accuracy):
+        if round(t * 100) % 5 == 0 or t == sweep.best_threshold:
+            mark = "  <- chosen" if t == sweep.best_threshold else ""
+            lines.append(f"  {t:.2f}  {a[0]:7.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
+    return "\n".join(lines)
 
 
 EDGE_LOW, EDGE_HIGH = 0.0, 0.99  # the ends of the sweep: a full-image box, or a speck at the hottest pixel
@@ -205,26 +305,6 @@ def edge_warnings(thresholds: Thresholds) -> list[str]:
     for line in out:
         logger.warning("%s", line.removeprefix("WARNING: "))
     return out
-
-
-def render(doc: dict) -> str:
-    """What calibrate prints: the curve (every 0.05 and the choice), the choice, per-class thresholds, warnings."""
-    cal = doc["calibration"]
-    best = doc["default"]
-    what = cal.get("curve_metric", "acc")
-    lines = ["  tau   " + " ".join(f"{what + '@' + str(lv):>7s}" for lv in cal["levels"]) + "  mean"]
-    for t, *acc in cal["curve"]:
-        if round(t * 100) % 5 == 0 or t == best:
-            mark = "  <- chosen" if t == best else ""
-            lines.append(f"  {t:.2f}  {acc[0]:7.1%} {acc[1]:7.1%} {acc[2]:7.1%} {sum(acc) / len(acc):6.1%}{mark}")
-    per = ", ".join(f"{k}={v:.2f} (fitted {cal['per_class'][k]['fitted_threshold']:.2f} on "
-                    f"{cal['per_class'][k]['pairs']})" for k, v in doc["per_class"].items())
-    per = per or f"none (fewer than --min_per_class {cal['min_per_class']} boxed images per class)"
-    return ("\n".join(lines) + f"\n\nimages: {cal['images']} ({cal['pairs']} image-class pairs), top-1 on them "
-            f"{cal['top1']:.1%}\ndefault threshold: {best:.2f}   "
-            f"{'max instance F1' if what == 'F1' else 'MaxBoxAccV2'}: {cal['max_box_acc_v2']:.1f}\n"
-            f"per-class thresholds: {per}\n" + "".join(n + "\n" for n in cal["notes"] + cal["warnings"])
-            + f"written: {cal['output']}")
 
 
 def _ground_truth(args, source, class_names):
@@ -245,56 +325,3 @@ def _ground_truth(args, source, class_names):
         raise OptionsError(f"the true boxes name {', '.join(names[:8])}, none of which is a model class "
                            f"({', '.join(list(class_names)[:8])})")
     return truth
-
-
-def _fit_stretch(thresholds: Thresholds, normed, taus, valid, truths, args, input_size) -> tuple[Thresholds, str]:
-    """--fit_box_stretch: the (width, height) stretch that best fits the boxes at each map's threshold."""
-    found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=args.boxes, min_area=args.min_box_area)
-    if args.boxes != "largest" or len(found.map_index) != len(taus):
-        logger.warning("box stretch not fitted: needs --boxes largest and a box on every map")
-        return thresholds, ""
-    stretch, after, before = metrics.fit_box_stretch(found.xyxy, [truths[i] for i in found.map_index], input_size)
-    note = (f"box stretch: width x{stretch[0]:.2f}, height x{stretch[1]:.2f} "
-            f"(mean accuracy {before:.1%} -> {after:.1%} on these images)\n")
-    return dataclasses.replace(thresholds, box_stretch=tuple(stretch)), note
-
-
-def _fit_refinement(thresholds: Thresholds, normed, taus, valid, truths) -> tuple[Thresholds, str]:
-    """--refine_boxes: fit the refinement, kept only where cross-validation shows a gain; its record either way."""
-    try:
-        refiner, rep = refine.fit(normed, taus, truths, valid=valid)
-    except refine.RefineError as exc:
-        raise OptionsError(str(exc)) from None
-    after = rep.refined[rep.chosen_alpha]
-
-    def fmt(acc):
-        return " / ".join(f"{v:.1%}" for v in acc)
-
-    keep = rep.helps
-    note = (f"box refinement ({rep.folds}-fold cross-validated on {rep.pairs} maps, penalty "
-            f"{rep.chosen_alpha:g}): accuracy @0.3/0.5/0.7 {fmt(rep.base)} -> {fmt(after)} "
-            f"({'kept' if keep else 'NOT kept: no gain'})\n")
-    record = {"pairs": rep.pairs, "folds": rep.folds, "chosen_alpha": rep.chosen_alpha, "kept": keep,
-              "cv_accuracy_before": rep.base.tolist(),
-              "cv_accuracy_after": {str(a): v.tolist() for a, v in rep.refined.items()}}
-    return dataclasses.replace(thresholds, box_refine=refiner if keep else None, box_refine_fit=record), note
-
-
-def _sweep_record(cal: metrics.Calibration, class_names, shrink: float) -> dict:
-    """The curve and the per-class choices, as the thresholds file's `calibration` records them."""
-    sweep = cal.overall
-    return {
-        "max_box_acc_v2": sweep.max_box_acc_v2,
-        "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
-        "levels": list(sweep.levels),
-        "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
-        "per_class": {
-            class_names[c]: {
-                "pairs": cal.counts[c],
-                "fitted_threshold": cal.per_class[c].best_threshold if c in cal.per_class else None,
-                "threshold": cal.class_threshold(c, shrink) if c in cal.per_class else None,
-                "max_box_acc_v2": cal.per_class[c].max_box_acc_v2 if c in cal.per_class else None,
-            }
-            for c in sorted(cal.counts)
-        },
-    }

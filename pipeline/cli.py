@@ -188,6 +188,7 @@ def main(argv=None) -> int:
 
 
 def _run(command: str, rest: list[str], verbose: bool) -> int:
+    from weakloc.models.engines import EngineError
     from weakloc.models.export import ExportError
     from weakloc.models.files import FileFormatError
     from weakloc.models.graph import ModelStructureError
@@ -206,7 +207,7 @@ def _run(command: str, rest: list[str], verbose: bool) -> int:
     try:
         result = module.run(rest)
     except (OptionsError, ModelStructureError, ModelFileError, FileFormatError, SidecarError, ThresholdsError,
-            TrainError, ExportError, IncompleteRunError) as exc:
+            TrainError, ExportError, IncompleteRunError, EngineError) as exc:
         print(f"weakloc {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except EmptyRunError as exc:

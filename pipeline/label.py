@@ -8,6 +8,7 @@ Any flag that is not weakloc's is a Beam pipeline option and passes through unch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from typing import Optional, TextIO
@@ -25,7 +26,7 @@ from weakloc.transforms.read import ReadInputs
 from weakloc.transforms.tags import FAILURES, NAMESPACE, SKIPPED
 from weakloc.transforms.write import WriteOutputs, write_json_atomically
 
-from . import options, results
+from . import engine, options, results
 from .progress import Progress, steady_throughput, weakloc_metrics
 from .args import Parser
 
@@ -105,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
         "(--runner, --direct_num_workers, --project, --region, --temp_location, --setup_file, ...).",
     )
     options.add_label_args(ap)
+    engine.add_engine_args(ap)
     return ap
 
 
@@ -126,8 +128,13 @@ def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipel
     options.check_beam_args(beam_args, known=ap.option_strings())
     pipeline_options = PipelineOptions(beam_args)
     config, method = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
-    # Workers in this process take the method built at launch instead of loading the file again.
-    remember_model(config.spec, method if _workers_in_this_process(pipeline_options) else None)
+    choice = engine.for_method(args, config.spec, method, pipeline_options)
+    config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, converted=choice.converted),
+                                 engine=choice.to_json())
+    # Workers in this process take the method built at launch instead of loading the file again (TensorFlow's;
+    # a converted graph is compiled by the workers, from the file they would get on any runner).
+    keep = _workers_in_this_process(pipeline_options) and choice.converted is None
+    remember_model(config.spec, method if keep else None)
     if config.overwrite:
         options.remove_previous_outputs(config.output)
     # Workers unpickle DoFns that live in the weakloc package: keep the main session out of it.

@@ -111,18 +111,20 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     box.add_argument("--thresholds",
                      help='JSON {"default": t, "per_class": {"name": t}} (default: <model>.thresholds.json '
                           "beside the model, if present)")
-    box.add_argument("--boxes", choices=annotate.BOX_MODES, default="largest",
-                     help="one box per class around the largest component, every component, one box "
-                          "around all of them, or one box per object (instances: the rule calibrate --boxes "
-                          "instances chose, from the thresholds file)")
-    box.add_argument("--min_box_area", type=float, default=defaults.MIN_BOX_AREA,
-                     help="--boxes all|union: smallest component kept, as a fraction of the image")
+    box.add_argument("--boxes", choices=annotate.BOX_MODES,
+                     help="one box per class around the largest component, every component, one box around all "
+                          "of them, or one box per object (instances: the rule calibrate --boxes instances chose, "
+                          "from the thresholds file) (default: the thresholds file's method, else largest)")
+    box.add_argument("--min_box_area", type=float,
+                     help="--boxes all|union: smallest component kept, as a fraction of the image (default: the "
+                          f"thresholds file's method, else {defaults.MIN_BOX_AREA})")
     box.add_argument("--emit_cams", action="store_true", help="also write the low-resolution CAMs")
     box.add_argument("--box_stretch", metavar="FW,FH",
                      help="scale box width and height about the centre (default: the thresholds file's "
                           '"box_stretch", written by calibrate --fit_box_stretch, else 1,1)')
-    box.add_argument("--flip_tta", action="store_true",
-                     help="average each CAM with that of the mirrored picture (one extra forward pass)")
+    box.add_argument("--flip_tta", action="store_true", default=None,
+                     help="average each CAM with that of the mirrored picture (one extra forward pass; default: "
+                          "the thresholds file's method, else off)")
     box.add_argument("--cam_contrast", action="store_true",
                      help="weigh features by the class's weights minus the mean of all classes' (evidence every "
                           "class shares cancels; default: the thresholds file's \"cam_contrast\", else off)")
@@ -151,6 +153,7 @@ class LabelConfig:
     skip_patterns: list[str] = dataclasses.field(default_factory=list)
     previous: list[dict] = dataclasses.field(default_factory=list)
     decode_threads: int = defaults.DECODE_THREADS
+    engine: dict = dataclasses.field(default_factory=dict)  # pipeline/engine.py EngineChoice.to_json()
 
     @property
     def box_class_names(self) -> tuple[str, ...]:
@@ -175,6 +178,7 @@ class LabelConfig:
                 "class_names": list(self.spec.class_names),
                 "keras_weights": self.spec.keras_weights if zoo.is_keras_application(self.spec.path) else None,
             },
+            "engine": self.engine,
             "skip_labeled": self.previous,
             # A different model than an earlier output's is allowed (a retrained model labelling new images),
             # but the mix must be visible to whoever trains on the union.
@@ -312,16 +316,16 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     input_format, folder_labels = check_inputs(args)
     check_output(args)
     previous_docs = read_previous_runs(args)
-    opened = open_model_from_args(args, flip_tta=args.flip_tta, contrast=args.cam_contrast)
+    opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast)
     if folder_labels:
         warn_folder_labels(args, opened.spec.class_names)
     cmap = read_class_map(args, opened.spec.class_names)
     if cmap is not None:
         check_input_labels(args, cmap)
     thr, thr_path = read_thresholds(args)
-    box, contrast = box_options(args, opened, thr, thr_path, cmap)
+    box, contrast, flip_tta = box_options(args, opened, thr, thr_path, cmap)
     try:
-        spec = dataclasses.replace(opened.spec, contrast=contrast)
+        spec = dataclasses.replace(opened.spec, contrast=contrast, flip_tta=flip_tta)
     except opening.ModelFileError as exc:
         raise OptionsError(str(exc)) from None
     method = build_method(opened, spec, box.top_k)
@@ -456,27 +460,34 @@ def read_thresholds(args: argparse.Namespace) -> tuple[Optional[Thresholds], Opt
 
 
 def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Optional[Thresholds],
-                thr_path: Optional[str], cmap: Optional[classmap.ClassMap] = None) -> tuple[annotate.BoxOptions, bool]:
-    """Box options from the flags over the thresholds file (flag > file > default), and whether CAMs are contrast
-    CAMs (the flag, or the file's record of what it was calibrated on). With a class map, per-class thresholds
-    are per dataset label."""
+                thr_path: Optional[str], cmap: Optional[classmap.ClassMap] = None
+                ) -> tuple[annotate.BoxOptions, bool, bool]:
+    """Box options from the flags over the thresholds file (flag > file > default), whether CAMs are contrast
+    CAMs (the flag, or the file's record of what it was calibrated on) and whether they are flip-averaged (the
+    flag, else the method calibrate chose). With a class map, per-class thresholds are per dataset label."""
     thr = thr or Thresholds()
+    method = thr.chosen_method()
+    flip_tta = method.flip_tta if args.flip_tta is None else args.flip_tta
+    boxes = args.boxes or method.boxes
+    min_area = method.min_box_area if args.min_box_area is None else args.min_box_area
+    if thr_path is not None and (flip_tta, boxes) != (method.flip_tta, method.boxes):
+        logger.warning("%s was calibrated for %s maps and --boxes %s; this run makes %s maps and --boxes %s",
+                       thr_path, "flip-averaged" if method.flip_tta else "single", method.boxes,
+                       "flip-averaged" if flip_tta else "single", boxes)
+    if flip_tta and args.method == "gradcam":
+        raise OptionsError(f"{thr_path} was calibrated on flip-averaged CAMs, which --method gradcam cannot make")
     contrast = args.cam_contrast
     if thr.cam_contrast is not None:
         # Thresholds and refinement were chosen on these maps: label with the same kind.
         if args.cam_contrast and not thr.cam_contrast:
             logger.warning("--cam_contrast, but %s was calibrated on plain CAMs", thr_path)
         contrast = contrast or thr.cam_contrast
-    flip = thr.calibrated_flip_tta()
-    if flip is not None and flip != args.flip_tta:
-        logger.warning("%s was calibrated %s --flip_tta but this run is %s it", thr_path,
-                       "with" if flip else "without", "with" if args.flip_tta else "without")
     used_map = thr.calibrated_class_map()
     if used_map is not None and cmap is not None and used_map.get("combine") != cmap.combine:
         logger.warning("%s was calibrated on class maps combined by %s, this run combines them by %s", thr_path,
                        used_map.get("combine"), cmap.combine)
     instances = thr.instances
-    if args.boxes == "instances" and instances is None:
+    if boxes == "instances" and instances is None:
         instances = boxlib.InstanceRule()
         logger.warning("--boxes instances with no instance rule from calibrate --boxes instances: using %s", instances)
     stretch = thr.box_stretch or (1.0, 1.0)
@@ -492,7 +503,7 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
         conflicts = [
             ("--box_stretch", args.box_stretch is not None),
             ("the file's box_stretch", args.box_stretch is None and tuple(stretch) != (1.0, 1.0)),
-            (f"--boxes {args.boxes}", args.boxes != "largest"),
+            (f"--boxes {boxes}", boxes != "largest"),
             ("--cam_threshold", args.cam_threshold is not None),
             ("--method gradcam", args.method == "gradcam"),
         ]
@@ -511,8 +522,8 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
             min_score=args.min_score,
             default_threshold=defaults.CAM_THRESHOLD if tau is None else tau,
             per_class=thr.class_ids(cmap.labels if cmap is not None else opened.spec.class_names),
-            mode=args.boxes,
-            min_area=args.min_box_area,
+            mode=boxes,
+            min_area=min_area,
             emit_cams=args.emit_cams,
             stretch=stretch,
             refine=refiner,
@@ -523,7 +534,7 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
         raise
     except ValueError as exc:
         raise OptionsError(str(exc)) from None
-    return box, contrast
+    return box, contrast, flip_tta
 
 
 def read_class_map(args: argparse.Namespace, class_names) -> Optional[classmap.ClassMap]:

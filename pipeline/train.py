@@ -1,6 +1,8 @@
 """`weakloc train`: a GAP classifier from image-level labels only, streamed with tf.data, saved with its sidecar.
 
-    weakloc train --input 'shards/train-*.tfrecord' --output models/digits.keras [--arch small] [--epochs 8]
+    weakloc train --input 'shards/train-*.tfrecord' --output models/digits.keras [--arch small] [--epochs 30]
+    weakloc train --input 'shards/train-*.tfrecord' --output models/photos.keras --arch mobilenetv2 \
+        --weights ../shared/models/mobilenet_v2_imagenet.keras [--feature_layer block_13_expand_relu]
 
 Reads the same inputs as `weakloc label` (TFRecord image/class/label or /text, or class-per-folder images),
 holds out a stable validation split (by a hash of each image id), stops early on the validation loss and writes
@@ -18,7 +20,11 @@ import sys
 import time
 
 
-from weakloc.models import sidecar, train
+from apache_beam.io.filesystems import FileSystems
+
+from weakloc.models import backbones, sidecar, train
+from weakloc.models import files
+from weakloc.models.files import fetch_to_local
 
 from . import ground_truth, inputs
 from .args import Parser
@@ -27,25 +33,50 @@ from .options import OptionsError, parse_size
 logger = logging.getLogger(__name__)
 
 
+_BACKBONE_DEFAULTS = dict(head_epochs=3, epochs=10, learning_rate=1e-3)
+_SMALL_DEFAULTS = dict(epochs=30, learning_rate=2e-3)
+LOW_VAL_ACCURACY = 0.7  # below this a CAM's boxes follow a classifier that is often wrong: say so
+
+
 def parser() -> argparse.ArgumentParser:
     ap = Parser("weakloc train", description=__doc__.splitlines()[0])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
                     help="TFRecord shards or image files (class-per-folder), as for `label`; repeatable")
     ap.add_argument("--output", required=True, help="where to write the model (.keras); its sidecar goes beside it")
     ap.add_argument("--arch", choices=train.ARCHES, default="small",
-                    help="small: a CNN whose final map is 1/4 (or 1/2) of the input; others: keras.applications")
-    ap.add_argument("--weights", choices=("imagenet", "none"), default="imagenet",
-                    help="backbones: start from ImageNet weights (needs them downloaded) or from scratch")
-    ap.add_argument("--input_size", help="H,W (default: 96,96 for small, 224,224 for backbones)")
+                    help="small: a CNN whose final map is 1/4 (or 1/2) of the input; others: a pretrained backbone")
+    ap.add_argument("--weights", default="imagenet", metavar="imagenet|none|FILE",
+                    help="backbones: ImageNet weights via Keras's download, random (none), or a local/gs:///s3:// "
+                         ".keras/.h5 classifier or bare backbone, or a .weights.h5 of --arch (default: imagenet)")
+    ap.add_argument("--feature_layer",
+                    help="backbones: cut at this layer's output instead of the GAP input (e.g. MobileNetV2 "
+                         "block_13_expand_relu: a 14x14 map at 224)")
+    ap.add_argument("--last_stride", type=int, choices=(1, 2), default=2,
+                    help="backbones: 1 runs the last stride-2 stage at stride 1 with dilated convolutions after it "
+                         "(a map twice as fine, about 2.5x the forward time of that stage)")
+    ap.add_argument("--unfreeze_from", help="backbones: first layer unfrozen in phase 2 (default: the last stage)")
+    ap.add_argument("--head_epochs", type=int, default=_BACKBONE_DEFAULTS["head_epochs"],
+                    help="backbones: phase 1 epochs, the new head alone on the frozen backbone (default: %(default)s)")
+    ap.add_argument("--fine_tune_learning_rate", type=float,
+                    help="backbones: phase 2 learning rate (default: --learning_rate / 10)")
+    ap.add_argument("--input_size", help="H,W (default: 96,96 for small; the file's own, else 224,224 for backbones)")
     ap.add_argument("--width", type=int, default=8, help="small: channel unit (layers have 2, 3, 6, 6, 8 x width)")
     ap.add_argument("--dilation", type=int, default=1,
                     help="small: dilate the last two convolutions (d, 2d) for a wider view; blurs the CAMs")
     ap.add_argument("--final_stride", type=int, choices=(2, 4), default=4, help="small: input / final map size")
-    ap.add_argument("--epochs", type=int, default=8, help="most epochs to train (early stopping may end sooner)")
-    ap.add_argument("--batch_size", type=int, default=64, help="images per training step")
-    ap.add_argument("--learning_rate", type=float, default=2e-3, help="Adam learning rate")
+    ap.add_argument("--epochs", type=int,
+                    help=f"epoch budget (backbones: of phase 2); default {_SMALL_DEFAULTS['epochs']} for small, "
+                         f"{_BACKBONE_DEFAULTS['epochs']} for backbones")
+    ap.add_argument("--batch_size", type=int, default=32, help="images per training step")
+    ap.add_argument("--learning_rate", type=float,
+                    help=f"default {_SMALL_DEFAULTS['learning_rate']} for small, "
+                         f"{_BACKBONE_DEFAULTS['learning_rate']} for a backbone's head")
     ap.add_argument("--val_percent", type=float, default=10.0, help="share of images held out for validation")
-    ap.add_argument("--patience", type=int, default=2, help="epochs without validation-loss progress before stopping")
+    ap.add_argument("--patience", type=int, default=5,
+                    help="epochs without validation-loss progress before stopping (default: %(default)s)")
+    ap.add_argument("--multi_label", choices=train.LABEL_MODES, default="softmax",
+                    help="images with several labels: softmax over targets split evenly between them (default), "
+                         "sigmoid per class, or first (train on the first label only)")
     ap.add_argument("--flip_augment", action="store_true",
                     help="random horizontal flips (for photos; not for digits, whose mirror image is no digit)")
     ap.add_argument("--cache", action="store_true",
@@ -67,20 +98,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_dataset(source, *, input_size, scale, offset, label_offset, validation: bool, val_percent: float,
-                 batch_size: int, shuffle_buffer: int = 0, flip: bool = False, cache: bool = False, seed: int = 0):
-    """A tf.data pipeline streaming (x * scale + offset, first known label) from the inputs, one split of it."""
+                 batch_size: int, label_mode: str, shuffle_buffer: int = 0, flip: bool = False, cache: bool = False,
+                 seed: int = 0):
+    """A tf.data pipeline streaming (x * scale + offset, train.targets of the known labels), one split of it."""
     import tensorflow as tf
 
     h, w = input_size
+    n = len(source.class_names)
 
     def gen():
         for ex in inputs.iterate(source, input_size=input_size, label_offset=label_offset):
             known = [c for c in ex.label_ids if c >= 0]
             if known and inputs.in_validation(ex.image_id, val_percent) == validation:
-                yield ex.pixels, known[0]
+                yield ex.pixels, train.targets(known, n, label_mode)
 
     ds = tf.data.Dataset.from_generator(
-        gen, output_signature=(tf.TensorSpec((h, w, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+        gen, output_signature=(tf.TensorSpec((h, w, 3), tf.uint8), tf.TensorSpec((n,), tf.float32))
     )
     if cache:
         ds = ds.cache()
@@ -96,6 +129,84 @@ def make_dataset(source, *, input_size, scale, offset, label_offset, validation:
     return ds.batch(batch_size).map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
+def label_counts(source, *, label_offset: int, val_percent: float) -> dict:
+    """Per split, images per class and how many carry several labels (labels only: no pixel is decoded)."""
+    out = {split: {"images": 0, "multi_label": 0, "per_class": dict.fromkeys(source.class_names, 0)}
+           for split in ("train", "validation")}
+    for ex in inputs.iterate(source, label_offset=label_offset):
+        known = sorted(set(c for c in ex.label_ids if c >= 0))
+        if not known:
+            continue
+        split = out["validation" if inputs.in_validation(ex.image_id, val_percent) else "train"]
+        split["images"] += 1
+        split["multi_label"] += len(known) > 1
+        for c in known:
+            split["per_class"][source.class_names[c]] += 1
+    return out
+
+
+def _counts_table(counts: dict) -> str:
+    names = list(counts["train"]["per_class"])
+    width = max(len(n) for n in names + ["class"])
+    lines = [f"{'class':{width}s}  train  validation"]
+    lines += [f"{n:{width}s}  {counts['train']['per_class'][n]:5d}  {counts['validation']['per_class'][n]:10d}"
+              for n in names]
+    lines.append(f"{'images':{width}s}  {counts['train']['images']:5d}  {counts['validation']['images']:10d}"
+                 f"   ({counts['train']['multi_label'] + counts['validation']['multi_label']} with several labels)")
+    return "\n".join(lines)
+
+
+def _file_sidecar(path: str) -> dict | None:
+    """The sidecar beside a backbone file (`m.keras` -> `m.json`; `m.weights.h5` -> `m.weights.json` or `m.json`)."""
+    candidates = [sidecar.sidecar_path(path)]
+    if path.endswith(".weights.h5"):
+        candidates.append(path[: -len(".weights.h5")] + ".json")
+    for cand in candidates:
+        if FileSystems.exists(cand):
+            try:
+                return sidecar.parse_sidecar(files.read_json(cand, "backbone sidecar"), where=cand)
+            except (files.FileFormatError, sidecar.SidecarError) as exc:
+                raise OptionsError(str(exc)) from None
+    return None
+
+
+def build_backbone_model(args, size, n: int, activation: str):
+    """(Keras model, backbone Backbone, scale, offset) for --arch other than small."""
+    default_scale, default_offset = backbones.APPLICATIONS[args.arch][1:]
+    if args.weights in ("imagenet", "none"):
+        bb = train.imagenet_backbone(args.arch, size or (224, 224),
+                                     weights=None if args.weights == "none" else "imagenet")
+        if args.feature_layer:
+            bb.model, bb.feature_layer = backbones.cut(bb.model, args.feature_layer)
+            bb.provenance.update(feature_layer=bb.feature_layer)
+    else:
+        if not args.weights.endswith((".keras", ".h5")):
+            raise OptionsError(f"--weights must be imagenet, none or a .keras/.h5/.weights.h5 file, got "
+                               f"{args.weights!r}")
+        if not FileSystems.exists(args.weights):
+            raise OptionsError(f"--weights {args.weights} does not exist")
+        side = _file_sidecar(args.weights)
+        try:
+            bb = backbones.load(args.weights, fetch_to_local(args.weights), args.arch,
+                                feature_layer=args.feature_layer, sidecar=side)
+        except backbones.BackboneError as exc:
+            raise OptionsError(f"--weights {args.weights}: {exc}") from None
+        if bb.scale is None:
+            logger.warning("no sidecar beside %s: assuming %s's preprocessing, x * %.6g + %g", args.weights,
+                           args.arch, default_scale, default_offset)
+    own = tuple(bb.model.inputs[0].shape[1:3])
+    target = tuple(size) if size else (own if all(own) else (224, 224))
+    if target != own or args.last_stride == 1:
+        bb.model = backbones.rebuild(bb.model, input_size=target if target != own else None,
+                                     last_stride_arch=args.arch if args.last_stride == 1 else None)
+    bb.provenance.update(feature_map=[int(d) for d in bb.model.outputs[0].shape[1:]], last_stride=args.last_stride)
+    scale = bb.scale if bb.scale is not None else default_scale
+    offset = bb.offset if bb.offset is not None else default_offset
+    caffe = args.arch == "resnet50" and bb.scale is None
+    model = train.gap_classifier(bb.model, n, arch=args.arch, activation=activation, caffe=caffe, seed=args.seed)
+    return model, bb, target, scale, offset
+
+
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:
@@ -104,9 +215,14 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--output must end in .keras, got {args.output!r}")
     if not 0 < args.val_percent < 100:
         raise OptionsError(f"--val_percent must be within (0, 100), got {args.val_percent}")
+    defaults = _SMALL_DEFAULTS if args.arch == "small" else _BACKBONE_DEFAULTS
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    args.learning_rate = defaults["learning_rate"] if args.learning_rate is None else args.learning_rate
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.arch == "small" and (args.weights != "imagenet" or args.feature_layer or args.last_stride != 2):
+        raise OptionsError("--weights, --feature_layer and --last_stride are for pretrained backbones, not --arch small")
     t0 = time.time()
     source = inputs.scan(args.input, input_format=args.input_format, labels_from_folder=args.labels_from_folder,
                          class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset,
@@ -117,43 +233,76 @@ def run(argv=None) -> dict:
                 ", ".join(source.class_names))
     if len(source.class_names) < 2:
         raise OptionsError(f"need at least 2 classes to train a classifier, found {list(source.class_names)}")
+    counts = label_counts(source, label_offset=args.label_offset, val_percent=args.val_percent)
+    print(_counts_table(counts), flush=True)
+    if counts["validation"]["images"] == 0:
+        raise OptionsError(f"--val_percent {args.val_percent} leaves no validation image; raise it")
     size = parse_size(args.input_size)
-    if size is None:
-        size = [96, 96] if args.arch == "small" else [224, 224]
+    if size is None and args.arch == "small":
+        size = [96, 96]
         logger.warning("--input_size not given: using %d,%d", *size)
-    size = tuple(size)
     n = len(source.class_names)
+    activation = "sigmoid" if args.multi_label == "sigmoid" else "softmax"
+    backbone = None
     if args.arch == "small":
+        size = tuple(size)
         model = train.cam_cnn(size, n, width=args.width, final_stride=args.final_stride,
-                              dilation=args.dilation, seed=args.seed)
+                              dilation=args.dilation, seed=args.seed, activation=activation)
         scale, offset = 1 / 255, 0.0
     else:
-        model, scale, offset = train.backbone_gap(args.arch, size, n, seed=args.seed,
-                                                  weights=None if args.weights == "none" else "imagenet")
+        try:
+            model, backbone, size, scale, offset = build_backbone_model(args, size, n, activation)
+        except backbones.BackboneError as exc:
+            raise OptionsError(str(exc)) from None
     common = dict(input_size=size, scale=scale, offset=offset, label_offset=args.label_offset,
-                  val_percent=args.val_percent, batch_size=args.batch_size, seed=args.seed)
+                  val_percent=args.val_percent, batch_size=args.batch_size, seed=args.seed,
+                  label_mode=args.multi_label)
     train_ds = make_dataset(source, validation=False, shuffle_buffer=args.shuffle_buffer, flip=args.flip_augment,
                             cache=args.cache, **common)
     val_ds = make_dataset(source, validation=True, cache=args.cache, **common)
-    steps = math.ceil(source.count * (1 - args.val_percent / 100) / args.batch_size)
+    steps = math.ceil(counts["train"]["images"] / args.batch_size)
     # A progress bar on a terminal, one line per epoch in logs.
     verbose = 1 if sys.stdout.isatty() else 2
-    fit = train.fit_datasets(model, train_ds, val_ds, epochs=args.epochs, patience=args.patience,
-                             learning_rate=args.learning_rate, verbose=verbose, steps_per_epoch=steps)
+    fit_args = dict(patience=args.patience, verbose=verbose, steps_per_epoch=steps, label_mode=args.multi_label)
+    if backbone is not None and args.weights != "none":
+        try:
+            top = backbones.top_layers(backbone.model, args.arch, args.unfreeze_from)
+        except backbones.BackboneError as exc:
+            raise OptionsError(str(exc)) from None
+        fit = train.fine_tune(model, backbone.model, top, train_ds, val_ds, head_epochs=args.head_epochs,
+                              epochs=args.epochs, learning_rate=args.learning_rate,
+                              fine_tune_learning_rate=args.fine_tune_learning_rate or args.learning_rate / 10,
+                              **fit_args)
+    else:
+        fit = train.fit_datasets(model, train_ds, val_ds, epochs=args.epochs, learning_rate=args.learning_rate,
+                                 **fit_args)
+    if fit["early_stopped"]:
+        logger.warning("training stopped early: no validation-loss progress for %d epochs; kept epoch %d "
+                       "(validation accuracy %.1f%%); raise --patience to train longer", args.patience,
+                       fit["best_epoch"], 100 * fit["val_accuracy"])
+    if fit["val_accuracy"] is not None and fit["val_accuracy"] < LOW_VAL_ACCURACY:
+        logger.warning("validation accuracy is low (%.1f%% < %.0f%%): boxes of misclassified images are boxes of "
+                       "the wrong class; train longer, on more images, or from a pretrained backbone (--weights)",
+                       100 * fit["val_accuracy"], 100 * LOW_VAL_ACCURACY)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model.save(args.output)
     seconds = round(time.time() - t0, 1)
     meta = dict(
-        sidecar.Preprocessing(size, scale, offset, source.class_names).to_json(),
+        sidecar.Preprocessing(tuple(size), scale, offset, source.class_names).to_json(),
         training={
             "inputs": list(args.input),
             "images": source.count,
             "data_fingerprint": source.fingerprint,
+            "label_counts": counts,
+            "multi_label": args.multi_label,
             "arch": args.arch,
             "dilation": args.dilation if args.arch == "small" else None,
             "weights": args.weights if args.arch != "small" else None,
+            "backbone": backbone.provenance if backbone is not None else None,
             "final_feature_map": [int(d) for d in model.get_layer("gap").input.shape[1:3]],
             "epochs_run": fit["epochs"],
+            "phases": fit.get("phases"),
+            "early_stopped": fit["early_stopped"],
             "val_percent": args.val_percent,
             "val_accuracy": fit["val_accuracy"],
             "history": fit["history"],

@@ -51,6 +51,16 @@ def shapes_model(tmp_path_factory):
     return path, synthetic.make_shapes(64, size=48, seed=11)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory):
+    """Converted graphs (--engine openvino, the default where installed) go to a session folder, not ~/.cache;
+    child processes the tests start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("engine_cache")
+        mp.setenv("WEAKLOC_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -112,9 +112,12 @@ def test_the_launcher_holds_the_validated_model_only_while_its_own_process_runs_
         folder_tree, tiny_model_path, tmp_path):  # noqa: F811
     root, _ = folder_tree
     args = ["--input", str(root / "*" / "*.png"), "--labels_from_folder", "yes", "--model", tiny_model_path,
-            "--output", str(tmp_path / "out")]
+            "--output", str(tmp_path / "out"), "--engine", "tensorflow"]
     label.prepare([*args, f"--runner={RUNNER}"])
     assert len(inference._REMEMBERED) == 1
+    # A converted graph (--engine openvino) is compiled by the workers: the TensorFlow method is not kept.
+    label.prepare([*args[:-2], f"--runner={RUNNER}", "--engine", "openvino"])
+    assert inference._REMEMBERED == []
     # Workers in other processes load the file themselves: nothing to keep for them.
     label.prepare([*args, "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     assert inference._REMEMBERED == []

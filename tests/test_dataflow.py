@@ -64,6 +64,10 @@ class _FolderAsGcs:
     def open(self, path, *args, **kwargs):
         return self.local.open(self._local(path), *args, **kwargs)
 
+    def create(self, path, *args, **kwargs):
+        os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
+        return self.local.create(self._local(path), *args, **kwargs)
+
 
 @pytest.fixture
 def fake_gcs(tmp_path, monkeypatch):
@@ -136,3 +140,16 @@ def test_dataflow_refuses_local_paths_before_translating(bucket, tiny_model_path
     argv[argv.index("gs://bucket/models/cls.keras")] = tiny_model_path
     with pytest.raises(OptionsError, match=r"DataflowRunner workers cannot read local paths: \['--model "):
         label.start(argv)
+
+
+def test_dataflow_cpu_workers_get_the_openvino_graph_under_temp_location(bucket, monkeypatch, tmp_path):
+    from weakloc.models import engines, files
+
+    if not engines.get("openvino").available():
+        pytest.skip("needs openvino (pip install openvino)")
+    monkeypatch.setenv("WEAKLOC_CACHE_DIR", str(tmp_path / "cache"))
+    config, _ = label.start(_dataflow_argv("--job_name=weakloc-dry-run-cpu"))
+    converted = config.spec.converted
+    assert config.engine["name"] == "openvino" and converted.path.startswith("gs://bucket/tmp/weakloc-engines/")
+    shipped = bucket / "tmp" / "weakloc-engines" / converted.path.rsplit("/", 1)[1]
+    assert files.local_fingerprint(str(shipped)) == converted.fingerprint  # what workers will check

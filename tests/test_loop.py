@@ -27,9 +27,15 @@ def test_train_calibrate_label_evaluate_on_shapes(tmp_path, capsys):
                      "--output", str(thr), "--min_per_class", "4", "--cam_contrast", "--refine_boxes"]) == 0
     doc = json.loads(thr.read_text())
     assert 0.0 <= doc["default"] <= 1.0 and doc["calibration"]["pairs"] == 24
-    assert doc["cam_contrast"] is True and doc["box_refine_fit"]["pairs"] == 24
-    assert ("box_refine" in doc) == doc["box_refine_fit"]["kept"]  # written only where cross-validation gained
-    assert set(doc["per_class"]) == set(side["class_names"])  # 6 calibration images per class >= 4
+    # --refine_boxes: the flags' method with and without the refinement, kept only where cross-validation gained.
+    cv = {c["name"]: c["cv_accuracy"] for c in doc["candidates"]}
+    assert set(cv) == {"flags", "flags_refine"} and doc["cam_contrast"] is True
+    refined = doc["method"]["name"] == "flags_refine"
+    assert ("box_refine" in doc) == refined
+    if cv["flags_refine"] is not None:
+        assert refined == (sum(cv["flags_refine"]) > sum(cv["flags"]))
+    if not refined:
+        assert set(doc["per_class"]) == set(side["class_names"])  # 6 calibration images per class >= 4
     assert len(doc["calibration"]["curve"]) == 100
     labels = tmp_path / "labels"
     assert cli.main(["label", "--input", str(data / "eval-*.tfrecord"), "--model", str(model),
@@ -38,7 +44,7 @@ def test_train_calibrate_label_evaluate_on_shapes(tmp_path, capsys):
     assert summary["options"]["thresholds_file"] == str(thr)  # picked up beside the model
     assert summary["options"]["per_class_thresholds"] == doc["per_class"]
     assert summary["options"]["cam_contrast"] is True  # followed the calibration without a flag
-    assert summary["options"]["box_refine"] == doc["box_refine_fit"]["kept"]
+    assert summary["options"]["box_refine"] == refined
     capsys.readouterr()
     assert cli.main(["evaluate", "--annotations", str(labels)]) == 0
     printed = capsys.readouterr().out

@@ -59,7 +59,8 @@ def load_cam_model(spec: ModelSpec, top_k: int) -> CamMethod:
 
 
 class CamModelHandler(ModelHandler):
-    """ModelHandler[DecodedInput, dict (annotation row), a cam.CamMethod (CamModel, GradCamModel, ...)]."""
+    """ModelHandler[DecodedInput, dict (annotation row), a cam.CamMethod (CamModel, GradCamModel, ...) or an
+    engines.EngineCam (the same call and outputs)]."""
 
     def __init__(self, spec: ModelSpec, opts: annotate.BoxOptions, *, batch_size: int = 32):
         super().__init__()
@@ -70,6 +71,7 @@ class CamModelHandler(ModelHandler):
         self.batch_size = int(batch_size)
         self.built = time.time()  # travels with the handler to every worker: one clock origin for the job
         self._done = Metrics.distribution(NAMESPACE, BATCH_DONE)
+        self._engine_counters: dict = {}
 
     def load_model(self):
         return load_cam_model(self.spec, self.opts.top_k)
@@ -80,8 +82,16 @@ class CamModelHandler(ModelHandler):
         extra = annotate.extra_classes(metas, self.opts)
         out = model(pixels, extra)
         rows = annotate.annotate_batch(out, metas, self.spec.class_names, self.opts, self.spec.name, extra)
+        self._engine_counter(model).inc(len(batch))
         self._done.update(int(1000 * (time.time() - self.built)))
         return rows
+
+    def _engine_counter(self, model):
+        """Images run per engine and precision, as each worker decided (summary.json's metrics)."""
+        name = f"images_{getattr(model, 'engine', 'tensorflow')}_{getattr(model, 'precision', 'f32')}"
+        if name not in self._engine_counters:
+            self._engine_counters[name] = Metrics.counter(NAMESPACE, name)
+        return self._engine_counters[name]
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return sum(item.pixels.nbytes for item in batch)

@@ -1,0 +1,274 @@
+"""Choosing how CAMs become boxes, by cross-validation on a few boxed images (issue 17, `weakloc calibrate`).
+
+Every way of turning maps into boxes is a `Candidate` in one table, `CANDIDATES`: which maps (plain or contrast
+CAMs, with or without flip averaging), which box rule, which correction after it (none, a stretch, the box
+refinement of `refine.py`) and whether classes get thresholds of their own. Each candidate is fitted on k - 1
+folds of the boxed maps and scored on the fold it did not see; the criterion is the mean box accuracy over IoU
+0.3/0.5/0.7 at the fitted operating point (the operating-point form of MaxBoxAccV2, as `metrics.Sweep.best_index`
+chooses a threshold). The winner is refitted on every map and is what `label` applies. A later method (another
+map kind, another box rule) is one more row of the table and one more branch of `Fitted.boxes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from . import boxes as boxlib
+from . import defaults, metrics, refine
+from .thresholds import Method, Thresholds
+
+FOLDS = 5
+# Base thresholds the refinement may start from besides the calibrated one: a low base keeps more of the map's
+# falloff in the profile (BENCHMARKS.md: the best base for refined boxes is far below the best one for plain boxes).
+REFINE_BASES = (0.2, 0.3, 0.4, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapKind:
+    """Which forward pass the maps come from (`cam.CamModel`'s `contrast` and `flip_tta`)."""
+
+    contrast: bool = False
+    flip_tta: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way from maps to boxes.
+
+    boxes: the box rule of `boxes.boxes_from_cams` ("largest" or "union", with `min_area` of the map);
+    post: "none", "stretch" (a width/height factor fitted by `metrics.fit_box_stretch`) or "refine"
+      (`refine.fit`, from a base threshold chosen with it);
+    per_class: classes with enough boxed maps get their own threshold (else one threshold for all).
+    """
+
+    name: str
+    maps: MapKind = MapKind()
+    boxes: str = "largest"
+    post: str = "none"
+    per_class: bool = True
+
+    def __post_init__(self):
+        if self.boxes not in ("largest", "union"):
+            raise ValueError(f"candidate {self.name}: boxes must be 'largest' or 'union', got {self.boxes!r}")
+        if self.post not in ("none", "stretch", "refine"):
+            raise ValueError(f"candidate {self.name}: post must be 'none', 'stretch' or 'refine', got {self.post!r}")
+        if self.post != "none" and self.boxes != "largest":
+            raise ValueError(f"candidate {self.name}: a {self.post} corrects largest-component boxes only")
+
+
+PLAIN, CONTRAST, FLIP, CONTRAST_FLIP = MapKind(), MapKind(contrast=True), MapKind(flip_tta=True), MapKind(True, True)
+
+# The one table of what calibrate tries. Order matters only on ties: the earlier (simpler) candidate wins.
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("cam"),
+    Candidate("cam_global", per_class=False),
+    Candidate("contrast", CONTRAST),
+    Candidate("contrast_global", CONTRAST, per_class=False),
+    Candidate("flip", FLIP),
+    Candidate("contrast_flip", CONTRAST_FLIP),
+    Candidate("cam_union", boxes="union"),
+    Candidate("cam_stretch", post="stretch", per_class=False),
+    Candidate("cam_refine", post="refine", per_class=False),
+    Candidate("contrast_refine", CONTRAST, post="refine", per_class=False),
+    Candidate("flip_refine", FLIP, post="refine", per_class=False),
+    Candidate("contrast_flip_refine", CONTRAST_FLIP, post="refine", per_class=False),
+)
+DEFAULT = CANDIDATES[0]  # plain CAM: what label does when nothing was calibrated
+
+
+def candidate(name: str) -> Candidate:
+    for c in CANDIDATES:
+        if c.name == name:
+            return c
+    raise KeyError(f"no candidate {name!r}; candidates: {[c.name for c in CANDIDATES]}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Maps:
+    """Boxed maps of one kind: normed float32 (N, H, W) in [0, 1], valid bool (N,), truths N arrays (m, 4) in the
+    maps' pixels (x0y0x1y1, max edge exclusive), class ids int (N,)."""
+
+    normed: np.ndarray
+    valid: np.ndarray
+    truths: list
+    classes: np.ndarray
+
+    def take(self, idx: np.ndarray) -> "Maps":
+        return Maps(self.normed[idx], self.valid[idx], [self.truths[i] for i in idx], self.classes[idx])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Fitted:
+    """A candidate fitted on boxed maps: its thresholds and correction, ready to box new maps as `label` does."""
+
+    candidate: Candidate
+    default: float
+    per_class: dict  # class id -> tau
+    stretch: tuple[float, float] = (1.0, 1.0)
+    refiner: refine.BoxRefiner | None = None
+    min_area: float = defaults.MIN_BOX_AREA
+
+    def taus(self, classes: np.ndarray) -> np.ndarray:
+        return np.array([self.per_class.get(int(c), self.default) for c in classes], np.float32)
+
+    def boxes(self, normed: np.ndarray, valid: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One box per map, as `annotate.annotate_batch` makes it: (float32 (N, 4) in the maps' pixels, bool (N,)
+        which maps got one; rows without a box are zeros)."""
+        n = len(normed)
+        taus = self.taus(classes)
+        if self.refiner is not None:
+            return self.refiner.apply(normed, taus, valid)
+        found = boxlib.boxes_from_cams(normed, taus, valid=valid, mode=self.candidate.boxes, min_area=self.min_area)
+        xyxy = np.zeros((n, 4), np.float32)
+        has = np.zeros(n, bool)
+        xyxy[found.map_index] = found.xyxy
+        has[found.map_index] = True
+        if self.stretch != (1.0, 1.0):
+            xyxy[has] = boxlib.stretch_boxes(xyxy[has], self.stretch, normed.shape[1:])
+        return xyxy, has
+
+    def thresholds(self, class_names: Sequence[str]) -> Thresholds:
+        """The thresholds document that makes `label` box as this candidate does."""
+        return Thresholds(
+            default=float(self.default),
+            per_class={class_names[c]: float(t) for c, t in sorted(self.per_class.items())},
+            cam_contrast=self.candidate.maps.contrast,
+            box_stretch=None if self.stretch == (1.0, 1.0) else tuple(self.stretch),
+            box_refine=self.refiner,
+            method=Method(name=self.candidate.name, flip_tta=self.candidate.maps.flip_tta,
+                          boxes=self.candidate.boxes, min_box_area=float(self.min_area)),
+        )
+
+
+class CandidateError(ValueError):
+    """A candidate that cannot be fitted on these maps (e.g. too few for a refinement)."""
+
+
+def _best_tau(table: np.ndarray, taus: np.ndarray, idx: np.ndarray, levels) -> float:
+    return metrics.sweep_of(table[:, idx], taus, levels).best_threshold
+
+
+def fit(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, min_per_class: int = defaults.MIN_PER_CLASS,
+        min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS) -> Fitted:
+    """Fit `cand` on `maps`, given `table` = metrics.iou_table of these maps with the candidate's box rule.
+
+    Raises:
+      CandidateError: the correction cannot be fitted (refine.RefineError's reason).
+    """
+    all_idx = np.arange(len(maps.normed))
+    default = _best_tau(table, taus, all_idx, levels)
+    per_class = {}
+    if cand.per_class:
+        for c in np.unique(maps.classes):
+            sel = np.flatnonzero(maps.classes == c)
+            if len(sel) >= min_per_class:
+                per_class[int(c)] = _best_tau(table, taus, sel, levels)
+    fitted = Fitted(cand, default, per_class, min_area=min_area)
+    if cand.post == "stretch":
+        xyxy, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
+        if not has.all():
+            raise CandidateError("a box stretch needs a box on every map")
+        stretch, _, _ = metrics.fit_box_stretch(xyxy, maps.truths, maps.normed.shape[1:], levels=levels)
+        fitted = dataclasses.replace(fitted, stretch=stretch)
+    elif cand.post == "refine":
+        # The base threshold is chosen with the refinement, by the refinement's own cross-validation.
+        best = None
+        for base in sorted({default, *REFINE_BASES}):
+            try:
+                refiner, rep = refine.fit(maps.normed, base, maps.truths, valid=maps.valid)
+            except refine.RefineError as exc:
+                raise CandidateError(str(exc)) from None
+            score = rep.refined[rep.chosen_alpha].mean()
+            if best is None or score > best[0] + 1e-12:
+                best = (score, base, refiner)
+        fitted = dataclasses.replace(fitted, default=float(best[1]), per_class={}, refiner=best[2])
+    return fitted
+
+
+def folds_of(classes: np.ndarray, k: int = FOLDS) -> np.ndarray:
+    """int (N,) fold of each map: the i-th map of each class goes to fold i % k (every fold sees every class)."""
+    classes = np.asarray(classes)
+    fold = np.zeros(len(classes), np.int64)
+    for c in np.unique(classes):
+        sel = np.flatnonzero(classes == c)
+        fold[sel] = np.arange(len(sel)) % k
+    return fold
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A candidate's cross-validated accuracy per IoU level (None with the reason when it could not be fitted)."""
+
+    candidate: Candidate
+    accuracy: np.ndarray | None  # (len(levels),)
+    reason: str = ""
+
+    @property
+    def mean(self) -> float:
+        return float(self.accuracy.mean()) if self.accuracy is not None else float("-inf")
+
+
+def cross_validate(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, folds: int = FOLDS,
+                   min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS) -> Score:
+    """Fit on all folds but one, box the held-out one, over every fold; accuracy of the held-out boxes."""
+    n = len(maps.normed)
+    k = max(2, min(folds, n))
+    fold = folds_of(maps.classes, k)
+    ious = np.zeros(n, np.float32)
+    try:
+        for f in range(k):
+            train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            if not len(test):
+                continue
+            got = fit(cand, maps.take(train), table[:, train], taus, min_per_class=min_per_class,
+                      min_area=min_area, levels=levels)
+            part = maps.take(test)
+            xyxy, has = got.boxes(part.normed, part.valid, part.classes)
+            ious[test] = np.where(has, metrics.best_iou(xyxy, part.truths), 0.0)
+    except CandidateError as exc:
+        return Score(cand, None, str(exc))
+    return Score(cand, np.array([(ious >= lv).mean() for lv in levels]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Every candidate's cross-validated score, in table order, and the winner refitted on all maps."""
+
+    scores: list
+    winner: Fitted
+
+    @property
+    def best(self) -> Score:
+        return next(s for s in self.scores if s.candidate == self.winner.candidate)
+
+
+def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, folds: int = FOLDS,
+           min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA, taus: np.ndarray | None = None,
+           levels=metrics.IOU_LEVELS) -> Choice:
+    """Cross-validate every candidate whose maps are in `maps_by_kind` ({MapKind: Maps}) and refit the best.
+
+    Ties go to the earlier candidate of the table. Raises CandidateError when none can be fitted.
+    """
+    taus = metrics.DEFAULT_TAUS if taus is None else np.asarray(taus, np.float32)
+    tables, scores = {}, []
+    for cand in candidates:
+        maps = maps_by_kind.get(cand.maps)
+        if maps is None:
+            continue
+        key = (cand.maps, cand.boxes)
+        if key not in tables:
+            tables[key] = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, taus=taus,
+                                            mode=cand.boxes, min_area=min_area)
+        scores.append(cross_validate(cand, maps, tables[key], taus, folds=folds, min_per_class=min_per_class,
+                                     min_area=min_area, levels=levels))
+    ranked = [s for s in scores if s.accuracy is not None]
+    if not ranked:
+        raise CandidateError("no candidate could be fitted: " + "; ".join(f"{s.candidate.name}: {s.reason}"
+                                                                         for s in scores))
+    best = max(ranked, key=lambda s: (round(s.mean, 12), -scores.index(s)))
+    cand = best.candidate
+    winner = fit(cand, maps_by_kind[cand.maps], tables[(cand.maps, cand.boxes)], taus, min_per_class=min_per_class,
+                 min_area=min_area, levels=levels)
+    return Choice(scores, winner)

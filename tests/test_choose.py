@@ -1,0 +1,202 @@
+"""Choosing the method by cross-validation (models/choose.py, `weakloc calibrate`): synthetic maps whose best
+method is known by construction, label following the file calibrate wrote, and plain CAM without boxed images."""
+import json
+
+import numpy as np
+import pytest
+
+from weakloc.models import boxes as boxlib
+from weakloc.models import choose, metrics, opening, records, synthetic
+from weakloc.pipeline import calibrate, cli, inputs, label, results
+
+from tests.helpers import RUNNER, png_bytes
+from tests.test_refine import blurred_rectangles
+
+
+def sharp_rectangles(n, seed):
+    """Maps that are exactly their object: a filled rectangle on zeros (test_refine's rectangles, unblurred). Any
+    threshold above 0 boxes the rectangle exactly, so plain CAM is already perfect and nothing can beat it."""
+    normed, valid, truths = blurred_rectangles(n, seed, sigma=0.0)
+    return choose.Maps(normed, valid, truths, np.arange(n) % 3)
+
+
+def split_objects(n, seed, size=64):
+    """Each object shows as two separate blobs at its two ends (a map that fires on the parts of an object):
+    the true box encloses both, so the union of the components is right and the largest component is not."""
+    rng = np.random.default_rng(seed)
+    maps, truths = [], []
+    for _ in range(n):
+        w, h = rng.integers(30, 50), rng.integers(8, 16)
+        x0, y0 = rng.integers(2, size - 2 - w), rng.integers(2, size - 2 - h)
+        m = np.zeros((size, size), np.float32)
+        part = w // 3
+        m[y0 : y0 + h, x0 : x0 + part] = 1.0
+        m[y0 : y0 + h, x0 + w - part : x0 + w] = 0.9
+        maps.append(m)
+        truths.append(np.array([[x0, y0, x0 + w, y0 + h]], np.float32))
+    normed, valid = boxlib.normalize_cams(np.stack(maps))
+    return choose.Maps(normed, valid, truths, np.arange(n) % 2)
+
+
+def test_iou_table_sweeps_exactly_as_the_threshold_sweep():
+    maps = sharp_rectangles(12, seed=0)
+    table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid)
+    assert table.shape == (100, 12)
+    # At tau 0 every pixel is in and the box is the whole map; above it, every box is its rectangle.
+    np.testing.assert_allclose(table[1:], 1.0, atol=1e-6)
+    expected = [(t[0, 2] - t[0, 0]) * (t[0, 3] - t[0, 1]) / 64**2 for t in maps.truths]
+    np.testing.assert_allclose(table[0], expected, rtol=1e-5)
+    sweep = metrics.sweep_thresholds(maps.normed, maps.truths, valid=maps.valid)
+    np.testing.assert_array_equal(sweep.accuracy, metrics.sweep_of(table, metrics.DEFAULT_TAUS).accuracy)
+
+
+def test_refinement_wins_where_maps_blur_their_objects():
+    normed, valid, truths = blurred_rectangles(100, seed=0)
+    maps = choose.Maps(normed, valid, truths, np.arange(100) % 4)
+    choice = choose.choose({choose.PLAIN: maps})
+    scores = {s.candidate.name: s for s in choice.scores}
+    assert set(scores) == {c.name for c in choose.CANDIDATES if c.maps == choose.PLAIN}  # only maps it was given
+    assert choice.winner.candidate.name == "cam_refine" and choice.winner.refiner is not None
+    assert scores["cam_refine"].mean > scores["cam"].mean + 0.05
+    # What was chosen generalises: on new maps of the same blur the refitted winner beats plain CAM's fit.
+    t_normed, t_valid, t_truths = blurred_rectangles(150, seed=1)
+    classes = np.arange(150) % 4
+    refined, has = choice.winner.boxes(t_normed, t_valid, classes)
+    plain = choose.fit(choose.DEFAULT, maps, metrics.iou_table(normed, truths, valid=valid), metrics.DEFAULT_TAUS)
+    base, _ = plain.boxes(t_normed, t_valid, classes)
+    assert has.all()
+    assert (metrics.best_iou(refined, t_truths) >= 0.7).mean() > (metrics.best_iou(base, t_truths) >= 0.7).mean() + 0.1
+
+
+def test_plain_cam_stays_when_nothing_can_beat_it():
+    maps = sharp_rectangles(40, seed=2)
+    choice = choose.choose({choose.PLAIN: maps})
+    assert choice.winner.candidate == choose.DEFAULT  # ties go to the first (simplest) row of the table
+    np.testing.assert_allclose(choice.best.accuracy, 1.0)
+    assert choice.winner.default == 0.01  # the first threshold that boxes every rectangle (first on ties)
+
+
+def test_union_wins_for_objects_split_in_two():
+    choice = choose.choose({choose.PLAIN: split_objects(30, seed=3)}, min_per_class=100)
+    assert choice.winner.candidate.boxes == "union"
+    scores = {s.candidate.name: s for s in choice.scores}
+    assert scores["cam_union"].accuracy[2] == 1.0 and scores["cam"].accuracy[1] == 0.0
+
+
+def test_the_map_kind_that_shows_the_object_wins():
+    """Contrast maps that are the rectangles against plain maps where a shared distractor outshines them."""
+    good = sharp_rectangles(30, seed=4)
+    distracted = good.normed * 0.5
+    distracted[:, 40:60, 2:40] = 1.0  # the same bright patch on every plain map
+    plain = choose.Maps(*boxlib.normalize_cams(distracted), good.truths, good.classes)
+    choice = choose.choose({choose.PLAIN: plain, choose.CONTRAST: good})
+    assert choice.winner.candidate.maps == choose.CONTRAST and choice.winner.candidate.post == "none"
+    assert choice.winner.thresholds(["a", "b", "c"]).cam_contrast is True
+
+
+def test_folds_spread_every_class_and_a_refinement_too_few_to_fit_is_skipped_with_its_reason():
+    fold = choose.folds_of(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1]), k=3)
+    assert fold.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    normed, valid, truths = blurred_rectangles(15, seed=5)
+    choice = choose.choose({choose.PLAIN: choose.Maps(normed, valid, truths, np.zeros(15, int))})
+    skipped = {s.candidate.name: s.reason for s in choice.scores if s.accuracy is None}
+    assert "cam_refine" in skipped and "at least 20" in skipped["cam_refine"]
+    assert choice.winner.refiner is None
+
+
+# --- through the commands: calibrate writes the winner, label follows it ---------------------------------------
+
+@pytest.fixture(scope="module")
+def boxed_shard(tmp_path_factory):
+    """30 synthetic shapes (40x40) with image labels and true boxes, in one TFRecord shard."""
+    data = synthetic.make_shapes(30, size=40, seed=3)
+    shard = tmp_path_factory.mktemp("boxed") / "boxed.tfrecord"
+    shard.write_bytes(b"".join(records.frame_record(records.make_example(
+        png_bytes(data.images[i]), source_id=f"b{i}", labels=[int(data.labels[i]) % 3],
+        boxes=[list(np.asarray(data.boxes[i]) / 40)], box_labels=[int(data.labels[i]) % 3])) for i in range(30)))
+    return str(shard)
+
+
+def calibrate_maps(model_path, shard, kind):
+    opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta)
+    model, prep = opened.build(top_k=1), opened.spec.prep
+    examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
+    normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples))
+    return examples, prep, choose.Maps(normed, valid, truths, classes)
+
+
+@pytest.mark.parametrize("name", ["cam", "contrast_global", "flip", "cam_union", "cam_stretch",
+                                  "contrast_flip_refine"])
+def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(name, tiny_model_path, boxed_shard,
+                                                                              tmp_path, capsys):
+    thr = tmp_path / "thr.json"
+    doc = calibrate.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(thr),
+                         "--candidates", name, "--min_per_class", "5"])
+    assert "<- chosen" in capsys.readouterr().out
+    assert doc["method"]["name"] == name and json.loads(thr.read_text()) == json.loads(json.dumps(doc))
+    cand = choose.candidate(name)
+    # calibrate's own fit, redone here on the same maps: what label must reproduce.
+    examples, prep, maps = calibrate_maps(tiny_model_path, boxed_shard, cand.maps)
+    table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
+    fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5)
+    assert fitted.thresholds(prep.class_names).to_json().items() <= doc.items()
+    expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
+    out = tmp_path / "labels"
+    summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(out),
+                         "--thresholds", str(thr), "--classes", "labels", f"--runner={RUNNER}"])
+    opts = summary["options"]
+    assert (opts["flip_tta"], opts["cam_contrast"], opts["boxes"]) == (cand.maps.flip_tta, cand.maps.contrast,
+                                                                       cand.boxes)
+    rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
+    assert has.sum() >= 20
+    for i, ex in enumerate(examples):
+        got = [b for b in rows[ex.image_id]["boxes"] if b["class_id"] == maps.classes[i]]
+        assert len(got) == int(has[i])
+        if has[i]:
+            want = boxlib.scale_boxes(expected[i], prep.input_size, (ex.height, ex.width))[0]
+            np.testing.assert_allclose([got[0][k] for k in ("xmin", "ymin", "xmax", "ymax")], want, atol=1e-4)
+
+
+def test_without_boxed_images_label_boxes_plain_cams(tiny_model_path, boxed_shard, tmp_path, capsys):
+    # Too few boxed images to cross-validate anything: calibrate keeps plain CAM and says why.
+    few = tmp_path / "few.tfrecord"
+    few.write_bytes(_first_records(boxed_shard, 3))
+    thr = tmp_path / "thr.json"
+    doc = calibrate.run(["--input", str(few), "--model", tiny_model_path, "--output", str(thr)])
+    assert doc["method"] == {"name": "cam", "flip_tta": False, "boxes": "largest", "min_box_area": 0.01}
+    assert doc["cam_contrast"] is False and "box_refine" not in doc
+    # No thresholds file at all: label's defaults are plain CAM too.
+    summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(tmp_path / "o"),
+                         f"--runner={RUNNER}"])
+    opts = summary["options"]
+    assert opts["thresholds_file"] is None and opts["cam_threshold"] == 0.2
+    assert (opts["flip_tta"], opts["cam_contrast"], opts["boxes"], opts["box_refine"]) == (False, False, "largest",
+                                                                                          False)
+
+
+def _first_records(shard, n):
+    import tensorflow as tf
+
+    return b"".join(records.frame_record(r.numpy()) for r in tf.data.TFRecordDataset(shard).take(n))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--candidates", "nope"], "no candidate 'nope'"),
+    (["--candidates", "cam", "--cam_contrast"], "use one or the other"),
+])
+def test_calibrate_refuses_unknown_or_conflicting_candidates(extra, match, tiny_model_path, boxed_shard, tmp_path,
+                                                             capsys):
+    code = cli.main(["calibrate", "--input", boxed_shard, "--model", tiny_model_path,
+                     "--output", str(tmp_path / "t.json"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_a_malformed_method_in_the_file_is_refused(tiny_model_path, boxed_shard, tmp_path):
+    from weakloc.models.thresholds import ThresholdsError
+
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"default": 0.5, "method": {"name": "cam", "boxes": "diagonal"}}))
+    with pytest.raises(ThresholdsError, match="method.boxes in .* must be one of"):
+        label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(tmp_path / "o"),
+                   "--thresholds", str(thr), f"--runner={RUNNER}"])

@@ -1,0 +1,209 @@
+"""Fine-tuning a pretrained backbone from a user's file (issue 13), multi-label targets and train's reports (15).
+
+Backbones here are tiny random networks saved to a temp dir (nothing is downloaded); each run is 1 epoch on
+16x16..64x64 pictures. The real MobileNetV2 of ../shared/models is used only where it is present.
+"""
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from weakloc.models import backbones, files, records, synthetic, train
+from weakloc.pipeline import cli
+from weakloc.pipeline import train as train_cmd
+
+SHARED_MODELS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+def tiny_backbone_classifier(size=32, classes=7, seed=3):
+    """conv -> conv (stride 2) -> conv 'top_conv' -> GAP -> Dense(softmax): a stand-in for an ImageNet file."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu", name="mid")(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="top_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    out = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out)
+
+
+def write_records(path, items, size=32):
+    """items: (pixels uint8 (size, size, 3), [label texts]) -> one TFRecord file."""
+    files.write_tfrecord_shards((records.make_example(synthetic.encode_png(img), source_id=f"img-{i:04d}",
+                                                      label_texts=labels, width=size, height=size)
+                                 for i, (img, labels) in enumerate(items)), [str(path)])
+    return str(path)
+
+
+def colour_set(n, size=32, seed=0, multi_every=0):
+    """Red-dominated pictures are 'red', blue-dominated 'blue'; every `multi_every`-th holds both halves."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        if multi_every and i % multi_every == 0:
+            img[:, : size // 2, 0] = 230
+            img[:, size // 2:, 2] = 230
+            items.append((img, ["blue", "red"]))
+        else:
+            c = i % 2
+            img[..., 0 if c == 0 else 2] = 230
+            items.append((img, ["red" if c == 0 else "blue"]))
+    return items
+
+
+def test_targets_follow_each_label_mode():
+    # Two labels among three classes: split evenly (softmax), each on (sigmoid), first only (first).
+    np.testing.assert_allclose(train.targets([2, 0], 3, "softmax"), [0.5, 0.0, 0.5])
+    np.testing.assert_allclose(train.targets([2, 0], 3, "sigmoid"), [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(train.targets([2, 0], 3, "first"), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(train.targets([1, -1], 3, "softmax"), [0.0, 1.0, 0.0])  # unknown label ignored
+
+
+def test_top1_hit_counts_any_label_of_the_image():
+    y_true = np.array([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+    y_pred = np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.9, 0.05, 0.05]], np.float32)
+    np.testing.assert_array_equal(np.asarray(train._top1_hit(y_true, y_pred)), [1.0, 0.0, 1.0])
+
+
+def test_backbone_starts_from_the_files_weights(tmp_path):
+    source = tiny_backbone_classifier()
+    path = tmp_path / "mine.keras"
+    source.save(path)
+    (tmp_path / "mine.json").write_text(json.dumps({"scale": 1 / 128, "offset": -1.0}))
+    args = train_cmd.parser().parse_args(["--input", "x", "--output", "o.keras", "--arch", "mobilenetv2",
+                                          "--weights", str(path)])
+    model, bb, size, scale, offset = train_cmd.build_backbone_model(args, None, 2, "softmax")
+    # Cut at the GAP input of the file's classifier; every backbone weight is the file's, before any training.
+    assert bb.feature_layer == "top_conv" and size == (32, 32) and (scale, offset) == (1 / 128, -1.0)
+    for name in ("stem", "mid", "top_conv"):
+        for mine, theirs in zip(model.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(mine, theirs)
+    assert bb.provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert model.output.shape[-1] == 2 and model.get_layer("gap").input.shape[1:3] == (16, 16)
+    # A larger input re-builds the same graph with the same weights: a finer map, the same numbers per layer.
+    args.input_size = "48,48"
+    model48, *_ = train_cmd.build_backbone_model(args, (48, 48), 2, "softmax")
+    assert model48.get_layer("gap").input.shape[1:3] == (24, 24)
+    np.testing.assert_array_equal(model48.get_layer("top_conv").get_weights()[0],
+                                  source.get_layer("top_conv").get_weights()[0])
+
+
+def test_train_fine_tunes_a_saved_backbone_end_to_end(tmp_path, capsys):
+    source = tiny_backbone_classifier()
+    path = tmp_path / "mine.keras"
+    source.save(path)
+    data = write_records(tmp_path / "train.tfrecord", colour_set(48, multi_every=4))
+    out = tmp_path / "m" / "ft.keras"
+    assert cli.main(["train", "--input", data, "--output", str(out), "--arch", "mobilenetv2", "--weights",
+                     str(path), "--head_epochs", "1", "--epochs", "1", "--batch_size", "16",
+                     "--val_percent", "25"]) == 0
+    printed = capsys.readouterr().out
+    side = json.loads((tmp_path / "m" / "ft.json").read_text())
+    t = side["training"]
+    # Both phases ran; the backbone's origin is on record (name + content hash); counts add up to the data.
+    assert [p["name"] for p in t["phases"]] == ["head", "fine_tune"] and t["epochs_run"] == 2
+    assert t["backbone"]["file"] == str(path)
+    assert t["backbone"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    counts = t["label_counts"]
+    assert counts["train"]["images"] + counts["validation"]["images"] == 48
+    assert sum(c["multi_label"] for c in counts.values()) == 12
+    # i % 4 == 0 (12 pictures) holds both; of the other 36, even i (12) are red, odd i (24) blue; a two-label
+    # picture counts once for each of its classes.
+    assert {n: counts["train"]["per_class"][n] + counts["validation"]["per_class"][n] for n in ("red", "blue")} \
+        == {"red": 12 + 12, "blue": 24 + 12}
+    assert "red" in printed and "12 with several labels" in printed
+    assert side["input_size"] == [32, 32] and side["class_names"] == ["blue", "red"]
+
+
+def test_train_refuses_a_file_without_a_feature_map(tmp_path, capsys):
+    import keras
+
+    inp = keras.Input((16, 16, 3))
+    flat = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inp)))
+    path = tmp_path / "flat.keras"
+    flat.save(path)
+    data = write_records(tmp_path / "t.tfrecord", colour_set(8, size=16), size=16)
+    assert cli.main(["train", "--input", data, "--output", str(tmp_path / "o.keras"), "--arch", "mobilenetv2",
+                     "--weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable feature map" in err and "Traceback" not in err
+    assert not (tmp_path / "o.keras").exists()
+    # Not a Keras file at all: one line as well.
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip")
+    assert cli.main(["train", "--input", data, "--output", str(tmp_path / "o.keras"), "--arch", "mobilenetv2",
+                     "--weights", str(bad)]) == 2
+    assert "not a readable Keras model" in capsys.readouterr().err
+
+
+def test_weights_h5_loads_into_the_named_architecture(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(5)
+    src = keras.applications.MobileNetV2(include_top=False, weights=None)
+    path = tmp_path / "mnv2.weights.h5"
+    src.save_weights(path)
+    bb = backbones.load(str(path), str(path), "mobilenetv2")
+    assert bb.provenance["kind"] == "weights" and bb.feature_layer == "out_relu"
+    for name in ("Conv1", "block_13_depthwise", "Conv_1"):
+        np.testing.assert_array_equal(bb.model.get_layer(name).get_weights()[0], src.get_layer(name).get_weights()[0])
+    with pytest.raises(backbones.BackboneError, match="fit no ResNet50"):
+        backbones.load(str(path), str(path), "resnet50")
+
+
+def test_last_stride_one_doubles_the_map_with_the_same_weights():
+    import keras
+
+    keras.utils.set_random_seed(6)
+    src = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    fine = backbones.rebuild(src, last_stride_arch="mobilenetv2")
+    assert src.output.shape[1:3] == (2, 2) and fine.output.shape[1:3] == (4, 4)
+    assert fine.get_layer("block_13_depthwise").strides == (1, 1)
+    assert fine.get_layer("block_14_depthwise").dilation_rate == (2, 2)
+    np.testing.assert_array_equal(fine.get_layer("Conv_1").get_weights()[0], src.get_layer("Conv_1").get_weights()[0])
+    # Up to the changed layer both networks compute the same thing.
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    a = keras.Model(src.input, src.get_layer("block_13_expand_relu").output)(x)
+    b = keras.Model(fine.input, fine.get_layer("block_13_expand_relu").output)(x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # Stride 2 at the same place: the stride-1 map, sampled every other pixel, equals the strided output of the
+    # first block (before dilation starts to matter).
+    a13 = np.asarray(keras.Model(src.input, src.get_layer("block_13_depthwise").output)(x))
+    b13 = np.asarray(keras.Model(fine.input, fine.get_layer("block_13_depthwise").output)(x))
+    np.testing.assert_allclose(b13[:, 1::2, 1::2], a13, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_label_sigmoid_training_learns_both_labels(tmp_path):
+    data = write_records(tmp_path / "c.tfrecord", colour_set(96, size=16, seed=1, multi_every=3), size=16)
+    out = tmp_path / "ml.keras"
+    assert cli.main(["train", "--input", data, "--output", str(out), "--input_size", "16,16", "--epochs", "3",
+                     "--width", "4", "--batch_size", "16", "--multi_label", "sigmoid", "--learning_rate", "0.01"]) == 0
+    from weakloc.models import graph, opening
+
+    model = opening.load_keras_model(str(out))
+    assert graph.find_gap_head(model).output_activation == "sigmoid"
+    both = np.stack([img for img, labs in colour_set(12, size=16, seed=9, multi_every=1)])
+    red = np.stack([img for img, labs in colour_set(12, size=16, seed=9) if labs == ["red"]])
+    p_both = model.predict(both.astype(np.float32) / 255, verbose=0)
+    p_red = model.predict(red.astype(np.float32) / 255, verbose=0)
+    # Classes in sorted order: blue, red. A two-colour picture scores 'blue' far above a red-only one.
+    assert p_both[:, 0].mean() > p_red[:, 0].mean() + 0.2
+
+
+@pytest.mark.slow
+def test_shared_mobilenetv2_loads_as_a_backbone():
+    path = SHARED_MODELS / "mobilenet_v2_imagenet.keras"
+    if not path.exists():
+        pytest.skip("needs ../shared/models/mobilenet_v2_imagenet.keras (absent in a plain clone)")
+    side = json.loads((SHARED_MODELS / "mobilenet_v2_imagenet.json").read_text())
+    bb = backbones.load(str(path), str(path), "mobilenetv2", sidecar=side)
+    assert bb.feature_layer == "out_relu" and bb.provenance["feature_map"] == [7, 7, 1280]
+    assert (bb.scale, bb.offset) == (1 / 128, -1.0)
+    cut = backbones.load(str(path), str(path), "mobilenetv2", feature_layer="block_13_expand_relu")
+    assert cut.provenance["feature_map"] == [14, 14, 576]
