@@ -55,9 +55,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidates", metavar="NAME,...",
                     help="methods to choose among (default: every row of models/choose.py's CANDIDATES: "
                          + ", ".join(c.name for c in choose.CANDIDATES) + ")")
-    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE)
-    ap.add_argument("--label_offset", type=int, default=0)
-    ap.add_argument("--input_format", choices=("tfrecord", "images"))
+    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE, help="images per forward pass")
+    ap.add_argument("--label_offset", type=int, default=0,
+                    help="subtract from integer box labels to get model class ids (as label --label_offset)")
+    ap.add_argument("--input_format", choices=("tfrecord", "images"),
+                    help="default: inferred from the pattern's extension")
     options.add_model_args(ap.add_argument_group("model"))
     options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
