@@ -58,12 +58,18 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
+        # s3:// (AWS, MinIO, any S3-compatible store) through Beam's S3 filesystem.
+        "aws": ["apache-beam[aws]>=2.60,<3"],
         # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests; it
         # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
         # tf-keras-vis and tensorflow-hub (imported by Beam's stock TF model handler) let the suite check that
         # the throughput benchmark, which compares against both, still runs.
-        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp]>=2.60,<3",
-                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5"],
+        # moto's standalone server is a real S3 HTTP API the tests start on loopback (and on the namespaces
+        # they make); Beam's aws extra is its S3 filesystem (boto3) that the cluster tests drive against it.
+        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3",
+                 "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5", "moto[server]>=5.0"],
     },
-    entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main"]},
+    # weakloc-worker-boot: the --container_executable of a Beam process worker pool (pipeline/worker_boot.py).
+    entry_points={"console_scripts": ["weakloc=weakloc.pipeline.cli:main",
+                                      "weakloc-worker-boot=weakloc.pipeline.worker_boot:main"]},
 )

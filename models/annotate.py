@@ -198,8 +198,9 @@ def annotate_batch(
     return rows
 
 
-def _model_picks(out: CamOutputs, opts: BoxOptions, extra: np.ndarray):
-    """(image, class id, raw map (n, H_in, W_in), class probability) of every model class that gets boxes."""
+def pick_maps(out: CamOutputs, extra: np.ndarray, opts: BoxOptions) -> list[tuple[int, int, int]]:
+    """(image, map index, class id) of every model class of the batch that gets boxes: the top-k classes scoring
+    at least min_score and/or the image's own labels (`extra`, -1 padded), each class once per image."""
     k = out.top_classes.shape[1]
     picks: list[tuple[int, int, int]] = []  # (image, map index, class id)
     passes = (out.top_scores >= opts.min_score).tolist()  # compared in float32, as the scores are
@@ -216,6 +217,12 @@ def _model_picks(out: CamOutputs, opts: BoxOptions, extra: np.ndarray):
                 if c >= 0 and c not in seen:
                     seen.add(c)
                     picks.append((b, k + j, c))
+    return picks
+
+
+def _model_picks(out: CamOutputs, opts: BoxOptions, extra: np.ndarray):
+    """(image, class id, raw map (n, H_in, W_in), class probability) of every model class that gets boxes."""
+    picks = pick_maps(out, extra, opts)
     pick_b, pick_m, pick_c = (np.array([p[i] for p in picks], np.int64) for i in range(3))
     if not picks:
         return pick_b, pick_c, np.zeros((0, *out.size), np.float32), np.zeros(0, np.float32)

@@ -46,13 +46,14 @@ class CamOutputs:
     cam_classes: np.ndarray
     low_res: np.ndarray
     size: tuple[int, int]
+    features: np.ndarray | None = None  # float32 (B, h, w, K) the feature map, from a method asked for it
 
     @classmethod
     def from_tensors(cls, outs, size) -> "CamOutputs":
-        """From a compiled forward's (scores, top classes, top scores, classes, low-res maps) tensors."""
-        scores, top_c, top_s, classes, low = (o.numpy() for o in outs)
+        """From a compiled forward's (scores, top classes, top scores, classes, low-res maps[, features])."""
+        scores, top_c, top_s, classes, low, *feats = (o.numpy() for o in outs)
         return cls(scores, top_c.astype(np.int32), top_s, classes.astype(np.int32), low,
-                   (int(size[0]), int(size[1])))
+                   (int(size[0]), int(size[1])), feats[0] if feats else None)
 
     @functools.cached_property
     def cams(self) -> np.ndarray:
@@ -154,6 +155,11 @@ class CamMethod:
         """int32 classes (B, M) -> float32 maps (B, M, h, w) at the feature-map resolution."""
         raise NotImplementedError
 
+    def _extras(self, state) -> tuple:
+        """Further outputs after the maps (`CamOutputs.features`): none by default; a method that keeps its
+        feature map (co-localization, models/coloc.py) returns it here."""
+        return ()
+
     # -- shared --------------------------------------------------------------------------------------------------
     def _probabilities(self, raw):
         """The model output as float32 probabilities: a linear head is softmaxed, others are taken as they are."""
@@ -169,7 +175,7 @@ class CamMethod:
         scores, state = self._scores(x)
         top_scores, top_classes = tf.math.top_k(scores, k=self.top_k)
         classes = tf.concat([top_classes, tf.maximum(extra, 0)], axis=1)  # (B, M)
-        return scores, top_classes, top_scores, classes, self._maps(state, classes)
+        return (scores, top_classes, top_scores, classes, self._maps(state, classes), *self._extras(state))
 
     def function(self, m_extra: int | None = None):
         """The compiled forward pass: (uint8 (B, H_in, W_in, 3), int32 (B, M)) -> (scores, top classes,
@@ -221,15 +227,25 @@ class CamModel(CamMethod):
     With `contrast`, the map of class c weighs the features by w_c minus the mean of all classes' weights: the
     CAM of c's logit margin over the average class. Evidence every class shares (strokes of any digit, clutter)
     cancels; the scores are unchanged. Needs at least two classes.
+
+    With `scales` other than (1,), each batch also runs resized by each factor (multi-scale test-time averaging,
+    on a copy of the model whose input takes any size, sharing its weights): the feature maps are resized
+    bilinearly to the grid of the largest scale and averaged, and the scores too. With `features`, the (averaged)
+    feature map is returned as well (`CamOutputs.features`).
     """
 
     name = "cam"
 
     def __init__(self, model, *, input_size: tuple[int, int], scale: float, offset: float, top_k: int = 1,
                  feature_layer: str | None = None, dense_layer: str | None = None, flip_tta: bool = False,
-                 contrast: bool = False):
+                 contrast: bool = False, scales: tuple[float, ...] = (1.0,), features: bool = False):
         self.flip_tta = bool(flip_tta)
         self.contrast = bool(contrast)
+        self.scales = tuple(float(f) for f in scales)
+        if not self.scales or any(not 0.25 <= f <= 4.0 for f in self.scales):
+            raise ValueError(f"test-time scales must be within [0.25, 4], got {self.scales}")
+        self.features = bool(features)
+        self._head_options = {"feature_layer": feature_layer, "dense_layer": dense_layer}
         super().__init__(model, input_size=input_size, scale=scale, offset=offset, top_k=top_k,
                          feature_layer=feature_layer, dense_layer=dense_layer)
 
@@ -244,26 +260,60 @@ class CamModel(CamMethod):
         if self.contrast and self.num_classes < 2:
             raise ValueError("contrast CAMs need a model with at least two classes")
         self._cam_model = keras.Model(model.inputs, [self.head.feature, model.outputs[0]])
+        if self.scales != (1.0,):
+            self._cam_model = _any_size(model, self._head_options)
         kernel_t = tf.transpose(tf.convert_to_tensor(self.head.dense.kernel))  # (C, K)
         if self.contrast:
             kernel_t = kernel_t - tf.reduce_mean(kernel_t, axis=0, keepdims=True)
         self._kernel_t = kernel_t
 
+    def _averaged(self, x):
+        """Feature map and probabilities averaged over the scales, on the largest scale's grid."""
+        import tensorflow as tf
+
+        h_in, w_in = self.input_size
+        runs = []
+        for f in self.scales:
+            xs = x if f == 1.0 else tf.image.resize(x, (max(1, round(h_in * f)), max(1, round(w_in * f))))
+            fmap, scores = self._cam_model(xs, training=False)
+            runs.append((tf.cast(fmap, tf.float32), self._probabilities(scores)))
+        if len(runs) == 1:
+            return runs[0]
+        grid = max((tuple(r[0].shape[1:3]) for r in runs), key=lambda g: g[0] * g[1])
+        fmaps = [r[0] if tuple(r[0].shape[1:3]) == grid else tf.image.resize(r[0], grid) for r in runs]
+        return tf.add_n(fmaps) / len(runs), tf.add_n([r[1] for r in runs]) / len(runs)
+
     def _scores(self, x):
         import tensorflow as tf
 
-        fmap, scores = self._cam_model(x, training=False)
-        fmap, scores = tf.cast(fmap, tf.float32), self._probabilities(scores)
+        fmap, scores = self._averaged(x)
         if self.flip_tta:
             # CAMs are linear in the feature map, so averaging the maps (the mirrored one flipped back) averages
             # the CAMs of the picture and of its mirror image.
-            fmap_f, scores_f = self._cam_model(tf.reverse(x, axis=[2]), training=False)
-            fmap = (fmap + tf.reverse(tf.cast(fmap_f, tf.float32), axis=[2])) / 2.0
-            scores = (scores + self._probabilities(scores_f)) / 2.0
+            fmap_f, scores_f = self._averaged(tf.reverse(x, axis=[2]))
+            fmap = (fmap + tf.reverse(fmap_f, axis=[2])) / 2.0
+            scores = (scores + scores_f) / 2.0
         return scores, {"fmap": fmap}
+
+    def _extras(self, state) -> tuple:
+        return (state["fmap"],) if self.features else ()
 
     def _maps(self, state, classes):
         import tensorflow as tf
 
         weights = tf.gather(self._kernel_t, classes)  # (B, M, K)
         return tf.einsum("bhwk,bmk->bmhw", state["fmap"], weights)
+
+
+def _any_size(model, head_options):
+    """The (features, scores) model of `model` on an input of any size, sharing its layers and weights (for
+    multi-scale averaging: a saved model's input is usually fixed at its training size)."""
+    import keras
+
+    try:
+        free = keras.models.clone_model(model, input_tensors=keras.Input((None, None, 3)),
+                                        clone_function=lambda layer: layer, recursive=True)
+    except Exception as exc:  # Keras raises many kinds; the message says which
+        raise ModelStructureError(f"test-time scales need the model on other input sizes, which failed: {exc}") from exc
+    head = find_gap_head(free, **head_options)
+    return keras.Model(free.inputs, [head.feature, free.outputs[0]])

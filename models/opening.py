@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from . import engines, sidecar, zoo
 from .cam import CamMethod, CamModel
+from .coloc import ColocModel
 from .files import fetch_checked, fetch_to_local, local_fingerprint, read_json
 from .gradcam import GradCamModel
 from .graph import ModelStructureError, model_input_size
@@ -27,7 +28,8 @@ from .sidecar import Preprocessing
 logger = logging.getLogger(__name__)
 
 # The CAM methods by the name `--method` gives; each is a `cam.CamMethod`.
-METHODS: dict[str, type[CamMethod]] = {"cam": CamModel, "gradcam": GradCamModel}
+METHODS: dict[str, type[CamMethod]] = {"cam": CamModel, "gradcam": GradCamModel, "coloc": ColocModel,
+                                        "fused": ColocModel}
 
 
 class ModelFileError(ValueError):
@@ -108,6 +110,7 @@ class ModelSpec:
     flip_tta: bool = False  # average the CAMs of each picture and of its mirror image
     contrast: bool = False  # CAMs of each class's margin over the mean class (models/cam.py)
     converted: Optional[engines.ConvertedModel] = None  # the graph converted at launch (--engine); None: Keras
+    tta_scales: tuple[float, ...] = (1.0,)  # multi-scale averaging of the feature maps (models/cam.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -119,6 +122,9 @@ class ModelSpec:
             if self.contrast:
                 raise ModelFileError("--cam_contrast changes the weights of the one-pass CAM; it is not available "
                                      "with --method gradcam")
+            if tuple(self.tta_scales) != (1.0,):
+                raise ModelFileError("--tta_scales averages the one-pass method's feature maps; it is not "
+                                     "available with --method gradcam")
             if self.dense_layer:
                 raise ModelFileError("--dense_layer is for --method cam; Grad-CAM differentiates the class scores "
                                      "at the output")
@@ -158,8 +164,8 @@ class ModelSpec:
     def build(self, keras_model, *, top_k: int) -> CamMethod:
         """The method named by `method` on a loaded Keras model."""
         options = dict(self.head_options())
-        if self.method == "cam":
-            options.update(flip_tta=self.flip_tta, contrast=self.contrast)
+        if self.method != "gradcam":
+            options.update(flip_tta=self.flip_tta, contrast=self.contrast, scales=self.tta_scales)
         return METHODS[self.method](keras_model, input_size=self.input_size, scale=self.scale, offset=self.offset,
                                     top_k=top_k, **options)
 
@@ -197,6 +203,7 @@ def open_model(
     safe_mode: bool = True,
     flip_tta: bool = False,
     contrast: bool = False,
+    tta_scales: tuple[float, ...] = (1.0,),
 ) -> OpenedModel:
     """Open `model` once: fingerprint its bytes (or build the keras.applications classifier), load it, find the
     head `method` needs and reconcile the sidecar (`sidecar_path`, else the model path with `.json`) with the
@@ -226,7 +233,7 @@ def open_model(
         head = cls.find_head(keras_model, **({"feature_layer": feature_layer} if method == "gradcam" else
                                              {"feature_layer": feature_layer, "dense_layer": dense_layer}))
     except ModelStructureError as exc:
-        if method == "cam":
+        if method != "gradcam":
             raise ModelStructureError(f"{exc}; --method gradcam handles other heads (slower)") from exc
         raise
     logger.info("%s head: %s", "Grad-CAM" if method == "gradcam" else "GAP", head.description)
@@ -238,7 +245,7 @@ def open_model(
                                          num_classes=int(head.num_classes))
     spec = ModelSpec(path=model, name=name, prep=prep, fingerprint=fingerprint, method=method,
                      feature_layer=feature_layer, dense_layer=dense_layer, safe_mode=safe_mode,
-                     keras_weights=weights, flip_tta=flip_tta, contrast=contrast)
+                     keras_weights=weights, flip_tta=flip_tta, contrast=contrast, tta_scales=tuple(tta_scales))
     return OpenedModel(spec, keras_model, int(head.num_classes), head.description, side_used)
 
 

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import classmap, detection, metrics
 
-from . import ground_truth, results
+from . import ground_truth, results, storage
 from .args import Parser, annotations_flag, ground_truth_flag
 from .options import OptionsError, read_class_map
 
@@ -112,7 +112,8 @@ def _json_keys(obj):
 
 
 def run(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    args, storage_flags = parser().parse_known_args(argv)
+    storage.use_filesystem_flags(storage_flags)  # --s3_endpoint_url, ... as for `weakloc label`
     results.check_run_folder(args.annotations)
     try:
         summary = results.read_summary(args.annotations)

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models import export as fmt
 from weakloc.models import files
 
-from . import ground_truth, results, sources
+from . import ground_truth, results, sources, storage
 from .options import OptionsError
 from .args import Parser, annotations_flag, ground_truth_flag
 
@@ -171,7 +171,8 @@ def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) 
 
 def run(argv: Optional[list[str]] = None) -> dict:
     """Parse flags, read the annotations, filter once, write the chosen format; returns export.json's content."""
-    args = parser().parse_args(argv)
+    args, storage_flags = parser().parse_known_args(argv)
+    storage.use_filesystem_flags(storage_flags)  # --s3_endpoint_url, ... as for `weakloc label`
     t0 = time.time()
     if args.num_shards < 1:
         raise OptionsError(f"--num_shards must be >= 1, got {args.num_shards}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from typing import Optional, TextIO
 
@@ -20,11 +19,12 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from weakloc.models.schema import failure_row
+from weakloc.transforms.coloc import Colocalize
 from weakloc.transforms.decode import DecodeDoFn
 from weakloc.transforms.inference import CamModelHandler, forget_model, remember_model
 from weakloc.transforms.read import ReadInputs
 from weakloc.transforms.tags import FAILURES, NAMESPACE, SKIPPED
-from weakloc.transforms.write import WriteOutputs, write_json_atomically
+from weakloc.transforms.write import WriteOutputs, publish_json
 
 from . import engine, options, results
 from .progress import Progress, steady_throughput, weakloc_metrics
@@ -80,12 +80,19 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
     side = {"skip_ids": skip_ids} if skip_ids is not None else {}
     decoded = read["inputs"] | "Decode" >> beam.ParDo(decode_fn, **side).with_outputs(
         FAILURES, SKIPPED, main="images")
-    handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
-    annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
+    if config.coloc is None:
+        handler = CamModelHandler(config.spec, config.box, batch_size=config.batch_size)
+        annotated, dead = decoded.images | "CamInference" >> RunInference(handler).with_exception_handling()
+        dead_batches, late = dead.failed_inferences, ()
+    else:
+        annotated, dead_batches, boxing = decoded.images | "Colocalize" >> Colocalize(
+            config.spec, config.box, config.coloc, batch_size=config.batch_size, output=config.output)
+        late = (boxing,)
     failures = (
         read[FAILURES],
         decoded[FAILURES],
-        dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
+        dead_batches | "FailedBatches" >> beam.FlatMap(_failed_batch_rows),
+        *late,
     ) | "AllFailures" >> beam.Flatten()
     # Everything that entered: records and files read, plus image files skipped unread (already labelled).
     entered = (
@@ -127,7 +134,9 @@ def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = ap.parse_known_args(argv)
     options.check_beam_args(beam_args, known=ap.option_strings())
     pipeline_options = PipelineOptions(beam_args)
-    config, method = options.validate(args, runner=pipeline_options.view_as(StandardOptions).runner)
+    # Launch-time checks read s3:// (endpoint, credentials) and gs:// with the job's own filesystem options.
+    FileSystems.set_options(pipeline_options)
+    config, method = options.validate(args, runner=options.remote_runner(pipeline_options))
     choice = engine.for_method(args, config.spec, method, pipeline_options)
     config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, converted=choice.converted),
                                  engine=choice.to_json())
@@ -156,6 +165,34 @@ def start(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipelin
         forget_model()
 
 
+class JobLostError(results.IncompleteRunError):
+    """The runner (a portable job service, Flink, Spark) stopped answering before the job ended."""
+
+
+def _runner_lost(exc: BaseException) -> bool:
+    """A gRPC error from the job service: the job's state can no longer be known (its stream was removed)."""
+    import grpc
+
+    return isinstance(exc, grpc.RpcError) or isinstance(exc.__cause__, grpc.RpcError)
+
+
+def _rpc_reason(exc: BaseException) -> str:
+    err = exc if hasattr(exc, "code") else exc.__cause__
+    try:
+        return f"{err.code().name}: {err.details()}"
+    except Exception:
+        return str(err).splitlines()[0][:200]
+
+
+def _cancel_quietly(result) -> None:
+    """Ask the runner to stop the job (it may keep a stalled job otherwise); it may not answer at all."""
+    try:
+        if result is not None:
+            result.cancel()
+    except Exception as exc:
+        logger.warning("could not cancel the job: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+
+
 def run(
     argv: Optional[list[str]] = None,
     test_pipeline: Optional[beam.Pipeline] = None,
@@ -172,11 +209,19 @@ def run(
     config, p = prepare(argv, test_pipeline)
     allow_empty = "--allow_empty" in (argv or [])
     # Around p.run() itself: the local runner only returns from it when the job is over.
+    result = None
     try:
         with Progress(progress_stream, total=_known_total(config)) as shown:
             result = p.run()
             shown.attach(result)
             result.wait_until_finish()
+    except Exception as exc:
+        if not _runner_lost(exc):
+            raise
+        _cancel_quietly(result)
+        raise JobLostError(
+            f"the job's runner stopped answering ({_rpc_reason(exc)}), as when a worker dies mid-run: the job did "
+            f"not finish and no summary.json was written to {config.output}; rerun with --overwrite") from None
     finally:
         forget_model()
     summary_path = FileSystems.join(config.output.rstrip("/"), "summary.json")
@@ -184,18 +229,18 @@ def run(
         # A runner that returns before the job ends (e.g. Dataflow without waiting): nothing to report yet.
         logger.info("job submitted; summary will appear at %s", summary_path)
         return {}
-    with FileSystems.open(summary_path) as f:
-        summary = json.loads(f.read().decode())
     metrics = weakloc_metrics(result)
     if metrics:
-        # The runner's own counts, next to the ones the pipeline computed from its outputs.
-        summary["metrics"] = metrics
+        # The runner's own counts, next to the ones the pipeline computed from its outputs. summary.json is the
+        # run's commit point and is never rewritten: they go to metrics.json, which results.read_summary adds.
+        doc = {"metrics": metrics}
         rate = steady_throughput(metrics)
         if rate:
-            summary["throughput"] = rate
+            doc["throughput"] = rate
             logger.info("steady loop: %.1f images/s over %d images (first batch done %.1f s after the job was built)",
                         rate["steady_images_per_s"], rate["steady_images"], rate["first_batch_done_s"])
-        write_json_atomically(summary_path, summary)
+        publish_json(FileSystems.join(config.output.rstrip("/"), results.METRICS), doc)
+    summary = results.read_summary(config.output)
     why = results.emptiness(summary)
     if why and not allow_empty:
         raise results.EmptyRunError(why, render(summary))

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 _TFRECORD_RE = re.compile(r"\.(tfrecords?|tfrec)(\.gz)?$|-of-\d+(\.gz)?$|\.gz$", re.IGNORECASE)
 _IMAGE_RE = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json")
+OUTPUT_GLOBS = ("annotations-*.parquet", "failures-*.parquet", "summary.json", "metrics.json", "coloc_stats.npz",
+                "coloc_stats.json")
 
 
 class OptionsError(ValueError):
@@ -43,7 +44,8 @@ def add_model_args(group) -> None:
                             "a weights file of that architecture (local, gs://)")
     group.add_argument("--method", choices=tuple(opening.METHODS), default="cam",
                        help="cam: GAP + Dense heads, maps from the Dense kernel in the forward pass; gradcam: any "
-                            "head ending in class scores, maps from gradients (slower)")
+                            "head ending in class scores, maps from gradients (slower); coloc: dataset-wide "
+                            "co-localization (DDT) of the GAP head's features; fused: coloc and CAM together")
     group.add_argument("--feature_layer", help="name of the layer whose output is the CAM feature map")
     group.add_argument("--dense_layer", help="--method cam: name of the Dense layer whose kernel weighs the features")
     group.add_argument("--input_size", help="H,W; overrides the sidecar")
@@ -130,6 +132,9 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                           "class shares cancels; default: the thresholds file's \"cam_contrast\", else off)")
     box.add_argument("--no_box_refine", action="store_true",
                      help="ignore the box refinement in the thresholds file (written by calibrate --refine_boxes)")
+    from .coloc_options import add_args as add_coloc_args
+
+    add_coloc_args(box)
 
 
 @dataclasses.dataclass
@@ -159,6 +164,7 @@ class LabelConfig:
     def box_class_names(self) -> tuple[str, ...]:
         """The names boxes and image labels are given: the class map's dataset labels, else the model's classes."""
         return self.box.class_map.labels if self.box.class_map is not None else self.spec.class_names
+    coloc: Optional[Any] = None  # models.coloc.ColocConfig for --method coloc|fused
 
     def header(self) -> dict[str, Any]:
         """The JSON-safe part of summary.json that is known before the run."""
@@ -200,6 +206,9 @@ class LabelConfig:
                 "decode_threads": self.decode_threads,
                 "emit_cams": self.box.emit_cams,
                 "flip_tta": self.spec.flip_tta,
+                "tta_scales": list(self.spec.tta_scales),
+                "fuse": self.coloc.fuse if self.coloc is not None and self.coloc.maps == "fused" else None,
+                "coloc_stats": self.coloc.stats_path if self.coloc is not None else None,
                 "cam_contrast": self.spec.contrast,
                 "box_stretch": list(self.box.stretch),
                 "box_refine": self.box.refine is not None,
@@ -300,13 +309,32 @@ def build_method(opened: opening.OpenedModel, spec: opening.ModelSpec, top_k: in
 
 # Runners whose workers run on other machines and cannot see the launcher's local files.
 REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+# Runners that hand the job to a job service (Flink's, Spark's, Beam's own): their workers are remote unless the
+# environment is LOOPBACK (the SDK worker then runs inside the launching process).
+PORTABLE_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
+
+
+def remote_runner(pipeline_options: beam_options.PipelineOptions) -> Optional[str]:
+    """How the job's workers are remote ("DataflowRunner", "FlinkRunner with --environment_type=DOCKER"), else None.
+
+    A portable runner's default environment is DOCKER: a worker on another host, or at least in a container
+    that does not see the launcher's files.
+    """
+    runner = (pipeline_options.view_as(beam_options.StandardOptions).runner or "").split(".")[-1]
+    if runner in REMOTE_RUNNERS:
+        return runner
+    if runner in PORTABLE_RUNNERS:
+        env = (pipeline_options.view_as(beam_options.PortableOptions).environment_type or "DOCKER").upper()
+        if env != "LOOPBACK":
+            return f"{runner} with --environment_type={env}"
+    return None
 
 
 def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple[LabelConfig, CamMethod]:
     """Check every flag and the files they name, in steps; open the model once and build its method.
 
-    `runner` is Beam's --runner; on a remote runner local paths are refused (workers would not find them).
-    Returns the configuration and the method built at launch (`label.prepare` decides whether to keep it).
+    `runner` names the runner when its workers are remote (`remote_runner`): local paths are refused then
+    (workers would not find them). Returns the configuration and the method built at launch (`label.prepare` decides whether to keep it).
 
     Raises:
       OptionsError, cam.ModelStructureError, sidecar.SidecarError, thresholds.ThresholdsError.
@@ -316,7 +344,10 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     input_format, folder_labels = check_inputs(args)
     check_output(args)
     previous_docs = read_previous_runs(args)
-    opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast)
+    from . import coloc_options
+
+    opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast,
+                                  tta_scales=coloc_options.parse_scales(args.tta_scales))
     if folder_labels:
         warn_folder_labels(args, opened.spec.class_names)
     cmap = read_class_map(args, opened.spec.class_names)
@@ -329,6 +360,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     except opening.ModelFileError as exc:
         raise OptionsError(str(exc)) from None
     method = build_method(opened, spec, box.top_k)
+    coloc_config = coloc_options.validate(args, opened, spec)
     previous, skip_patterns = previous_runs(previous_docs, spec)
     config = LabelConfig(
         skip_patterns=skip_patterns,
@@ -348,6 +380,7 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
         decode_threads=args.decode_threads,
         sidecar_used=opened.sidecar_used,
         thresholds_used=thr_path,
+        coloc=coloc_config,
     )
     return config, method
 
@@ -367,7 +400,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def check_remote_paths(args: argparse.Namespace, runner: Optional[str]) -> None:
     """On a runner whose workers run elsewhere, every path they read or write must be on a shared filesystem."""
-    if not (runner and runner.split(".")[-1] in REMOTE_RUNNERS):
+    if not runner:
         return
     keras_app = zoo.is_keras_application(args.model)
     paths = [("output", args.output)] + [("input", i) for i in args.input]
@@ -377,7 +410,7 @@ def check_remote_paths(args: argparse.Namespace, runner: Optional[str]) -> None:
         paths.append(("model", args.model))
     local = [f"--{k} {v}" for k, v in paths if "://" not in v]
     if local:
-        raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs:// (or another "
+        raise OptionsError(f"{runner} workers cannot read local paths: {local}; use gs://, s3:// (or another "
                            "shared filesystem) for the model, inputs and output")
 
 
@@ -402,6 +435,11 @@ def check_output(args: argparse.Namespace) -> None:
     """Never mix a new run's files with an old one's."""
     existing = _existing_outputs(args.output)
     if existing and not args.overwrite:
+        if not any(p.endswith("summary.json") for p in existing):
+            raise OptionsError(
+                f"--output {args.output} holds {len(existing)} files of a run that did not finish (no summary.json, "
+                f"e.g. {existing[0]}); pass --overwrite to replace them or choose a new directory"
+            )
         raise OptionsError(
             f"--output {args.output} already holds weakloc output ({len(existing)} files, e.g. {existing[0]}); "
             "pass --overwrite to replace it or choose a new directory"

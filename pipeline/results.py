@@ -92,6 +92,18 @@ def read_table(output: str, kind: str = "annotations", *, allow_incomplete: bool
     return pa.concat_tables(tables, promote_options="none")
 
 
+# The launcher's annex to a finished run: the runner's metrics, known only once the job is over, so written after
+# summary.json (the commit point, never rewritten) and only by a launcher that waited for the job.
+METRICS = "metrics.json"
+
+
 def read_summary(output: str) -> dict:
-    with FileSystems.open(FileSystems.join(output.rstrip("/"), "summary.json")) as f:
-        return json.loads(f.read().decode())
+    """summary.json of a run, with the runner's metrics from metrics.json ("metrics", "throughput") when present."""
+    root = output.rstrip("/")
+    with FileSystems.open(FileSystems.join(root, "summary.json")) as f:
+        summary = json.loads(f.read().decode())
+    metrics_path = FileSystems.join(root, METRICS)
+    if FileSystems.exists(metrics_path):
+        with FileSystems.open(metrics_path) as f:
+            summary.update(json.loads(f.read().decode()))
+    return summary

@@ -115,3 +115,44 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     from weakloc.models import synthetic
 
     return synthetic.encode_png(pixels)
+
+
+def canonical_rows(output: str, root: str = ""):
+    """(annotation rows keyed by image id, sorted failure tuples) of a run, box lists sorted and `root` taken off
+    every source: what must not depend on the runner, the number of workers or the disk the run read from."""
+    from weakloc.pipeline import results
+
+    def strip(source):
+        return source.replace(root.rstrip("/") + "/", "") if root else source
+
+    rows = {}
+    for r in results.read_table(output).to_pylist():
+        r["source"] = strip(r["source"])
+        r["boxes"] = sorted(r["boxes"], key=lambda b: (b["class_id"], b["xmin"], b["ymin"]))
+        rows[r["image_id"]] = r
+    fails = sorted((strip(f["source"]), f["image_id"], f["stage"], f["error"])
+                   for f in results.read_table(output, "failures").to_pylist())
+    return rows, fails
+
+
+def assert_same_rows(actual, expected):
+    """Two `canonical_rows`: every value that is not a float identical, floats within float32 round-off (workers
+    that batch differently may reorder a reduction)."""
+    import math
+
+    (got, got_fail), (want, want_fail) = actual, expected
+    assert got_fail == want_fail
+    assert sorted(got) == sorted(want)
+    for image_id, row in want.items():
+        other = got[image_id]
+        for key in ("source", "width", "height", "labels", "gt_boxes", "model"):
+            assert other[key] == row[key], (image_id, key)
+        for key in ("classes", "boxes"):
+            assert len(other[key]) == len(row[key]), (image_id, key)
+            for a, b in zip(other[key], row[key]):
+                assert a.keys() == b.keys()
+                for field, value in b.items():
+                    if isinstance(value, float):
+                        assert math.isclose(a[field], value, rel_tol=1e-4, abs_tol=1e-3), (image_id, key, field)
+                    else:
+                        assert a[field] == value, (image_id, key, field)

@@ -123,3 +123,40 @@ def test_the_launcher_holds_the_validated_model_only_while_its_own_process_runs_
     assert inference._REMEMBERED == []
     label.run([*args, f"--runner={RUNNER}"])
     assert inference._REMEMBERED == [], "the model is let go once the job has run"
+
+
+def test_a_runner_that_stops_answering_is_a_clear_failure_with_nothing_published(
+        folder_tree, tiny_model_path, tmp_path, monkeypatch):
+    """A job service that drops its stream (DEADLINE_EXCEEDED, as when a worker dies) ends label.run with
+    JobLostError naming the output, after asking the runner to cancel, and leaves no summary.json."""
+    import apache_beam as beam
+    import grpc
+
+    class Lost(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def details(self):
+            return "Stream removed"
+
+    cancelled = []
+
+    class Result:
+        def wait_until_finish(self):
+            raise Lost()
+
+        def cancel(self):
+            cancelled.append(True)
+
+        def metrics(self):
+            raise AssertionError("not asked once the job is lost")
+
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self, *a, **k: Result())
+    root, _ = folder_tree
+    out = tmp_path / "out"
+    with pytest.raises(label.JobLostError, match=r"DEADLINE_EXCEEDED: Stream removed.*did not finish.*--overwrite"):
+        label.run(["--input", str(root / "*" / "*.png"), "--model", tiny_model_path, "--output", str(out),
+                   "--engine", "tensorflow", f"--runner={RUNNER}"])
+    assert cancelled == [True]
+    assert not (out / "summary.json").exists()
+    assert isinstance(label.JobLostError("x"), results.IncompleteRunError)  # the CLI's one-line error, exit 2

@@ -1,18 +1,22 @@
 """Write step: annotation and failure rows to Parquet (Beam's temp-then-rename), then `summary.json`.
 
-The summary is written only after both Parquet writes have finalised (their file lists are side inputs), so a
-run that dies half-way never leaves a summary that claims a complete output.
+The summary is written only after both Parquet writes have finalised (their file lists are side inputs), once and
+in one atomic step (`publish_json`), so a run that dies half-way never leaves a summary that claims a complete
+output: summary.json's appearance is the run's commit point.
 """
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import os
 import time
+import uuid
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 
 from weakloc.models import schema
@@ -79,13 +83,36 @@ def _row_ids(row):
         yield row["image_id"]
 
 
-def write_json_atomically(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with FileSystems.create(tmp) as f:
-        f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+# Object stores publish an object only when its upload completes, whole or not at all: there, writing in place
+# is the atomic step (a temp object renamed would be a copy and a delete, two writes instead of one).
+_OBJECT_STORES = ("gs", "s3", "azfs")
+
+
+def publish_json(path: str, doc: dict) -> None:
+    """Make `path` appear holding `doc`, whole, in one step; a reader sees no file or the complete file.
+
+    Local disk: written beside it and moved over it with `os.replace` (atomic within a filesystem on POSIX and
+    Windows). gs://, s3://, azfs://: written in place (the object becomes visible when its upload completes).
+    Other filesystems (HDFS, ...): written beside and renamed, which their rename makes atomic.
+    """
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    fs = FileSystems.get_filesystem(path)
+    if isinstance(fs, LocalFileSystem):
+        local = path[len("file://"):] if path.startswith("file://") else path
+        tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
+    elif fs.scheme() in _OBJECT_STORES:
+        with FileSystems.create(path) as f:
+            f.write(data)
+    else:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with FileSystems.create(tmp) as f:
+            f.write(data)
+        FileSystems.rename([tmp], [path])
 
 
 def _write_summary(_, path, annotations, failures, records, skipped, duplicates, annotation_files, failure_files,
@@ -120,7 +147,8 @@ def _write_summary(_, path, annotations, failures, records, skipped, duplicates,
             "wall_time_s": round(time.time() - started, 3),
         }
     )
-    write_json_atomically(path, doc)
+    # The run's single commit point: written once, after both tables have finalised (side inputs below).
+    publish_json(path, doc)
     yield path
 
 

@@ -233,7 +233,7 @@ def _timed_process(args, log_path) -> float:
 
 
 def run_weakloc(shard_glob, model_path, out, batch_size, extra=()):
-    """`weakloc label` in its own process, as a user runs it. Returns (seconds, summary.json).
+    """`weakloc label` in its own process, as a user runs it. Returns (seconds, summary).
 
     Each run gets a fresh process: in a long-lived benchmark process the pipeline's forward pass ran up to 10%
     slower once other models had been loaded beside it, which would charge the benchmark's own state to weakloc.
@@ -241,8 +241,9 @@ def run_weakloc(shard_glob, model_path, out, batch_size, extra=()):
     seconds = _timed_process(["-m", "weakloc.pipeline.cli", "label", "--input", shard_glob, "--model", model_path,
                               "--output", out, "--batch_size", str(batch_size), "--overwrite", *extra],
                              out.rstrip("/") + ".log")
-    with open(os.path.join(out, "summary.json")) as f:
-        return seconds, json.load(f)
+    from weakloc.pipeline import results
+
+    return seconds, results.read_summary(out)  # summary.json with the runner's metrics (metrics.json)
 
 
 def run_stock_process(shard_glob, model_path, prep, out, batch_size) -> float:

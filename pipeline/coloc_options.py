@@ -1,0 +1,80 @@
+"""`label` flags of co-localization (`--method coloc|fused`) and multi-scale test-time averaging, checked at launch.
+
+    weakloc label ... --method coloc                       # statistics of this input, written beside the rows
+    weakloc label ... --method fused --coloc_stats PREV/    # a later run reuses them: one pass, nothing recomputed
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional
+
+import numpy as np
+
+from weakloc.models import coloc
+from weakloc.models.coloc import MAPS, ColocConfig
+from weakloc.models.opening import ModelSpec, OpenedModel
+
+from .options import OptionsError
+
+logger = logging.getLogger(__name__)
+
+
+def add_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--fuse", choices=coloc.FUSE_MODES, default="mean",
+                       help="--method fused: the mean, or the geometric mean (product), of the min-max normalised "
+                            "CAM and co-localization maps")
+    group.add_argument("--coloc_stats", metavar="PATH",
+                       help="--method coloc|fused: reuse the co-localization statistics an earlier run wrote "
+                            "(its output folder or coloc_stats.json) instead of computing them from this input")
+    group.add_argument("--tta_scales", metavar="S1,S2,...",
+                       help="multi-scale test-time averaging: also run each picture resized by these factors and "
+                            "average the feature maps on the largest scale's grid (e.g. 1,2; default 1)")
+
+
+def parse_scales(value: Optional[str]) -> tuple[float, ...]:
+    if value is None:
+        return (1.0,)
+    try:
+        scales = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise OptionsError(f"--tta_scales expects comma-separated factors (e.g. 1,2), got {value!r}") from None
+    if not scales or any(not 0.25 <= s <= 4.0 for s in scales) or len(set(scales)) != len(scales):
+        raise OptionsError(f"--tta_scales factors must be distinct and within [0.25, 4], got {value!r}")
+    return scales
+
+
+def extractor(spec: ModelSpec, channels: int) -> dict:
+    """What makes the descriptors: statistics from another extractor do not apply."""
+    return {"model_sha256_16": spec.fingerprint or spec.name, "feature_layer": spec.feature_layer,
+            "channels": int(channels), "input_size": list(spec.input_size), "flip_tta": bool(spec.flip_tta),
+            "tta_scales": list(spec.tta_scales)}
+
+
+def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> Optional[ColocConfig]:
+    """The ColocConfig of `--method coloc|fused` (None for other methods); reads --coloc_stats now."""
+    if args.method not in MAPS:
+        for flag, given in (("--coloc_stats", args.coloc_stats), ("--fuse", args.fuse != "mean")):
+            if given:
+                raise OptionsError(f"{flag} goes with --method coloc|fused, not --method {args.method}")
+        return None
+    if getattr(args, "class_map", None):
+        raise OptionsError("--class_map with --method coloc|fused is not supported yet: statistics are keyed by "
+                           "model class")
+    if spec.contrast:
+        raise OptionsError("contrast CAMs (--cam_contrast or the thresholds file's cam_contrast) change CAM "
+                           "weights; co-localization maps do not use them")
+    head = coloc.ColocModel.find_head(opened.keras_model, **spec.head_options())
+    kernel = np.asarray(head.dense.kernel, np.float32)
+    made_by = extractor(spec, kernel.shape[0])
+    components = None
+    if args.coloc_stats:
+        try:
+            loaded = coloc.read_stats(args.coloc_stats, class_names=spec.class_names, extractor=made_by,
+                                      with_stats=False)
+        except coloc.ColocError as exc:
+            raise OptionsError(str(exc)) from None
+        components = loaded.components
+        logger.info("co-localization statistics of %d classes from %s", len(components), args.coloc_stats)
+    return ColocConfig(maps=args.method, fuse=args.fuse, kernel=kernel, extractor=made_by,
+                       stats_path=args.coloc_stats, components=components)
