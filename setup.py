@@ -26,7 +26,7 @@ setuptools.setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     # The ImageNet class names for `--model keras:NAME` travel with the code (no download at run time).
-    package_data={"weakloc.models": ["imagenet_classes.tsv"]},
+    package_data={"weakloc.models": ["imagenet_classes.tsv"], "weakloc.pipeline": ["templates/*.html"]},
     install_requires=[
         # Beam IO, RunInference and the portable runners; <3 because we lean on the 2.x ML API.
         "apache-beam>=2.60,<3",
@@ -51,6 +51,8 @@ setuptools.setup(
         "pyyaml>=5.4",
         # weakloc report: histograms (Agg backend, no display needed).
         "matplotlib>=3.6",
+        # weakloc report: the page is a template with autoescape, so no run value can become markup.
+        "jinja2>=3.0",
         # weakloc evaluate: COCO AP / AP50 / AR@100 by the reference implementation, never re-derived.
         "pycocotools>=2.0.6",
     ],

@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import posixpath
 import re
+import zlib
 import xml.etree.ElementTree as ET
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -211,6 +213,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _IMAGE_EXT = re.compile(r"\.(jpe?g|png|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 
 
+_RECORD_ID = re.compile(r":\d+$")  # `shard:index`, the id of a TFRecord record
+
+
 def safe_stem(image_id: str, *, max_chars: int = 80) -> str:
     """A file name stem for an image id that can never leave the output folder and never collides.
 
@@ -223,6 +228,39 @@ def safe_stem(image_id: str, *, max_chars: int = 80) -> str:
     readable = _UNSAFE.sub("_", _IMAGE_EXT.sub("", image_id)).strip("._-")
     readable = readable[-max_chars:].lstrip("._-")
     return f"{readable}-{digest}" if readable else digest
+
+
+def common_root(images: Sequence[tuple[str, str]]) -> str:
+    """The folder every picture read from a file shares ((image id, source) pairs whose id is its file path);
+    "" when none is a file or they share nothing. TFRecord records (`shard:index`) never count."""
+    files = [i for i, src in images if i == src and not _RECORD_ID.search(i)]
+    if not files:
+        return ""
+    try:
+        root = posixpath.commonpath(files) if len(files) > 1 else posixpath.dirname(files[0])
+    except ValueError:  # absolute and relative paths mixed
+        return ""
+    return "" if root in ("", "/") else root
+
+
+def relative_id(image_id: str, root: str) -> str:
+    """The id relative to `root` (as the user's own tree names the picture), or the id itself."""
+    if root and image_id.startswith(root.rstrip("/") + "/"):
+        return image_id[len(root.rstrip("/")) + 1:]
+    return image_id
+
+
+def export_stems(images: Sequence["ExportImage"]) -> dict[str, str]:
+    """image id -> file stem: safe_stem of the path relative to the pictures' common folder, so
+    /data/photos/fruit/test/apple_77.jpg under /data/photos becomes fruit_test_apple_77-<hash>, not a flattened
+    absolute path."""
+    root = common_root([(im.image_id, im.source) for im in images])
+    return {im.image_id: safe_stem(relative_id(im.image_id, root)) for im in images}
+
+
+def yolo_split(image_id: str, val_percent: float) -> str:
+    """"val" for a stable `val_percent` share of ids (CRC32 of the id, as training's split), else "train"."""
+    return "val" if zlib.crc32(image_id.encode("utf-8", "surrogatepass")) % 10000 < val_percent * 100 else "train"
 
 
 def image_extension(image_id: str) -> str:
@@ -313,10 +351,11 @@ def yolo_data_yaml(categories: Sequence[str], root: str) -> str:
     """
     import yaml
 
-    doc = {"path": root, "train": "images", "val": "images", "nc": len(categories),
+    doc = {"path": root, "train": "images/train", "val": "images/val", "nc": len(categories),
            "names": {i: n for i, n in enumerate(categories)}}
-    return ("# written by weakloc export; each picture goes in images/ under the stem of its labels/ file\n"
-            "# (--copy_images puts it there); edit `path` if you move this folder\n"
+    return ("# written by weakloc export; each picture goes in images/<split>/ under the stem of its labels/<split>/\n"
+            "# file (--copy_images puts it there); the split is stable (CRC32 of the image id); edit `path` if you\n"
+            "# move this folder\n"
             + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
 
 

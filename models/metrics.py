@@ -124,6 +124,23 @@ def box_xyxy(d) -> list[float]:
     return [d["xmin"], d["ymin"], d["xmax"], d["ymax"]]
 
 
+def _truth_by_class(row: dict) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for g in row.get("gt_boxes") or ():
+        out.setdefault(int(g["class_id"]), []).append(box_xyxy(g))
+    return out
+
+
+def image_ious(row: dict) -> dict[int, float]:
+    """{true class id: IoU of weakloc's best box of that class with its best true box (0 without such a box)} of
+    one annotation row (schema.ANNOTATION_SCHEMA as a dict, `gt_boxes` filled)."""
+    out = {}
+    for cid, truths in _truth_by_class(row).items():
+        mine = [box_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
+        out[cid] = float(boxlib.box_iou(np.array(mine), np.array(truths)).max()) if mine else 0.0
+    return out
+
+
 def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IOU_LEVELS) -> dict:
     """Localization scores of annotation rows that carry `gt_boxes` (schema.ANNOTATION_SCHEMA as dicts).
 
@@ -140,17 +157,14 @@ def evaluate_rows(rows: Sequence[dict], class_names: Sequence[str], *, levels=IO
     pairs = []  # (class id, iou, top1 correct, true boxes, width, height)
     images = top1_hits = 0
     for row in rows:
-        truth_by_class: dict[int, list] = {}
-        for g in row.get("gt_boxes") or ():
-            truth_by_class.setdefault(int(g["class_id"]), []).append(box_xyxy(g))
+        truth_by_class = _truth_by_class(row)
         if not truth_by_class:
             continue
         images += 1
         top1 = row["classes"][0]["class_id"] if row.get("classes") else -1
         top1_hits += top1 in truth_by_class
-        for cid, truths in truth_by_class.items():
-            mine = [box_xyxy(b) for b in row.get("boxes") or () if int(b["class_id"]) == cid]
-            iou = float(boxlib.box_iou(np.array(mine), np.array(truths)).max()) if mine else 0.0
+        for cid, iou in image_ious(row).items():
+            truths = truth_by_class[cid]
             pairs.append((cid, iou, top1 == cid, np.array(truths, np.float32), row["width"], row["height"]))
     if not pairs:
         raise ValueError("no annotation row carries ground-truth boxes: nothing to evaluate")
@@ -212,11 +226,20 @@ class Calibration:
     counts: dict[int, int]
     instances: boxlib.InstanceRule | None = None  # chosen with the thresholds for --boxes instances
 
-    def thresholds(self, class_names: Sequence[str]) -> Thresholds:
-        """The chosen thresholds, as the `--thresholds` document `weakloc label` reads."""
+    def class_threshold(self, c: int, shrink: float = 0.0) -> float:
+        """Class `c`'s threshold, pulled towards the overall one as if `shrink` more maps had chosen it:
+        (n t_c + shrink t) / (n + shrink), to 0.01. A class seen on few maps stays near the overall choice."""
+        t = self.overall.best_threshold
+        if c not in self.per_class:
+            return t
+        n = self.counts[c]
+        return round((n * self.per_class[c].best_threshold + shrink * t) / (n + shrink), 2)
+
+    def thresholds(self, class_names: Sequence[str], *, shrink: float = 0.0) -> Thresholds:
+        """The chosen thresholds, as the `--thresholds` document `weakloc label` reads (per class: shrunk)."""
         return Thresholds(
             default=self.overall.best_threshold,
-            per_class={class_names[c]: s.best_threshold for c, s in sorted(self.per_class.items())},
+            per_class={class_names[c]: self.class_threshold(c, shrink) for c in sorted(self.per_class)},
             instances=self.instances,
         )
 

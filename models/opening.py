@@ -36,10 +36,41 @@ class ModelFileError(ValueError):
     """A model, weights or sidecar file that is missing, or options that cannot go with the model named."""
 
 
+def check_model_file(local_path: str) -> None:
+    """Refuse, with what was found, a file Keras would misreport ("File not found" for a file that exists).
+
+    Raises:
+      ModelFileError: empty, JSON (a sidecar or thresholds file), a damaged zip, or neither a zip (.keras) nor
+        HDF5 (.h5) file.
+    """
+    with open(local_path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ModelFileError(f"{local_path} is empty: expected a .keras (zip) or .h5 (HDF5) model file")
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise ModelFileError(f"{local_path} is a JSON file (a sidecar or thresholds file?), not a model: pass the "
+                             ".keras file as --model")
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        if not zipfile.is_zipfile(local_path):
+            raise ModelFileError(f"{local_path} is a damaged or truncated .keras archive (its zip directory is "
+                                 "missing): copy the model file again")
+    elif not head.startswith(b"\x89HDF\r\n\x1a\n"):
+        raise ModelFileError(f"{local_path} is not a Keras model file: expected a .keras (zip) or .h5 (HDF5) file, "
+                             f"found bytes {head[:4]!r}")
+
+
 def load_keras_model(local_path: str, *, safe_mode: bool = True):
-    """Load a `.keras` or `.h5` model for inference. `safe_mode` refuses arbitrary code (Lambda layers)."""
+    """Load a `.keras` or `.h5` model for inference. `safe_mode` refuses arbitrary code (Lambda layers).
+
+    Raises:
+      ModelFileError: the file is not a readable model (check_model_file; archives damaged inside).
+      ModelStructureError: the model needs safe_mode off.
+    """
     import keras
 
+    check_model_file(local_path)
     if not safe_mode:
         logger.warning("loading %s with safe_mode OFF: the file may run arbitrary Python code", local_path)
     try:
@@ -50,7 +81,12 @@ def load_keras_model(local_path: str, *, safe_mode: bool = True):
                 f"{local_path}: the model needs unsafe deserialization (e.g. a Lambda layer) and safe_mode is on; "
                 "pass --unsafe_load only if you trust the file"
             ) from exc
-        raise
+        raise ModelFileError(f"{local_path} cannot be loaded as a Keras model (damaged?): "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # zipfile.BadZipFile, OSError from h5py, KeyError in a damaged config ...
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ModelFileError(f"{local_path} cannot be loaded as a Keras model (damaged?): {type(exc).__name__}: "
+                             f"{first}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,16 +24,19 @@ from weakloc.models import boxes as boxlib
 from weakloc.models import cam, choose, defaults, detection, metrics
 from weakloc.models.thresholds import Method, Thresholds
 
-from . import engine, inputs, options
+from . import engine, ground_truth, inputs, options
+from .args import Parser, ground_truth_flag
 from .options import OptionsError
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc calibrate", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc calibrate", description=__doc__.splitlines()[0], parents=[ground_truth_flag(
+        "true boxes to calibrate on", "the boxes the TFRecord examples carry, or VOC XML beside the image files")])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
-                    help="TFRecord shards whose examples carry true boxes (image/object/bbox/*); repeatable")
+                    help="TFRecord shards whose examples carry true boxes (image/object/bbox/*), or image files "
+                         "with VOC XML beside them or named by --ground_truth; repeatable")
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
     ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
@@ -52,9 +55,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidates", metavar="NAME,...",
                     help="methods to choose among (default: every row of models/choose.py's CANDIDATES: "
                          + ", ".join(c.name for c in choose.CANDIDATES) + ")")
-    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE)
-    ap.add_argument("--label_offset", type=int, default=0)
-    ap.add_argument("--input_format", choices=("tfrecord", "images"))
+    ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE, help="images per forward pass")
+    ap.add_argument("--label_offset", type=int, default=0,
+                    help="subtract from integer box labels to get model class ids (as label --label_offset)")
+    ap.add_argument("--input_format", choices=("tfrecord", "images"),
+                    help="default: inferred from the pattern's extension")
     options.add_model_args(ap.add_argument_group("model"))
     options.add_class_map_args(ap.add_argument_group("class map (as label's; thresholds are then per dataset label)"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -149,7 +154,8 @@ def run(argv=None) -> dict:
         options.check_input_labels(args, cmap)
     box_names = cmap.labels if cmap is not None else prep.class_names
     source = inputs.scan(args.input, input_format=args.input_format, class_names=box_names,
-                         label_offset=args.label_offset)
+                         label_offset=args.label_offset, labels_from_folder="no")
+    source.ground_truth = _ground_truth(args, source, box_names)
     examples = list(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset))
     engines_used = []
 
@@ -168,6 +174,8 @@ def run(argv=None) -> dict:
     else:
         thresholds, text = _choose_method(args, maps_of, box_names, record)
     thresholds.calibration["engine"] = engines_used[0] if engines_used else None
+    warnings = edge_warnings(thresholds)
+    text += "".join(w + "\n" for w in warnings)
     doc = thresholds.to_json()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
@@ -283,3 +291,39 @@ def _curve_text(sweep: metrics.Sweep, what: str = "acc") -> str:
             mark = "  <- chosen" if t == sweep.best_threshold else ""
             lines.append(f"  {t:.2f}  {a[0]:7.1%} {a[1]:7.1%} {a[2]:7.1%} {a.mean():6.1%}{mark}")
     return "\n".join(lines)
+
+
+EDGE_LOW, EDGE_HIGH = 0.0, 0.99  # the ends of the sweep: a full-image box, or a speck at the hottest pixel
+
+
+def edge_warnings(thresholds: Thresholds) -> list[str]:
+    """A loud line for every threshold at an end of the sweep (full-image or near-empty boxes), also logged."""
+    out = []
+    for name, t in [("default", thresholds.default), *sorted(thresholds.per_class.items())]:
+        if t is not None and (t <= EDGE_LOW or t >= EDGE_HIGH):
+            what = "full-image boxes" if t <= EDGE_LOW else "boxes around the hottest pixels only"
+            out.append(f"WARNING: threshold {name} = {t:.2f} is at the end of the sweep and gives {what}: the CAMs "
+                       "do not localise these images; check the model and the boxes before labelling with it")
+    for line in out:
+        logger.warning("%s", line.removeprefix("WARNING: "))
+    return out
+
+
+def _ground_truth(args, source, class_names):
+    """--ground_truth, else VOC XML beside image files, else the boxes TFRecords carry (None)."""
+    if args.ground_truth:
+        truth = ground_truth.load(args.ground_truth, class_names)
+    elif source.input_format == "images":
+        truth = ground_truth.beside_images(source.files)
+        if truth is None:
+            raise OptionsError(f"no true boxes for the {source.count} image files of --input: no VOC XML beside "
+                               "them (same stem, or in annots/ or annotations/ next to their folder); pass "
+                               "--ground_truth VOC_DIR|COCO.json")
+        logger.info("true boxes from VOC XML beside the images: %s", ", ".join(truth.origin[:3]))
+    else:
+        return None
+    names = truth.class_names()
+    if names and not set(class_names).intersection(names):
+        raise OptionsError(f"the true boxes name {', '.join(names[:8])}, none of which is a model class "
+                           f"({', '.join(list(class_names)[:8])})")
+    return truth

@@ -14,9 +14,10 @@ import json
 import logging
 import os
 
-from weakloc.models import files, mnist, synthetic
+from weakloc.models import files, groundtruth, mnist, synthetic
 
 from .options import OptionsError
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
@@ -24,32 +25,32 @@ SPLIT_AT = 8000
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc datasets", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc datasets", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
     cm = sub.add_parser("cluttered-mnist", help="the cluttered MNIST benchmark (96x96 canvases)")
     cm.add_argument("--idx_dir", help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
                                       "(default: download through keras.datasets, which needs the internet)")
-    cm.add_argument("--output", required=True)
+    cm.add_argument("--output", required=True, help="folder for the train-*, calib-* and eval-* shards")
     cm.add_argument("--train", type=int, default=16000, help="training canvases")
     cm.add_argument("--eval", type=int, default=2000, help="evaluation canvases")
     cm.add_argument("--calib_per_class", type=int, default=10, help="calibration canvases per digit")
-    cm.add_argument("--size", type=int, default=96)
-    cm.add_argument("--shards", type=int, default=4)
-    cm.add_argument("--seed", type=int, default=0)
+    cm.add_argument("--size", type=int, default=96, help="canvas side, in pixels")
+    cm.add_argument("--shards", type=int, default=4, help="shards per split (calib: 1)")
+    cm.add_argument("--seed", type=int, default=0, help="seed of the canvases")
     ph = sub.add_parser("photos", help="the shared real photos (fruit, kangaroo, raccoon) with VOC boxes")
     ph.add_argument("--root", required=True, help="the photos folder (fruit/, kangaroo/, raccoon/)")
-    ph.add_argument("--output", required=True)
+    ph.add_argument("--output", required=True, help="folder for the train, calib and test shards")
     ph.add_argument("--calib_per_class", type=int, default=5, help="boxed training images set aside per class")
     ph.add_argument("--test_percent", type=float, default=20.0, help="kangaroo/raccoon images held out for test")
-    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--seed", type=int, default=0, help="seed of the kangaroo/raccoon split")
     sh = sub.add_parser("shapes", help="the synthetic shapes set of `weakloc demo`")
-    sh.add_argument("--output", required=True)
-    sh.add_argument("--train", type=int, default=2400)
-    sh.add_argument("--eval", type=int, default=400)
-    sh.add_argument("--calib", type=int, default=40)
-    sh.add_argument("--size", type=int, default=64)
-    sh.add_argument("--shards", type=int, default=2)
-    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--output", required=True, help="folder for the train, calib and eval shards")
+    sh.add_argument("--train", type=int, default=2400, help="training images")
+    sh.add_argument("--eval", type=int, default=400, help="evaluation images")
+    sh.add_argument("--calib", type=int, default=40, help="calibration images")
+    sh.add_argument("--size", type=int, default=64, help="image side, in pixels")
+    sh.add_argument("--shards", type=int, default=2, help="shards per split (calib: 1)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the images")
     return ap
 
 
@@ -91,11 +92,6 @@ def run(argv=None) -> dict:
     doc = {"dataset": args.dataset, "options": vars(args), "splits": made}
     with open(os.path.join(args.output, "dataset.json"), "w") as f:
         json.dump(doc, f, indent=2)
-    for split, info in made.items():
-        if not info["files"]:
-            print(f"{split}: {info['images']} images", flush=True)
-            continue
-        print(f"{split:6s} {info['images']:6d} images  {os.path.join(args.output, split)}-*.tfrecord", flush=True)
     return doc
 
 
@@ -104,6 +100,14 @@ def _write_split(data, directory: str, shards: int, split: str) -> list[str]:
     paths = files.shard_paths(directory, split, shards)
     files.write_tfrecord_shards(synthetic.examples(data, split), paths)
     return paths
+
+
+def render(doc: dict) -> str:
+    """One line per split: images and where its shards are."""
+    out = doc["options"]["output"]
+    return "\n".join(f"{split}: {info['images']} images" if not info["files"] else
+                     f"{split:6s} {info['images']:6d} images  {os.path.join(out, split)}-*.tfrecord"
+                     for split, info in doc["splits"].items())
 
 
 def _voc_pairs(images_dir: str, xml_dir: str) -> list[tuple[str, str]]:
@@ -125,10 +129,16 @@ def photos(args) -> dict:
 
     from weakloc.models import records
 
-    from .evaluate import voc_boxes
-
-    os.makedirs(args.output, exist_ok=True)
     root = args.root
+    expected = [os.path.join(root, *parts) for parts in (("fruit", "train"), ("fruit", "test"), ("kangaroo", "images"),
+                                                          ("kangaroo", "annots"), ("raccoon", "images"),
+                                                          ("raccoon", "annotations"))]
+    missing = [p for p in expected if not os.path.isdir(p)]
+    if missing:
+        raise OptionsError(f"--root {root} is not the photos folder: expected fruit/train, fruit/test, "
+                           f"kangaroo/images+annots and raccoon/images+annotations inside it, missing "
+                           f"{', '.join(os.path.relpath(p, root) for p in missing)}")
+    os.makedirs(args.output, exist_ok=True)
     fruit = os.path.join(root, "fruit")
     splits = {"train": [], "test": []}
     for split in ("train", "test"):
@@ -146,7 +156,7 @@ def photos(args) -> dict:
     for split, pairs in splits.items():
         for img_path, xml_path in pairs:
             with open(xml_path, encoding="utf-8") as f:
-                _, _, _, objs = voc_boxes(f.read())
+                _, _, _, objs = groundtruth.voc_boxes(f.read())
             with open(img_path, "rb") as f:
                 encoded = f.read()
             try:

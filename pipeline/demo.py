@@ -21,19 +21,21 @@ from weakloc.models import files, metrics, refine, sidecar, synthetic, train
 from weakloc.models.cam import CamModel
 from weakloc.models.thresholds import Thresholds
 
+from .args import Parser
+
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc demo", description=__doc__.splitlines()[0])
+    ap = Parser("weakloc demo", description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="weakloc-demo", help="working directory (replaced if it holds a demo)")
-    ap.add_argument("--train_images", type=int, default=2400)
-    ap.add_argument("--eval_images", type=int, default=400)
-    ap.add_argument("--calibration_images", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--image_size", type=int, default=64)
-    ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train_images", type=int, default=2400, help="synthetic images to train on (image-level labels only)")
+    ap.add_argument("--eval_images", type=int, default=400, help="held-out images labelled and scored")
+    ap.add_argument("--calibration_images", type=int, default=40, help="boxed images the threshold and refinement are chosen on")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs")
+    ap.add_argument("--image_size", type=int, default=64, help="side of the square images, in pixels")
+    ap.add_argument("--shards", type=int, default=2, help="TFRecord shards of the held-out images")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     return ap
 
 
@@ -50,7 +52,7 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
     try:
         refiner, report = refine.fit(normed, sweep.best_threshold, truths, valid=valid)
     except refine.RefineError as exc:  # e.g. fewer boxed images than a refinement needs
-        print(f"      no box refinement: {exc}", flush=True)
+        logger.info("      no box refinement: %s", exc)
         return sweep, doc
     if report.helps:  # cross-validated on these images, as `weakloc calibrate --refine_boxes` decides
         doc = dataclasses.replace(doc, box_refine=refiner)
@@ -65,13 +67,13 @@ def run(argv=None) -> dict:
     out_dir = os.path.abspath(args.output)
     size = (args.image_size, args.image_size)
     names = synthetic.SHAPES
-    print(f"[1/5] making synthetic shapes: {args.train_images} train, {args.calibration_images} calibration, "
-          f"{args.eval_images} held-out images ({size[0]}x{size[1]})", flush=True)
+    logger.info("[1/5] making synthetic shapes: %d train, %d calibration, %d held-out images (%dx%d)",
+                args.train_images, args.calibration_images, args.eval_images, *size)
     train_set = synthetic.make_shapes(args.train_images, size=size[0], seed=args.seed)
     calib_set = synthetic.make_shapes(args.calibration_images, size=size[0], seed=args.seed + 1)
     eval_set = synthetic.make_shapes(args.eval_images, size=size[0], seed=args.seed + 2)
 
-    print(f"[2/5] training a small GAP CNN on image-level labels only ({args.epochs} epochs)", flush=True)
+    logger.info("[2/5] training a small GAP CNN on image-level labels only (%d epochs)", args.epochs)
     prep = sidecar.Preprocessing(size, 1.0 / 255.0, 0.0, names)
     keras_model = train.small_gap_cnn(size, len(names), seed=args.seed)
     fit = train.fit_in_memory(keras_model, train_set.images, train_set.labels, prep=prep, epochs=args.epochs,
@@ -84,13 +86,13 @@ def run(argv=None) -> dict:
     with open(sidecar.sidecar_path(model_path), "w") as f:
         json.dump(meta, f, indent=2)
 
-    print("[3/5] choosing the CAM threshold and box refinement on the boxed calibration images", flush=True)
+    logger.info("%s", "[3/5] choosing the CAM threshold and box refinement on the boxed calibration images")
     cam_model = CamModel(keras_model, input_size=size, scale=prep.scale, offset=prep.offset, contrast=True)
     sweep, thresholds = calibrate(cam_model, calib_set)
     with open(os.path.join(model_dir, "shapes.thresholds.json"), "w") as f:
         json.dump(thresholds.to_json(), f, indent=2)
 
-    print("[4/5] labeling the held-out TFRecord shards with the Beam pipeline", flush=True)
+    logger.info("%s", "[4/5] labeling the held-out TFRecord shards with the Beam pipeline")
     shard_dir = os.path.join(out_dir, "shards")
     files.write_tfrecord_shards(synthetic.examples(eval_set, "heldout"), files.shard_paths(shard_dir, "heldout", args.shards))
     labels_dir = os.path.join(out_dir, "labels")
@@ -103,7 +105,7 @@ def run(argv=None) -> dict:
          "--classes", "both", "--overwrite", *beam_args]
     )
 
-    print("[5/5] scoring the boxes against the held-out truth", flush=True)
+    logger.info("%s", "[5/5] scoring the boxes against the held-out truth")
     ev = metrics.evaluate_rows(results.read_table(labels_dir, "annotations").to_pylist(), names)
     score = {"images": ev["images"], "top1": ev["top1"], "gt_known_loc_50": ev["gt_known"][0.5],
              "top1_loc_50": ev["top1_loc"][0.5], "full_image_baseline_50": ev["baselines"]["full_image"]["gt_known"][0.5]}
@@ -117,20 +119,25 @@ def run(argv=None) -> dict:
         "validation_accuracy": fit["val_accuracy"],
         **score,
         "read": counts.get("read"),
+        "annotated": counts.get("annotated"),
+        "calibration_images": args.calibration_images,
         "failed": counts.get("failed"),
         "seconds": round(time.time() - t0, 1),
     }
-    print(
+    return result
+
+
+def render(result: dict) -> str:
+    """What the demo prints at the end (the figures the README quotes)."""
+    return (
         f"\nParquet annotations: {result['annotations']}\n"
         f"Run summary:         {result['summary']}\n"
-        f"Images labelled:     {counts.get('annotated')} of {counts.get('read')} read ({counts.get('failed')} failed)\n"
-        f"Top-1 accuracy:      {score['top1']:.1%}\n"
-        f"Boxes with IoU>=0.5: {score['gt_known_loc_50']:.1%} (box of the true class; "
-        f"{score['top1_loc_50']:.1%} also classified right)\n"
-        f"Full-image baseline: {score['full_image_baseline_50']:.1%} at IoU>=0.5\n"
-        f"CAM threshold:       {sweep.best_threshold:.2f} (contrast CAMs), chosen on {args.calibration_images} boxed "
-        f"images; box refinement {'fitted there too' if result['box_refine'] else 'not kept (no gain)'}\n"
-        f"Wall time:           {result['seconds']} s",
-        flush=True,
+        f"Images labelled:     {result['annotated']} of {result['read']} read ({result['failed']} failed)\n"
+        f"Top-1 accuracy:      {result['top1']:.1%}\n"
+        f"Boxes with IoU>=0.5: {result['gt_known_loc_50']:.1%} (box of the true class; "
+        f"{result['top1_loc_50']:.1%} also classified right)\n"
+        f"Full-image baseline: {result['full_image_baseline_50']:.1%} at IoU>=0.5\n"
+        f"CAM threshold:       {result['threshold']:.2f} (contrast CAMs), chosen on {result['calibration_images']} "
+        f"boxed images; box refinement {'fitted there too' if result['box_refine'] else 'not kept (no gain)'}\n"
+        f"Wall time:           {result['seconds']} s"
     )
-    return result

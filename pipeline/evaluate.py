@@ -15,118 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import posixpath
-import xml.etree.ElementTree as ET
 
 from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import classmap, detection, metrics
 
-from . import inputs, results, storage
+from . import ground_truth, results, storage
+from .args import Parser, annotations_flag, ground_truth_flag
 from .options import OptionsError, read_class_map
 
 logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc evaluate", allow_abbrev=False, description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="output folder of `weakloc label`")
-    ap.add_argument("--ground_truth", action="append",
-                    help="TFRecord pattern, VOC folder (*.xml) or COCO .json; repeatable (default: the boxes the "
-                         "annotation rows carry from their TFRecord inputs)")
+    ap = Parser("weakloc evaluate", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(),
+        ground_truth_flag("true boxes to score the run against", "the boxes the annotation rows carry from their "
+                          "TFRecord inputs")])
     ap.add_argument("--output", help="JSON report (default: <annotations>/evaluation.json)")
     ap.add_argument("--class_map", metavar="FILE",
                     help="JSON or CSV: dataset label -> model class names; boxes and top-1 classes of the model's "
                          "classes are scored as the dataset labels they map to (default: the class map the label "
                          "run used, if any)")
     return ap
-
-
-def voc_boxes(xml_text: str) -> tuple[str, int, int, list[tuple[str, list[float]]]]:
-    """(file name, width, height, [(class name, x0y0x1y1 continuous)]) of one Pascal VOC XML document."""
-    root = ET.fromstring(xml_text)
-    name = (root.findtext("filename") or "").strip()
-    w = int(float(root.findtext("size/width") or 0))
-    h = int(float(root.findtext("size/height") or 0))
-    objs = []
-    for obj in root.iter("object"):
-        bb = obj.find("bndbox")
-        if bb is None:
-            continue
-        x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        objs.append(((obj.findtext("name") or "").strip(), [x0 - 1, y0 - 1, x1, y1]))
-    return name, w, h, objs
-
-
-def load_voc(folder: str) -> dict[str, list[tuple[str, list[float]]]]:
-    """{file base name: [(class, box in pixels)]} from every *.xml under `folder` (recursively)."""
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for fn in files:
-            if fn.endswith(".xml"):
-                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-                    name, _, _, objs = voc_boxes(f.read())
-                # Some VOC files name another extension or nothing useful: fall back to the XML's own stem.
-                out[posixpath.splitext(posixpath.basename(name or fn))[0]] = objs
-                out.setdefault(posixpath.splitext(fn)[0], objs)
-    return out
-
-
-def _stem(path: str) -> str:
-    return posixpath.splitext(posixpath.basename(path))[0]
-
-
-def load_coco(path: str) -> dict[str, list[tuple[str, list[float]]]]:
-    """{file name, and its base-name stem: [(category name, x0y0x1y1)]} from a COCO detection JSON (bbox x, y, w, h).
-
-    Keyed by the full `file_name` (which `weakloc export` sets to the image id when it copies no picture) and by
-    its stem (how a dataset's own COCO file names the pictures weakloc read from disk).
-    """
-    with FileSystems.open(path) as f:
-        doc = json.loads(f.read().decode("utf-8"))
-    cats = {c["id"]: c["name"] for c in doc.get("categories", [])}
-    boxes = {im["id"]: [] for im in doc.get("images", [])}
-    for a in doc.get("annotations", []):
-        x, y, w, h = a["bbox"]
-        boxes[a["image_id"]].append((cats.get(a["category_id"], str(a["category_id"])), [x, y, x + w, y + h]))
-    out = {}
-    for im in doc.get("images", []):
-        out.setdefault(_stem(im["file_name"]), boxes[im["id"]])
-    for im in doc.get("images", []):
-        out[im["file_name"]] = boxes[im["id"]]  # an exact name wins over a stem that happens to equal it
-    return out
-
-
-def attach_ground_truth(rows: list[dict], spec: str, class_names) -> int:
-    """Replace each row's gt_boxes with those from `spec`; returns how many rows found theirs."""
-    index = {n: i for i, n in enumerate(class_names)}
-    if spec.endswith(".json"):
-        by_name, key = load_coco(spec), "file"
-    elif os.path.isdir(spec):
-        by_name, key = load_voc(spec), "file"
-    else:
-        source = inputs.scan([spec], class_names=class_names)
-        by_name, key = {}, "id"
-        for ex in inputs.iterate(source):
-            by_name[ex.image_id] = [(class_names[c] if 0 <= c < len(class_names) else str(c), list(b))
-                                    for c, b in zip(ex.gt_ids, ex.gt_boxes.tolist())]
-    matched = 0
-    for row in rows:
-        if key == "id":
-            k = row["image_id"]
-        else:  # the exact id first, then the picture's file stem
-            k = next((c for c in (row["image_id"], _stem(row["source"])) if c in by_name), None)
-        if k not in by_name:
-            continue
-        matched += 1
-        gts = []
-        for name, b in by_name[k]:
-            if key == "id":  # normalised in TFRecords
-                b = [b[0] * row["width"], b[1] * row["height"], b[2] * row["width"], b[3] * row["height"]]
-            gts.append(dict(class_id=index.get(name, -1), label=name, xmin=b[0], ymin=b[1], xmax=b[2], ymax=b[3]))
-        row["gt_boxes"] = gts
-    return matched
 
 
 def class_map_of(args, summary: dict, class_names) -> "classmap.ClassMap | None":
@@ -203,6 +114,7 @@ def _json_keys(obj):
 def run(argv=None) -> dict:
     args, storage_flags = parser().parse_known_args(argv)
     storage.use_filesystem_flags(storage_flags)  # --s3_endpoint_url, ... as for `weakloc label`
+    results.check_run_folder(args.annotations)
     try:
         summary = results.read_summary(args.annotations)
     except Exception:
@@ -218,8 +130,12 @@ def run(argv=None) -> dict:
     if args.ground_truth:
         for row in rows:
             row["gt_boxes"] = []
-        matched = sum(attach_ground_truth(rows, spec, class_names) for spec in args.ground_truth)
+        truth = ground_truth.load(args.ground_truth, class_names)
+        matched = ground_truth.attach_to_rows(rows, truth, class_names)
         unmatched = len(rows) - matched
+        if not matched:
+            raise OptionsError(f"--ground_truth {args.ground_truth} knows none of the {len(rows)} annotated images "
+                               f"(matched by image id, file name and file stem; e.g. {rows[0]['image_id']!r})")
         if unmatched:
             logger.warning("%d of %d annotated images have no ground truth in %s", unmatched, len(rows),
                            args.ground_truth)
@@ -244,5 +160,23 @@ def run(argv=None) -> dict:
     out = args.output or FileSystems.join(args.annotations.rstrip("/"), "evaluation.json")
     with FileSystems.create(out) as f:
         f.write(json.dumps(_json_keys(ev), indent=2).encode())
-    print(_table(ev) + f"\n\nwritten: {out}", flush=True)
+    ev["written"] = out
     return ev
+
+
+def render(ev: dict) -> str:
+    """What evaluate prints: the table, a plain note when GT-known cannot differ from Top-1, and the file."""
+    text = _table(ev)
+    note = same_as_top1_note(ev)
+    return text + (f"\n{note}" if note else "") + f"\n\nwritten: {ev['written']}"
+
+
+def same_as_top1_note(ev: dict) -> str:
+    """Why GT-known Loc equals Top-1 Loc, when it does because only predicted classes were boxed."""
+    opts = ev.get("label_options") or {}
+    if opts.get("classes") == "predicted" and ev["gt_known"] == ev["top1_loc"]:
+        return ("note: GT-known Loc equals Top-1 Loc here because the run boxed only its predicted classes "
+                f"(label --classes predicted, top_k {opts.get('top_k')}): an image whose true class was not predicted "
+                "has no box of that class. Label with --classes both to measure localisation apart from "
+                "classification.")
+    return ""

@@ -20,8 +20,9 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models import export as fmt
 from weakloc.models import files
 
-from . import results, sources, storage
+from . import ground_truth, results, sources, storage
 from .options import OptionsError
+from .args import Parser, annotations_flag, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ SUMMARY = "export.json"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc export", allow_abbrev=False, description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
-    ap.add_argument("--format", required=True, choices=fmt.FORMATS)
+    ap = Parser("weakloc export", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(), ground_truth_flag("true boxes to export beside the weak ones (coco: ground_truth.json)",
+                                              "the boxes the inputs carried")])
+    ap.add_argument("--format", required=True, choices=fmt.FORMATS, help="what to write")
     ap.add_argument("--output", required=True, help="folder to write (local, gs://, s3://)")
     ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier export")
     flt = ap.add_argument_group("which boxes (the same for every format)")
@@ -44,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
                                          '{"cat": "animal", "bird": null}, or a path to such a JSON file')
     flt.add_argument("--keep_empty", action="store_true", help="also export images left without boxes")
     ap.add_argument("--num_shards", type=int, default=1, help="tfrecord: number of output shards")
+    ap.add_argument("--val_percent", type=float, default=10.0,
+                    help="yolo: share of images in the val split (stable: CRC32 of the image id)")
     ap.add_argument("--copy_images", action="store_true",
                     help="coco, yolo, voc: also copy each picture, re-read from its source, beside the labels "
                          "(images/, or JPEGImages/ for voc); tfrecord always holds them")
@@ -66,6 +70,7 @@ def _class_map_text(value: str) -> str:
 
 def load(annotations: str) -> tuple[list[dict], list[str], dict]:
     """Rows, the model's class names and the run summary of a labelling output folder."""
+    results.check_run_folder(annotations)
     table = results.read_table(annotations, "annotations")
     try:
         summary = results.read_summary(annotations)
@@ -92,22 +97,26 @@ def _write_coco(es: fmt.ExportSet, out: str) -> list[str]:
     return list(files)
 
 
-def _write_yolo(es: fmt.ExportSet, out: str) -> list[str]:
+def _write_yolo(es: fmt.ExportSet, out: str, stems: dict, val_percent: float) -> list[str]:
     written = ["data.yaml", "images.txt"]
     root = out if "://" in out else os.path.abspath(out)
     _write(FileSystems.join(out, "data.yaml"), fmt.yolo_data_yaml(es.categories, root).encode())
     index = []
     for im in es.images:
-        stem = fmt.safe_stem(im.image_id)
-        _write(FileSystems.join(out, "labels", stem + ".txt"), fmt.yolo_lines(im).encode())
-        index.append({"stem": stem, "image_id": im.image_id, "source": im.source})
+        split = fmt.yolo_split(im.image_id, val_percent)
+        _write(FileSystems.join(out, "labels", split, stems[im.image_id] + ".txt"), fmt.yolo_lines(im).encode())
+        index.append({"stem": stems[im.image_id], "split": split, "image_id": im.image_id, "source": im.source})
     _write(FileSystems.join(out, "images.txt"), "".join(json.dumps(r) + "\n" for r in index).encode())
-    return written + [f"labels/ ({len(index)} files)"]
+    n_val = sum(r["split"] == "val" for r in index)
+    if index and n_val in (0, len(index)):
+        logger.warning("YOLO split: %d of %d images in val (--val_percent %g); Ultralytics needs both splits",
+                       n_val, len(index), val_percent)
+    return written + [f"labels/train/ ({len(index) - n_val} files)", f"labels/val/ ({n_val} files)"]
 
 
-def _write_voc(es: fmt.ExportSet, out: str) -> list[str]:
+def _write_voc(es: fmt.ExportSet, out: str, stems: dict) -> list[str]:
     for im in es.images:
-        stem = fmt.safe_stem(im.image_id)
+        stem = stems[im.image_id]
         filename = posixpath.basename(im.file_name) if im.file_name else \
             stem + (fmt.image_extension(im.image_id) or ".jpg")
         _write(FileSystems.join(out, "Annotations", stem + ".xml"), fmt.voc_xml(im, filename))
@@ -119,7 +128,7 @@ def _write_voc(es: fmt.ExportSet, out: str) -> list[str]:
 IMAGE_FOLDERS = {"coco": "images", "yolo": "images", "voc": "JPEGImages"}
 
 
-def _copy_images(es: fmt.ExportSet, out: str, folder: str, counts: dict) -> list[str]:
+def _copy_images(es: fmt.ExportSet, out: str, folder, counts: dict, stems: dict) -> list[str]:
     """Copy each image's original bytes to `folder/<stem><ext>`; images whose source cannot be read leave the
     export (labels without their picture would mislead a trainer) and are listed in counts."""
     by_source = {im.source: im for im in es.images}
@@ -131,12 +140,13 @@ def _copy_images(es: fmt.ExportSet, out: str, folder: str, counts: dict) -> list
             logger.warning("left out of the export (no image bytes): %s", reason)
             continue
         ext = fmt.sniff_format(data)[1] or fmt.image_extension(im.image_id) or ".img"
-        im.file_name = f"{folder}/{fmt.safe_stem(im.image_id)}{ext}"
+        where = folder(im) if callable(folder) else folder
+        im.file_name = f"{where}/{stems[im.image_id]}{ext}"
         _write(FileSystems.join(out, im.file_name), data)
     es.images = [im for im in es.images if im.file_name]
     counts["images_copied"] = len(es.images)
     counts["images_without_bytes"] = missing
-    return [f"{folder}/ ({len(es.images)} files)"]
+    return [f"{folder if isinstance(folder, str) else 'images/<split>'}/ ({len(es.images)} files)"]
 
 
 def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) -> list[str]:
@@ -170,7 +180,14 @@ def run(argv: Optional[list[str]] = None) -> dict:
     if FileSystems.exists(FileSystems.join(out, SUMMARY)) and not args.overwrite:
         raise OptionsError(f"--output {out} already holds an export ({SUMMARY}); pass --overwrite or choose "
                            "a new folder")
+    if not 0 <= args.val_percent < 100:
+        raise OptionsError(f"--val_percent must be within [0, 100), got {args.val_percent}")
     rows, class_names, summary = load(args.annotations)
+    if args.ground_truth:
+        for r in rows:
+            r["gt_boxes"] = []
+        matched = ground_truth.attach_to_rows(rows, ground_truth.load(args.ground_truth, class_names), class_names)
+        logger.info("--ground_truth: true boxes for %d of %d images", matched, len(rows))
     class_map = fmt.parse_class_map(_class_map_text(args.class_map), class_names) if args.class_map else {}
     flt = fmt.ExportFilter(min_score=args.min_score, min_cam_score=args.min_cam_score, min_side=args.min_side,
                            min_area=args.min_area, max_area=args.max_area, class_map=class_map,
@@ -178,20 +195,29 @@ def run(argv: Optional[list[str]] = None) -> dict:
     es = fmt.select(rows, class_names, flt)
     counts = dict(es.counts)
     files = []
+    stems = fmt.export_stems(es.images)
     if args.copy_images and args.format != "tfrecord":
-        files = _copy_images(es, out, IMAGE_FOLDERS[args.format], counts)
+        folder = IMAGE_FOLDERS[args.format]
+        if args.format == "yolo":  # images/train or images/val, beside labels/train or labels/val
+            folder = lambda im: f"images/{fmt.yolo_split(im.image_id, args.val_percent)}"  # noqa: E731
+        files = _copy_images(es, out, folder, counts, stems)
     if args.format == "coco":
         files += _write_coco(es, out)
     elif args.format == "yolo":
-        files += _write_yolo(es, out)
+        files += _write_yolo(es, out, stems, args.val_percent)
     elif args.format == "voc":
-        files += _write_voc(es, out)
+        files += _write_voc(es, out, stems)
     else:
         files += _write_tfrecord(es, out, args.num_shards, counts)
-    doc = {"format": args.format, "annotations": args.annotations, "model": summary.get("model", {}).get("name"),
+    doc = {"format": args.format, "output": out, "annotations": args.annotations,
+           "model": summary.get("model", {}).get("name"),
            "categories": es.categories, "filter": flt.to_json(), "counts": counts, "files": files,
            "seconds": round(time.time() - t0, 2)}
     _write(FileSystems.join(out, SUMMARY), json.dumps(doc, indent=2).encode())
-    logger.info("exported %d images, %d boxes (%d dropped) as %s to %s", counts["images_out"], counts["boxes_out"],
-                counts["boxes_in"] - counts["boxes_out"], args.format, out)
     return doc
+
+
+def render(doc: dict) -> str:
+    c = doc["counts"]
+    return (f"exported {c['images_out']} images, {c['boxes_out']} boxes ({c['boxes_in'] - c['boxes_out']} dropped) as "
+            f"{doc['format']} to {doc['output']}: " + ", ".join(doc["files"]))

@@ -28,6 +28,7 @@ from weakloc.transforms.write import WriteOutputs, publish_json
 
 from . import engine, options, results
 from .progress import Progress, steady_throughput, weakloc_metrics
+from .args import Parser
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,9 @@ def build(p: beam.Pipeline, config: options.LabelConfig):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="weakloc label",
-        # No prefix matching: Beam's --labels would be taken for --labels_from_folder, --top for --top_k.
-        allow_abbrev=False,
+    ap = Parser(
+        # No prefix matching (Parser's rule): Beam's --labels would be taken for --labels_from_folder.
+        "weakloc label",
         description="Label images with CAM boxes. Flags not listed here are Beam pipeline options "
         "(--runner, --direct_num_workers, --project, --region, --temp_location, --setup_file, ...).",
     )
@@ -130,8 +130,9 @@ def _workers_in_this_process(pipeline_options: PipelineOptions) -> bool:
 
 def prepare(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
     """Parse, validate and build; returns (config, pipeline) ready to run."""
-    args, beam_args = parser().parse_known_args(argv)
-    options.check_beam_args(beam_args)
+    ap = parser()
+    args, beam_args = ap.parse_known_args(argv)
+    options.check_beam_args(beam_args, known=ap.option_strings())
     pipeline_options = PipelineOptions(beam_args)
     # Launch-time checks read s3:// (endpoint, credentials) and gs:// with the job's own filesystem options.
     FileSystems.set_options(pipeline_options)
@@ -206,10 +207,11 @@ def run(
       progress_stream: where the live progress line goes (default standard error).
     """
     config, p = prepare(argv, test_pipeline)
+    allow_empty = "--allow_empty" in (argv or [])
     # Around p.run() itself: the local runner only returns from it when the job is over.
     result = None
     try:
-        with Progress(progress_stream) as shown:
+        with Progress(progress_stream, total=_known_total(config)) as shown:
             result = p.run()
             shown.attach(result)
             result.wait_until_finish()
@@ -238,4 +240,41 @@ def run(
             logger.info("steady loop: %.1f images/s over %d images (first batch done %.1f s after the job was built)",
                         rate["steady_images_per_s"], rate["steady_images"], rate["first_batch_done_s"])
         publish_json(FileSystems.join(config.output.rstrip("/"), results.METRICS), doc)
-    return results.read_summary(config.output)
+    summary = results.read_summary(config.output)
+    why = results.emptiness(summary)
+    if why and not allow_empty:
+        raise results.EmptyRunError(why, render(summary))
+    return summary
+
+
+def _known_total(config: options.LabelConfig) -> Optional[int]:
+    """Inputs to do, where the listing says it (one image per file); None for TFRecords (records uncounted)."""
+    if config.input_format != "images":
+        return None
+    try:
+        return len({m.path for pattern in config.inputs for m in FileSystems.match([pattern])[0].metadata_list})
+    except Exception:
+        return None
+
+
+def render(summary: dict) -> str:
+    """The end-of-run summary `weakloc label` prints: rows, failures, boxes per class, and where they are."""
+    counts = summary.get("counts") or {}
+    out = summary.get("output", "")
+    files = summary.get("files") or {}
+    per_class = counts.get("boxes_per_class") or {}
+    top = sorted(per_class.items(), key=lambda kv: (-kv[1], kv[0]))
+    classes = ", ".join(f"{k} {v}" for k, v in top[:12]) + (f", ... ({len(top)} classes)" if len(top) > 12 else "")
+    failed = counts.get("failed", 0)
+    stages = ", ".join(f"{k} {v}" for k, v in sorted((counts.get("failed_by_stage") or {}).items()))
+    lines = [
+        f"images read:     {counts.get('read', 0)}"
+        + (f" ({counts['skipped_labeled']} skipped, labelled before)" if counts.get("skipped_labeled") else ""),
+        f"annotated rows:  {counts.get('annotated', 0)}",
+        f"failures:        {failed}" + (f" ({stages})" if failed else ""),
+        f"boxes:           {counts.get('boxes', 0)}" + (f" ({classes})" if classes else ""),
+        f"annotations:     {len(files.get('annotations') or [])} Parquet files in {out}",
+        f"failures table:  {len(files.get('failures') or [])} Parquet files in {out}",
+        f"summary:         {FileSystems.join(out.rstrip('/'), 'summary.json') if out else '?'}",
+    ]
+    return "\n".join(lines)

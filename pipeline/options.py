@@ -11,12 +11,12 @@ import functools
 import logging
 import posixpath
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options import pipeline_options as beam_options
 
-from weakloc.models import annotate, cam, classmap, defaults, files, opening, sidecar, zoo
+from weakloc.models import annotate, cam, classmap, defaults, files, groundtruth, opening, sidecar, zoo
 from weakloc.models import boxes as boxlib
 from weakloc.models.cam import CamMethod
 from weakloc.models.thresholds import Thresholds, ThresholdsError, parse_stretch
@@ -83,6 +83,8 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
                          "(1 for 1-based TF Object Detection label maps); texts that name a class win")
     io.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
     io.add_argument("--overwrite", action="store_true", help="replace weakloc files already in --output")
+    io.add_argument("--allow_empty", action="store_true",
+                    help="exit 0 even when every input failed or no image got a box (default: exit 1, saying why)")
     io.add_argument("--skip_labeled", nargs="+", action="extend", default=[], metavar="PREVIOUS_OUTPUT",
                     help="earlier weakloc output directories: inputs whose image id one of them annotated are "
                          "skipped (counted in the summary), so a nightly run labels only what is new")
@@ -346,6 +348,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
 
     opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast,
                                   tta_scales=coloc_options.parse_scales(args.tta_scales))
+    if folder_labels:
+        warn_folder_labels(args, opened.spec.class_names)
     cmap = read_class_map(args, opened.spec.class_names)
     if cmap is not None:
         check_input_labels(args, cmap)
@@ -416,6 +420,15 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, bool]:
         if not FileSystems.match([pattern])[0].metadata_list:
             raise OptionsError(f"--input {pattern!r} matches no file")
     return input_layout(args.input, args.input_format, args.labels_from_folder)
+
+
+def warn_folder_labels(args: argparse.Namespace, class_names) -> None:
+    """Labels from parent folders that name no model class (kangaroo/images/*.jpg): say so at launch."""
+    folders = {posixpath.basename(posixpath.dirname(m.path))
+               for pattern in args.input for m in FileSystems.match([pattern])[0].metadata_list}
+    problem = groundtruth.folder_label_problem(folders, class_names)
+    if problem:
+        logger.warning("%s%s", problem, "; --classes labels will box nothing" if args.classes == "labels" else "")
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -594,8 +607,9 @@ def check_input_labels(args: argparse.Namespace, cmap: classmap.ClassMap) -> Non
         raise OptionsError(f"--class_map {args.class_map}: {exc}") from None
 
 
-def check_beam_args(beam_args: list[str]) -> None:
-    """Refuse flags that neither weakloc nor any Beam PipelineOptions class knows (Beam would drop them)."""
+def check_beam_args(beam_args: list[str], known: Sequence[str] = ()) -> None:
+    """Refuse flags that neither weakloc nor any Beam PipelineOptions class knows (Beam would drop them);
+    `known` (weakloc's own flags) joins Beam's for the "did you mean"."""
     parser = beam_options._BeamArgumentParser(allow_abbrev=False)  # the parser Beam itself builds
     seen = set()
     for cls in beam_options.PipelineOptions.__subclasses__():
@@ -605,7 +619,10 @@ def check_beam_args(beam_args: list[str]) -> None:
     _, unknown = parser.parse_known_args(beam_args)
     flags = [u for u in unknown if u.startswith("-")]
     if flags:
-        raise OptionsError(f"unrecognised options {flags}: neither a weakloc flag nor a Beam pipeline option")
+        from .args import unrecognised
+
+        choices = list(known) + [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        raise OptionsError(f"{unrecognised(flags, choices)}: neither a weakloc flag nor a Beam pipeline option")
     if unknown:
         # Typically an unquoted glob the shell expanded: only its first file would reach --input.
         raise OptionsError(

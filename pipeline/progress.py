@@ -86,7 +86,9 @@ class Progress:
     running, so its metrics can be polled. Prints a final line when stopped if anything was counted.
     """
 
-    def __init__(self, stream: Optional[TextIO] = None, *, interval: Optional[float] = None):
+    def __init__(self, stream: Optional[TextIO] = None, *, interval: Optional[float] = None,
+                 total: Optional[int] = None):
+        self.total = total  # inputs to do, where known (image files): the line shows a share and an ETA
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
@@ -115,6 +117,8 @@ class Progress:
         return done + failed, failed
 
     def line(self, done: int, failed: int, elapsed: float) -> str:
+        if self.total:
+            return f"weakloc: images {eta_text(done, self.total, elapsed)}, {failed} failed, {elapsed:.0f} s"
         rate = done / elapsed if elapsed > 0 else 0.0
         return f"weakloc: {done} images done, {failed} failed, {rate:.1f} images/s, {elapsed:.0f} s"
 
@@ -127,7 +131,7 @@ class Progress:
             self.stream.write("\r" + text + ("\n" if final else ""))
             self.stream.flush()
         elif final or (done, failed) != self._last:
-            logger.info("%s", text)
+            logger.info("%s", text.removeprefix("weakloc: "))
         self._last = (done, failed)
 
     def _loop(self) -> None:
@@ -147,3 +151,30 @@ class Progress:
         self._thread.join()
         if exc_info[0] is None:
             self._report(final=True)
+
+
+def eta_text(done: int, total: Optional[int], elapsed: float) -> str:
+    """'120/300 (40%), 12.0/s, ETA 15 s' where the total is known, else '120, 12.0/s'."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if not total:
+        return f"{done}, {rate:.1f}/s"
+    eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+    return f"{done}/{total} ({done / total:.0%}), {rate:.1f}/s{eta}"
+
+
+def counted(items, total: Optional[int], what: str, *, interval: float = 10.0):
+    """Pass `items` through, logging `what: done/total, rate, ETA` every `interval` seconds and once at the end.
+
+    For the long loops outside Beam (calibrate, evaluate, export, report): the user sees the work move.
+    """
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            logger.info("%s: %s", what, eta_text(done, total, now - start))
+    if done and time.monotonic() - start >= interval:
+        logger.info("%s: %s, done", what, eta_text(done, total, time.monotonic() - start))

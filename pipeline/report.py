@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import html
 import json
 import logging
 import os
@@ -20,11 +19,15 @@ import time
 from typing import Optional
 
 
-from weakloc.models import visualize as viz
-from weakloc.models.export import safe_stem
+from apache_beam.io.filesystems import FileSystems
 
-from . import results, sources
+from weakloc.models import metrics
+from weakloc.models import visualize as viz
+from weakloc.models.export import common_root, relative_id, safe_stem
+
+from . import ground_truth, progress, results, sources
 from .options import OptionsError
+from .args import Parser, annotations_flag, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,11 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-total', String(imgs.length));
   document.body.setAttribute('data-images-broken', String(broken));
   document.body.setAttribute('data-errors', String(weaklocErrors));
+  var tops = [], heads = document.querySelectorAll('h2[id]');
+  for (var j = 0; j < heads.length; j++) {
+    tops.push(heads[j].id + ':' + Math.round(heads[j].getBoundingClientRect().top + window.scrollY));
+  }
+  document.body.setAttribute('data-section-tops', tops.join(','));
   if (broken) {
     var note = document.getElementById('broken-note');
     note.textContent = broken + ' of ' + imgs.length + ' pictures failed to load: is the report folder complete?';
@@ -58,9 +66,10 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; backgro
 h1 { margin-top: 0; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: .2em .5em; }
 th { background: #eee; text-align: left; } td.num { text-align: right; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; width: 264px; }
-figure img { max-width: 256px; border: 1px solid #999; display: block; }
-figcaption { font-size: 12px; word-break: break-all; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; max-width: 660px; }
+figure img { border: 1px solid #999; display: block; cursor: zoom-in; }
+figcaption { font-size: 12px; word-break: break-word; max-width: 330px; }
+details summary { cursor: pointer; font-weight: bold; }
 .note { background: #fff3cd; border: 1px solid #e0c36b; padding: .5em .8em; }
 .broken { outline: 3px solid red; } pre { background: #f0f0f0; padding: .8em; overflow-x: auto; }
 .plots img { margin-right: 10px; border: 1px solid #ddd; }
@@ -68,12 +77,14 @@ figcaption { font-size: 12px; word-break: break-all; }
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc report", allow_abbrev=False, description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", required=True, help="a `weakloc label` --output folder (local, gs://, s3://)")
+    ap = Parser("weakloc report", description=__doc__.splitlines()[0], parents=[
+        annotations_flag(), ground_truth_flag("true boxes to draw and score the run against",
+                                              "the boxes the inputs carried, and the figures of the run's evaluation.json if any")])
     ap.add_argument("--output", required=True, help="local folder for index.html, its pictures and the sheet")
     ap.add_argument("--per_class", type=int, default=6, help="sampled images per class")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-class sample")
-    ap.add_argument("--max_side", type=int, default=256, help="longest side of a thumbnail, in pixels")
+    ap.add_argument("--max_side", type=int, default=320, help="longest side of a thumbnail, in pixels")
+    ap.add_argument("--zoom_side", type=int, default=960, help="longest side of the picture a click opens")
     ap.add_argument("--max_failures", type=int, default=200, help="failure rows listed (all are counted)")
     ap.add_argument("--overwrite", action="store_true", help="write into a folder that holds an earlier report")
     return ap
@@ -101,13 +112,16 @@ def _cam_for(row: dict, class_id: int):
 
 
 def _tile(row: dict, label: str, data: Optional[bytes], why: Optional[str], class_index: dict, max_side: int):
-    """The picture of one sampled (row, class): CAM overlay of that class if known, then all boxes."""
+    """The picture of one sampled (row, class): CAM overlay of that class if known, the true boxes (thin white) and
+    every weak box; beside it, at half size, the CAM of each other boxed class with that class's boxes.
+
+    Returns (picture, whether a CAM was overlaid, panels beside the main one)."""
     if data is None:
-        return viz.placeholder((max_side, max_side * 3 // 4), f"image unavailable\n{(why or '')[:200]}"), False
+        return viz.placeholder((max_side, max_side * 3 // 4), f"image unavailable\n{(why or '')[:200]}"), False, 0
     try:
         img = viz.open_rgb(data)
     except Exception as exc:
-        return viz.placeholder((max_side, max_side * 3 // 4), f"cannot decode: {type(exc).__name__}"), False
+        return viz.placeholder((max_side, max_side * 3 // 4), f"cannot decode: {type(exc).__name__}"), False, 0
     # The picture may differ in size from the row (a replaced file): scale boxes by the row's own size.
     small, _ = viz.fit(img, max_side, upscale=True)
     scale = small.width / float(row["width"] or small.width)
@@ -117,26 +131,121 @@ def _tile(row: dict, label: str, data: Optional[bytes], why: Optional[str], clas
         cam = _cam_for(row, shown["class_id"])
         if cam is not None:
             small, overlaid = viz.cam_overlay(small, cam), True
-    # Boxes the input carried (ground truth) in thin white under the weak boxes, for comparison by eye.
     truth = [dict(g, color=(255, 255, 255)) for g in row.get("gt_boxes") or []]
-    boxes = [dict(b, color=viz.color(class_index.get(b["label"], 0)), caption=f"{b['label']} {b['score']:.2f}")
-             for b in row["boxes"] or []]
-    small = viz.draw_boxes(small, truth, scale=scale, width=1, captions=False)
-    return viz.draw_boxes(small, boxes, scale=scale), overlaid
+
+    def weak(boxes):
+        return [dict(b, color=viz.color(class_index.get(b["label"], 0)), caption=f"{b['label']} {b['score']:.2f}")
+                for b in boxes]
+
+    main = viz.draw_boxes(viz.draw_boxes(small, truth, scale=scale, width=1, captions=False), weak(row["boxes"] or []),
+                          scale=scale)
+    panels = [(main, "")]
+    others = dict.fromkeys(b["class_id"] for b in row["boxes"] or [] if b["label"] != label)
+    half, _ = viz.fit(img, max(16, max_side // 2), upscale=True)
+    for cid in others:
+        cam = _cam_for(row, cid)
+        if cam is None:
+            continue
+        mine = [b for b in row["boxes"] if b["class_id"] == cid]
+        panel = viz.draw_boxes(viz.cam_overlay(half, cam), weak(mine), scale=half.width / float(row["width"] or 1))
+        panels.append((panel, f"CAM {mine[0]['label']}"))
+    return (viz.strip(panels) if len(panels) > 1 else main), overlaid, len(panels) - 1
 
 
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td class=\"num\">{html.escape(str(v))}</td>" if i in numeric
-                         else f"<td>{html.escape(str(v))}</td>" for i, v in enumerate(r)) + "</tr>"
-        for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html")
 
 
-def _img(src: str, alt: str, width: Optional[int] = None) -> str:
-    w = f' width="{width}"' if width else ""
-    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{w}>'
+def short_captions(rows: list[dict]) -> dict[str, str]:
+    """image id -> a short caption: image files relative to the folder all the run's files share (as export names
+    them), record ids as they are; anything over 48 characters keeps its tail."""
+    root = common_root([(r["image_id"], r["source"]) for r in rows])
+    out = {}
+    for r in rows:
+        text = relative_id(r["image_id"], root)
+        out[r["image_id"]] = text if len(text) <= 48 else "..." + text[-45:]
+    return out
+
+
+def attach_truth(rows: list[dict], specs, class_names) -> int:
+    """--ground_truth: each row's true boxes from VOC/COCO/TFRecords (as evaluate does); returns rows matched."""
+    for r in rows:
+        r["gt_boxes"] = []
+    matched = ground_truth.attach_to_rows(rows, ground_truth.load(specs, class_names), class_names)
+    if not matched:
+        raise OptionsError(f"--ground_truth {specs} knows none of the {len(rows)} annotated images (matched by "
+                           "image id, file name and file stem)")
+    return matched
+
+
+def evaluation_view(rows: list[dict], class_names, source: str, annotations: str, label_options: dict):
+    """The evaluation table shown on the page: from the rows' true boxes, else the run's evaluation.json."""
+    known = [dict(r, gt_boxes=[g for g in r["gt_boxes"] or [] if g["class_id"] >= 0]) for r in rows]
+    try:
+        ev = metrics.evaluate_rows(known, class_names)
+    except ValueError:
+        ev = _read_evaluation(annotations)
+        if ev is None:
+            return None
+        source = f"{annotations}/evaluation.json"
+        ev = {k: ({float(a): b for a, b in v.items()} if isinstance(v, dict) and k in ("gt_known", "top1_loc")
+                  else v) for k, v in ev.items()}
+        for base in ev.get("baselines", {}).values():
+            base["gt_known"] = {float(a): b for a, b in base["gt_known"].items()}
+        for pc in ev.get("per_class", {}).values():
+            pc["corloc"] = {float(a): b for a, b in pc["corloc"].items()}
+    levels = sorted(ev["gt_known"])
+    pct = "{:.1%}".format
+    rows_out = [["GT-known Loc (weakloc)", *(pct(ev["gt_known"][lv]) for lv in levels)],
+                ["Top-1 Loc (weakloc)", *(pct(ev["top1_loc"][lv]) for lv in levels)],
+                ["GT-known Loc, full-image box", *(pct(ev["baselines"]["full_image"]["gt_known"][lv]) for lv in levels)],
+                ["GT-known Loc, centred median box",
+                 *(pct(ev["baselines"]["centred_median"]["gt_known"][lv]) for lv in levels)]]
+    class_rows = [[n, pc["pairs"], *(pct(pc["corloc"][lv]) for lv in levels), f"{pc['mean_iou']:.3f}"]
+                  for n, pc in ev["per_class"].items()]
+    from .evaluate import same_as_top1_note
+
+    return {"source": source, "images": ev["images"], "pairs": ev["pairs"], "top1": pct(ev["top1"]),
+            "header": ["", *(f"IoU >= {lv:g}" for lv in levels)], "rows": rows_out,
+            "numeric": tuple(range(1, len(levels) + 1)),
+            "class_header": ["class", "pairs", *(f"CorLoc @{lv:g}" for lv in levels), "mean IoU"],
+            "class_rows": class_rows, "class_numeric": tuple(range(1, len(levels) + 3)),
+            "note": same_as_top1_note(dict(ev, label_options=label_options))}
+
+
+def _read_evaluation(annotations: str):
+    path = FileSystems.join(annotations.rstrip("/"), "evaluation.json")
+    try:
+        if FileSystems.exists(path):
+            with FileSystems.open(path) as f:
+                return json.loads(f.read().decode("utf-8"))
+    except Exception as exc:
+        logger.warning("cannot read %s: %s", path, exc)
+    return None
+
+
+def ranked_views(rows: list[dict], per_section: int) -> list[tuple[str, str, str, list[dict], int]]:
+    """(anchor, title, note, rows, total) of the sorted sections: worst IoU and misclassified (with true boxes),
+    lowest score (always)."""
+    out = []
+    judged = [r for r in rows if r.get("_iou")]
+    if judged:
+        worst = sorted(judged, key=lambda r: (min(r["_iou"].values()), r["image_id"]))
+        out.append(("worst-iou", "Worst IoU", "Images whose weakloc box overlaps its true box least (the lowest IoU "
+                    "over the image's true classes), worst first.", worst[:per_section], len(worst)))
+        wrong = [r for r in judged if (r["classes"][0]["class_id"] if r.get("classes") else -1) not in r["_iou"]]
+        wrong.sort(key=lambda r: (-(r["classes"][0]["score"] if r.get("classes") else 0.0), r["image_id"]))
+        out.append(("misclassified", "Misclassified", "Images whose top-1 class is none of their true classes, most "
+                    "confident first.", wrong[:per_section], len(wrong)))
+    scored = [r for r in rows if r["boxes"]]
+    scored.sort(key=lambda r: (max(b["score"] for b in r["boxes"]), r["image_id"]))
+    out.append(("lowest-score", "Lowest score", "Images whose best box has the lowest class probability, lowest "
+                "first.", scored[:per_section], len(scored)))
+    return out
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
@@ -151,6 +260,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     if os.path.exists(os.path.join(out, "index.html")) and not args.overwrite:
         raise OptionsError(f"--output {out} already holds a report (index.html); pass --overwrite or choose a "
                            "new folder")
+    results.check_run_folder(args.annotations)
     table = results.read_table(args.annotations, "annotations")
     failures = results.read_table(args.annotations, "failures").to_pylist()
     try:
@@ -169,38 +279,61 @@ def run(argv: Optional[list[str]] = None) -> dict:
     class_names = list(summary.get("model", {}).get("class_names") or
                        sorted({b["label"] for r in rows for b in r["boxes"] or []}))
     class_index = {n: i for i, n in enumerate(class_names)}
+    truth_source = "the true boxes the inputs carried"
+    if args.ground_truth:
+        attach_truth(rows, args.ground_truth, class_names)
+        truth_source = ", ".join(args.ground_truth)
+    for r in rows:
+        r["_iou"] = metrics.image_ious(dict(r, gt_boxes=[g for g in r["gt_boxes"] or [] if g["class_id"] >= 0]))
+    has_truth = any(r["gt_boxes"] for r in rows)
+    evaluation = evaluation_view(rows, class_names, truth_source, args.annotations, summary.get("options", {}))
     boxes = [b for r in rows for b in r["boxes"] or []]
     per_class = collections.Counter(b["label"] for b in boxes)
     images_per_class = collections.Counter(lbl for r in rows for lbl in {b["label"] for b in r["boxes"] or []})
+    captions = short_captions(rows)
 
-    # Pictures: each sampled image is read once, whatever the number of classes it is shown under.
+    # Pictures: each sampled image is read once, whatever the number of sections it is shown in.
     sample = sample_per_class(rows, args.per_class, args.seed)
-    needed = {r["source"] for group in sample.values() for r in group}
-    fetched = {s: (data, why) for s, data, why in sources.iter_image_bytes(sorted(needed))}
+    ranked = ranked_views(rows, args.per_class)
+    needed = {r["source"] for group in sample.values() for r in group} | {r["source"] for v in ranked for r in v[3]}
+    fetched = {s: (data, why) for s, data, why in
+               sources.iter_image_bytes(progress.counted(sorted(needed), len(needed), "report: pictures read"))}
     if has_cams:
         cams = table.column("cams")
-        for group in sample.values():
-            for r in group:
+        for r in rows:
+            if r["source"] in needed:
                 r.setdefault("cams", cams[r["_row"]].as_py())
-    tiles, sections, unavailable, overlays = [], [], 0, 0
-    for label, group in sample.items():
-        figures = []
-        for r in group:
-            data, why = fetched.get(r["source"], (None, "not read"))
-            unavailable += data is None
-            pic, overlaid = _tile(r, label, data, why, class_index, args.max_side)
-            overlays += overlaid
-            name = f"images/{safe_stem(r['image_id'])}-{safe_stem(label)}.png"
+    tiles, counters = [], {"unavailable": 0, "overlays": 0}
+
+    def figure(r, label, prefix):
+        data, why = fetched.get(r["source"], (None, "not read"))
+        counters["unavailable"] += data is None
+        pic, overlaid, extra = _tile(r, label, data, why, class_index, args.zoom_side)
+        counters["overlays"] += overlaid
+        stem = f"{prefix}{safe_stem(r['image_id'])}-{safe_stem(label)}"
+        # The main picture keeps --max_side however many CAM panels sit beside it (each half as large).
+        thumb, _ = viz.fit(pic, round(args.max_side * (1 + 0.5 * extra)), upscale=True)
+        for name, img in ((f"images/{stem}.jpg", thumb), (f"images/{stem}-zoom.jpg", pic)):
             with open(os.path.join(out, name), "wb") as f:
-                f.write(viz.png_bytes(pic))
-            tiles.append((pic, f"{label}: {r['image_id']}"))
-            scores = ", ".join(f"{b['label']} {b['score']:.2f}" for b in r["boxes"] or []) or "no box"
-            figures.append(f"<figure>{_img(name, r['image_id'])}<figcaption><b>{html.escape(r['image_id'])}</b>"
-                           f"<br>{r['width']}x{r['height']} · {html.escape(scores)}"
-                           f"{' · CAM overlay' if overlaid else ''}</figcaption></figure>")
+                f.write(viz.jpeg_bytes(img))
+        if not prefix:
+            tiles.append((thumb, f"{label}: {captions[r['image_id']]}"))
+        scores = ", ".join(f"{b['label']} {b['score']:.2f}" for b in r["boxes"] or []) or "no box"
+        iou = "" if not r["_iou"] else " · IoU " + ", ".join(
+            f"{class_names[c] if 0 <= c < len(class_names) else c} {v:.2f}" for c, v in sorted(r["_iou"].items()))
+        return {"src": f"images/{stem}.jpg", "zoom": f"images/{stem}-zoom.jpg", "alt": r["image_id"],
+                "title": captions[r["image_id"]], "line": f"{r['width']}x{r['height']} · {scores}{iou}",
+                "overlaid": overlaid}
+
+    sections = []
+    for label, group in sample.items():
         count = per_class.get(label, sum(1 for r in rows if not r["boxes"]))
-        sections.append(f"<h3>{html.escape(label)} <small>({len(group)} of {images_per_class.get(label, count)} "
-                        f"images)</small></h3><div class=\"grid\">{''.join(figures)}</div>")
+        sections.append({"label": label, "total": images_per_class.get(label, count),
+                         "figures": [figure(r, label, "") for r in group]})
+    ranked_out = []
+    for anchor, title, note, group, total in ranked:
+        figs = [figure(r, (r["boxes"][0]["label"] if r["boxes"] else NO_BOX), f"{anchor}-") for r in group]
+        ranked_out.append({"anchor": anchor, "title": title, "note": note, "figures": figs, "total": total})
 
     sheet = viz.contact_sheet(tiles) if tiles else viz.placeholder((320, 80), "no images")
     sheet.save(os.path.join(out, "contact_sheet.png"))
@@ -221,70 +354,38 @@ def run(argv: Optional[list[str]] = None) -> dict:
             f.write(data)
 
     counts = summary.get("counts", {})
-    cam_note = ("CAM overlays come from the run's <code>cams</code> column." if has_cams else
-                "<b>This run has no CAMs</b> (it was labelled without <code>--emit_cams</code>): pictures show "
-                "the boxes only. Label with <code>--emit_cams</code> to see the heat maps.")
-    missing_note = (f"<p class=\"note\">{unavailable} sampled pictures could not be read from their source and show "
-                    "a grey tile instead.</p>" if unavailable else "")
+    cam_note = ("CAM overlays come from the run's cams column; beside the picture, the CAM of each other boxed "
+                "class." if has_cams else
+                "This run has no CAMs (it was labelled without --emit_cams): pictures show the boxes only. Label "
+                "with --emit_cams to see the heat maps.")
     class_rows = [[n, per_class.get(n, 0), images_per_class.get(n, 0)] for n in class_names]
     class_rows += [[n, c, images_per_class[n]] for n, c in sorted(per_class.items()) if n not in class_index]
     by_stage = collections.Counter((f["stage"], f["error"]) for f in failures)
-    fail_rows = [[f["stage"], f["error"], f["image_id"] or "", f["source"], f["message"]]
-                 for f in failures[: args.max_failures]]
     overview = [["images read", counts.get("read", "?")], ["annotated", counts.get("annotated", len(rows))],
                 ["failed", counts.get("failed", len(failures))], ["balanced", counts.get("balanced", "?")],
                 ["boxes", len(boxes)], ["images without a box", sum(1 for r in rows if not r["boxes"])],
                 ["model", summary.get("model", {}).get("name") or (rows[0]["model"] if rows else "?")]]
-    gt_note = "; thin white boxes are those the input carried (ground truth)" if any(
-        r["gt_boxes"] for r in rows) else ""
-    written = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    plots_html = "".join(_img(name, alt) for name, alt in (
-        ("score_hist.png", "score histogram"), ("cam_score_hist.png", "CAM score histogram"),
-        ("box_area_hist.png", "box area histogram")))
-    if failures:
-        failures_html = (_table(["stage", "error", "failures"], [[s, e, n] for (s, e), n in by_stage.most_common()],
-                                {2})
-                         + _table(["stage", "error", "image id", "source", "message"], fail_rows))
-        if len(failures) > args.max_failures:
-            failures_html += f"<p>First {args.max_failures} of {len(failures)} listed.</p>"
-    else:
-        failures_html = "<p>None.</p>"
-    summary_html = html.escape(json.dumps(summary, indent=2, sort_keys=True)) if summary else \
-        "No summary.json in the run folder."
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>weakloc report: {html.escape(args.annotations)}</title>
-<style>{STYLE}</style>
-<script>{CHECK_SCRIPT}</script>
-</head><body>
-<h1>weakloc report</h1>
-<p>Run: <code>{html.escape(args.annotations)}</code>. Written {written}.</p>
-<p id="broken-note" class="note" hidden></p>
-{_table(["", "value"], overview)}
-<h2>Boxes per class</h2>
-{_table(["class", "boxes", "images"], class_rows, {1, 2})}
-<div class="plots">{_img("class_counts.png", "boxes per class")}</div>
-<h2>Scores and box sizes</h2>
-<div class="plots">{plots_html}</div>
-<h2>A sample of images per class</h2>
-<p class="note">{cam_note} Boxes of every class are drawn, coloured by class, with the class probability{gt_note}.
-Up to {args.per_class} images per class, sampled with seed {args.seed}.</p>
-{missing_note}
-{''.join(sections) or '<p>No annotated images.</p>'}
-<h2>Failures ({len(failures)})</h2>
-{failures_html}
-<h2>Contact sheet</h2>
-<p><a href="contact_sheet.png">contact_sheet.png</a> (every sampled picture on one PNG)</p>
-{_img("contact_sheet.png", "contact sheet", width=960)}
-<h2>Run summary</h2>
-<pre>{summary_html}</pre>
-</body></html>
-"""
+    page = _template().render(
+        csp=CSP, style=STYLE, check_script=CHECK_SCRIPT, annotations=args.annotations,
+        written=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), overview=overview, evaluation=evaluation,
+        class_rows=class_rows, plots=(("score_hist.png", "score histogram"), ("cam_score_hist.png",
+                                                                              "CAM score histogram"),
+                                      ("box_area_hist.png", "box area histogram")),
+        ranked=ranked_out, cam_note=cam_note, has_truth=has_truth, per_class=args.per_class, seed=args.seed,
+        unavailable=counters["unavailable"], sections=sections, n_failures=len(failures),
+        failure_counts=[[s, e, n] for (s, e), n in by_stage.most_common()],
+        failure_rows=[[f["stage"], f["error"], f["image_id"] or "", f["source"], f["message"]]
+                      for f in failures[: args.max_failures]],
+        summary_json=json.dumps(summary, indent=2, sort_keys=True) if summary else "")
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
     info = {"index": os.path.join(out, "index.html"), "contact_sheet": os.path.join(out, "contact_sheet.png"),
-            "classes_shown": list(sample), "pictures": len(tiles), "cam_overlays": overlays,
-            "unavailable": unavailable, "has_cams": has_cams, "seconds": round(time.time() - t0, 2)}
-    logger.info("report: %s (%d pictures, %d with a CAM overlay)", info["index"], len(tiles), overlays)
+            "classes_shown": list(sample), "sorted_sections": [v["anchor"] for v in ranked_out],
+            "pictures": len(tiles), "cam_overlays": counters["overlays"], "unavailable": counters["unavailable"],
+            "has_cams": has_cams, "evaluation": evaluation is not None, "seconds": round(time.time() - t0, 2)}
     return info
+
+
+def render(info: dict) -> str:
+    return f"report: {info['index']} ({info['pictures']} pictures sampled per class, {info['cam_overlays']} CAM " \
+           f"overlays{', with evaluation' if info['evaluation'] else ''})"

@@ -16,6 +16,44 @@ class IncompleteRunError(ValueError):
     """An output directory without summary.json: the run died, or is still finalising its files."""
 
 
+class EmptyRunError(RuntimeError):
+    """A run that finished but produced nothing usable (every input failed, or no image got a box).
+
+    `text` is the run's own summary, printed before the one-line reason; the CLI exits 1."""
+
+    def __init__(self, message: str, text: str = ""):
+        super().__init__(message)
+        self.text = text
+
+
+def emptiness(summary: dict) -> str | None:
+    """Why a finished label run is empty, or None: every input failed, or not one image got a box."""
+    counts = summary.get("counts") or {}
+    read, annotated, failed = counts.get("read", 0), counts.get("annotated", 0), counts.get("failed", 0)
+    skipped = counts.get("skipped_labeled", 0)
+    if read and annotated == 0 and failed and failed + skipped >= read:
+        stages = ", ".join(f"{k} {v}" for k, v in sorted((counts.get("failed_by_stage") or {}).items()))
+        return f"every input failed ({failed} of {read}: {stages}); see failures-*.parquet; --allow_empty accepts an empty run"
+    if annotated and not counts.get("boxes"):
+        return (f"no image got a box ({annotated} images annotated, 0 boxes): check --classes, --min_score and the "
+                "labels (a --classes labels run whose labels name no model class boxes nothing); pass "
+                "--allow_empty to accept an empty run")
+    return None
+
+
+def check_run_folder(path: str, flag: str = "--annotations") -> None:
+    """Refuse, in one line, a run folder that does not exist (rather than "no summary.json" about nothing)."""
+    from .options import OptionsError
+
+    try:
+        exists = FileSystems.exists(path.rstrip("/")) or FileSystems.exists(FileSystems.join(path.rstrip("/"),
+                                                                                             "summary.json"))
+    except Exception:
+        exists = False
+    if not exists:
+        raise OptionsError(f"{flag} {path} does not exist: expected the --output folder of a `weakloc label` run")
+
+
 def _files(output: str, prefix: str) -> list[str]:
     pattern = FileSystems.join(output.rstrip("/"), f"{prefix}-*.parquet")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)

@@ -26,7 +26,8 @@ from weakloc.models import backbones, sidecar, train
 from weakloc.models import files
 from weakloc.models.files import fetch_to_local
 
-from . import inputs
+from . import ground_truth, inputs
+from .args import Parser
 from .options import OptionsError, parse_size
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ LOW_VAL_ACCURACY = 0.7  # below this a CAM's boxes follow a classifier that is o
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="weakloc train", allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap = Parser("weakloc train", description=__doc__.splitlines()[0])
     ap.add_argument("--input", action="append", required=True, metavar="PATTERN",
                     help="TFRecord shards or image files (class-per-folder), as for `label`; repeatable")
     ap.add_argument("--output", required=True, help="where to write the model (.keras); its sidecar goes beside it")
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int,
                     help=f"epoch budget (backbones: of phase 2); default {_SMALL_DEFAULTS['epochs']} for small, "
                          f"{_BACKBONE_DEFAULTS['epochs']} for backbones")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=32, help="images per training step")
     ap.add_argument("--learning_rate", type=float,
                     help=f"default {_SMALL_DEFAULTS['learning_rate']} for small, "
                          f"{_BACKBONE_DEFAULTS['learning_rate']} for a backbone's head")
@@ -81,11 +82,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", action="store_true",
                     help="keep the decoded training images in memory after the first epoch (when they fit)")
     ap.add_argument("--shuffle_buffer", type=int, default=4096, help="images held for shuffling the stream")
+    ap.add_argument("--labels", metavar="MANIFEST.csv|.jsonl",
+                    help="image-level labels of image files: one `path,label[,label...]` per line (CSV) or "
+                         '{"path": ..., "labels": [...]} (JSONL); paths relative to the manifest\'s folder')
+    ap.add_argument("--ground_truth", action="append", metavar="VOC_DIR|COCO.json",
+                    help="take each image file's labels from the object names of its true boxes; repeatable")
     ap.add_argument("--class_names", help="comma-separated names in output order (default: found in the data)")
-    ap.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto")
-    ap.add_argument("--label_offset", type=int, default=0)
-    ap.add_argument("--input_format", choices=("tfrecord", "images"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--labels_from_folder", choices=("auto", "yes", "no"), default="auto",
+                    help="images: the parent folder names the label (auto: when the pattern's folder part has a wildcard)")
+    ap.add_argument("--label_offset", type=int, default=0, help="subtract from integer labels to get class ids")
+    ap.add_argument("--input_format", choices=("tfrecord", "images"), help="default: inferred from the pattern's extension")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffle")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     return ap
 
@@ -218,7 +225,10 @@ def run(argv=None) -> dict:
         raise OptionsError("--weights, --feature_layer and --last_stride are for pretrained backbones, not --arch small")
     t0 = time.time()
     source = inputs.scan(args.input, input_format=args.input_format, labels_from_folder=args.labels_from_folder,
-                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset)
+                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset,
+                         manifest=ground_truth.load_manifest(args.labels) if args.labels else None,
+                         ground_truth=ground_truth.load(args.ground_truth) if args.ground_truth else None)
+    inputs.warn_folder_labels(source)
     logger.info("%d inputs in %d files, %d classes: %s", source.count, len(source.files), len(source.class_names),
                 ", ".join(source.class_names))
     if len(source.class_names) < 2:
@@ -301,8 +311,14 @@ def run(argv=None) -> dict:
     )
     with open(sidecar.sidecar_path(args.output), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"model:               {args.output}\n"
-          f"sidecar:             {sidecar.sidecar_path(args.output)}\n"
-          f"validation accuracy: {fit['val_accuracy']:.2%} after {fit['epochs']} epochs\n"
-          f"wall time:           {seconds} s", flush=True)
+    meta["written"] = {"model": args.output, "sidecar": sidecar.sidecar_path(args.output)}
     return meta
+
+
+def render(meta: dict) -> str:
+    """What train prints once the model is saved."""
+    t = meta["training"]
+    return (f"model:               {meta['written']['model']}\n"
+            f"sidecar:             {meta['written']['sidecar']}\n"
+            f"validation accuracy: {t['val_accuracy']:.2%} after {t['epochs_run']} epochs\n"
+            f"wall time:           {t['seconds']} s")

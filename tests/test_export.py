@@ -286,15 +286,16 @@ def test_cli_yolo_and_voc_files_named_safely(labelled_run, tmp_path, capsys):
         files = [p for p in out.rglob("*") if p.is_file()]
         assert all(tmp_path in p.resolve().parents for p in files)
         assert not (tmp_path.parent / "etc").exists()
-    labels = sorted((tmp_path / "yolo" / "labels").iterdir())
+    labels = sorted((tmp_path / "yolo" / "labels").glob("*/*.txt"))
+    assert {p.parent.name for p in labels} <= {"train", "val"}
     assert sorted(p.stem for p in labels) == sorted(fmt.safe_stem(r["image_id"]) for r in keep)
     n_lines = sum(len(p.read_text().splitlines()) for p in labels)
     assert n_lines == sum(1 for r in keep for b in r["boxes"] if b["score"] >= 0.34)
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
     assert data["names"] == {0: "cat", 1: "dog", 2: "bird"} and data["nc"] == 3
-    assert data["path"] == str(tmp_path / "yolo") and data["train"] == "images"
+    assert data["path"] == str(tmp_path / "yolo") and (data["train"], data["val"]) == ("images/train", "images/val")
     xmls = sorted((tmp_path / "voc" / "Annotations").iterdir())
-    assert [p.stem for p in xmls] == [p.stem for p in labels]
+    assert sorted(p.stem for p in xmls) == sorted(p.stem for p in labels)
     for p in xmls:
         doc = ET.parse(p).getroot()
         for obj in doc.findall("object"):
@@ -389,8 +390,9 @@ def test_copy_images_puts_each_picture_where_the_format_looks(labelled_run, tmp_
     if name == "coco":
         pictures = [out / im["file_name"] for im in json.loads((out / "instances.json").read_text())["images"]]
     elif name == "yolo":  # Ultralytics finds labels/<stem>.txt from images/<stem>.<ext>
-        pictures = sorted((out / "images").iterdir())
-        assert sorted(p.stem for p in pictures) == sorted(p.stem for p in (out / "labels").iterdir())
+        pictures = sorted((out / "images").glob("*/*"))
+        assert sorted((p.parent.name, p.stem) for p in pictures) == sorted(
+            (p.parent.name, p.stem) for p in (out / "labels").glob("*/*.txt"))
     else:
         pictures = [out / "JPEGImages" / ET.parse(p).getroot().findtext("filename")
                     for p in (out / "Annotations").iterdir()]
@@ -409,7 +411,7 @@ def test_class_map_file_merges_and_drops_in_the_command(labelled_run, tmp_path):
                       "--class_map", str(mapping)) == 0
     rows = results.read_table(labelled_run["out"]).to_pylist()
     assert yaml.safe_load((out / "data.yaml").read_text())["names"] == {0: "animal"}
-    lines = [ln for p in (out / "labels").iterdir() for ln in p.read_text().splitlines()]
+    lines = [ln for p in (out / "labels").glob("*/*.txt") for ln in p.read_text().splitlines()]
     assert len(lines) == sum(1 for r in rows for b in r["boxes"] if b["label"] in ("cat", "dog"))
     assert {ln.split()[0] for ln in lines} <= {"0"}
     dropped = json.loads((out / "export.json").read_text())["counts"]["boxes_dropped"]
@@ -475,3 +477,22 @@ def test_exported_boxes_read_back_as_ground_truth_by_evaluate(labelled_run, tmp_
                        "--output", str(tmp_path / "evaluation.json")])
     assert ev["pairs"] == len(pairs) and ev["rows_without_ground_truth"] == 0
     assert ev["gt_known"][0.7] == 1.0 and ev["mean_iou"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_yolo_split_is_stable_and_near_its_share():
+    ids = [f"/data/photos/img_{i:05d}.jpg" for i in range(2000)]
+    splits = [fmt.yolo_split(i, 10.0) for i in ids]
+    assert splits == [fmt.yolo_split(i, 10.0) for i in ids]
+    assert 150 <= splits.count("val") <= 250  # 10% of 2000, within a wide binomial margin
+    assert all(fmt.yolo_split(i, 0.0) == "train" for i in ids[:50])
+
+
+def test_export_stems_are_relative_to_the_pictures_folder():
+    ims = [fmt.ExportImage(image_id=p, source=p, width=1, height=1, boxes=[], gt_boxes=[])
+           for p in ("/data/photos/fruit/test/apple_77.jpg", "/data/photos/kangaroo/images/00001.jpg")]
+    stems = fmt.export_stems(ims)
+    assert stems[ims[0].image_id].startswith("fruit_test_apple_77-")
+    assert stems[ims[1].image_id].startswith("kangaroo_images_00001-")
+    records = [fmt.ExportImage(image_id="a.tfrecord:3", source="a.tfrecord:3", width=1, height=1, boxes=[],
+                               gt_boxes=[])]
+    assert fmt.export_stems(records)["a.tfrecord:3"] == fmt.safe_stem("a.tfrecord:3")

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from weakloc.pipeline import cli, evaluate, results
+from weakloc.models import groundtruth
+from weakloc.pipeline import cli, ground_truth, results
 from tests.helpers import RUNNER, shared_path
 
 
@@ -65,7 +66,7 @@ def test_voc_corners_become_continuous_pixels():
       <object><name>apple</name><bndbox><xmin>1</xmin><ymin>11</ymin><xmax>10</xmax><ymax>20</ymax></bndbox></object>
       <object><name>pear</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>
     </annotation>"""
-    name, w, h, objs = evaluate.voc_boxes(xml)
+    name, w, h, objs = groundtruth.voc_boxes(xml)
     # 1-based inclusive 1..10 covers 10 pixels: [0, 10) in continuous coordinates; a one-pixel box is 1 wide.
     assert (name, w, h) == ("a.jpg", 0, 0)
     assert objs == [("apple", [0.0, 10.0, 10.0, 20.0]), ("pear", [4.0, 4.0, 5.0, 5.0])]
@@ -83,17 +84,17 @@ def test_ground_truth_from_voc_folder_and_coco_json(tmp_path):
         "<annotation><filename>a.jpg</filename><object><name>apple</name><bndbox><xmin>1</xmin><ymin>11</ymin>"
         "<xmax>20</xmax><ymax>20</ymax></bndbox></object></annotation>")
     rows = _rows()
-    assert evaluate.attach_ground_truth(rows, str(tmp_path / "voc"), ["apple", "pear"]) == 1
+    assert ground_truth.attach_to_rows(rows, ground_truth.load([str(tmp_path / "voc")]), ["apple", "pear"]) == 1
     assert rows[0]["gt_boxes"][0] == dict(class_id=0, label="apple", xmin=0, ymin=10, xmax=20, ymax=20)
     coco = {"images": [{"id": 7, "file_name": "x/a.jpg"}], "categories": [{"id": 3, "name": "pear"}],
             "annotations": [{"image_id": 7, "category_id": 3, "bbox": [5, 5, 10, 20]}]}
     (tmp_path / "gt.json").write_text(json.dumps(coco))
     rows = _rows()
-    assert evaluate.attach_ground_truth(rows, str(tmp_path / "gt.json"), ["apple", "pear"]) == 1
+    assert ground_truth.attach_to_rows(rows, ground_truth.load([str(tmp_path / "gt.json")]), ["apple", "pear"]) == 1
     assert rows[0]["gt_boxes"][0] == dict(class_id=1, label="pear", xmin=5, ymin=5, xmax=15, ymax=25)
     # Box [0,10,10,20] vs VOC truth [0,10,20,20]: IoU 100/200 = 0.5 (hand-computed), scored by evaluate_rows.
     rows = _rows()
-    evaluate.attach_ground_truth(rows, str(tmp_path / "voc"), ["apple", "pear"])
+    ground_truth.attach_to_rows(rows, ground_truth.load([str(tmp_path / "voc")]), ["apple", "pear"])
     from weakloc.models import metrics
 
     ev = metrics.evaluate_rows(rows, ["apple", "pear"])

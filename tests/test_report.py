@@ -92,6 +92,14 @@ def parse_page(path: pathlib.Path) -> _Page:
     return page
 
 
+RANKED = ("images/worst-iou-", "images/misclassified-", "images/lowest-score-")
+
+
+def sampled_thumbnails(page) -> list[str]:
+    """The per-class sample's pictures (the sorted sections above it show more)."""
+    return [s for s in page.imgs if s.startswith("images/") and not s.startswith(RANKED)]
+
+
 @pytest.fixture(scope="module")
 def report_dir(labelled_run, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("report") / "report"
@@ -111,7 +119,8 @@ def test_report_files_are_local_and_present(report_dir):
                  "class_counts.png"):
         assert name in page.imgs
     # hostile image ids (../../etc/x) became thumbnail names inside images/
-    assert all(p.parent == report_dir / "images" for p in report_dir.rglob("*.png") if p.parent != report_dir)
+    pictures = [p for ext in ("*.png", "*.jpg") for p in report_dir.rglob(ext) if p.parent != report_dir]
+    assert pictures and all(p.parent == report_dir / "images" for p in pictures)
 
 
 def test_report_shows_the_runs_counts_and_failures(labelled_run, report_dir):
@@ -128,7 +137,7 @@ def test_report_shows_the_runs_counts_and_failures(labelled_run, report_dir):
     assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     # per class: min(10, images of that class) pictures, each with its caption
     page = parse_page(report_dir / "index.html")
-    thumbs = [s for s in page.imgs if s.startswith("images/")]
+    thumbs = sampled_thumbnails(page)
     assert len(thumbs) == sum(min(10, sum(1 for r in rows if any(b["label"] == c for b in r["boxes"])))
                               for c in per_class)
 
@@ -147,7 +156,7 @@ def test_report_without_cams_says_so(labelled_run, tmp_path):
     assert "has no CAMs" in text and "· CAM overlay" not in text
     # the default sample is at most 6 images per class
     rows = table.to_pylist()
-    thumbs = [s for s in parse_page(out / "index.html").imgs if s.startswith("images/")]
+    thumbs = sampled_thumbnails(parse_page(out / "index.html"))
     assert len(thumbs) == sum(min(6, sum(1 for r in rows if any(b["label"] == c for b in r["boxes"])))
                               for c in {b["label"] for r in rows for b in r["boxes"]})
     # and an existing report is not overwritten without asking
@@ -224,3 +233,70 @@ def test_pictures_open_as_a_viewer_shows_them():
     buf = io.BytesIO()
     stored.save(buf, format="JPEG", exif=exif)
     assert viz.open_rgb(buf.getvalue()).size == (20, 40)
+
+
+def _iou(a, b):
+    """Intersection over union of two x0y0x1y1 boxes, by the formula (independent of weakloc's box maths)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_report_judges_the_boxes_against_the_truth(labelled_run, report_dir):
+    """The run's inputs carried true boxes: the page shows the evaluation, each image's IoU, the sorted sections
+    (worst IoU first) and the summary folded."""
+    rows = results.read_table(labelled_run["out"]).to_pylist()
+    text = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert "How good are the boxes" in text and "GT-known Loc (weakloc)" in text and "full-image box" in text
+    assert "<details><summary>summary.json of the run" in text
+    # worst IoU section: its captions' IoUs, in page order, ascending and equal to the formula's
+    section = text[text.index('id="worst-iou"'):text.index('id="misclassified"')]
+    shown = [float(v) for v in re.findall(r"IoU \w+ ([0-9.]+)", section)]
+
+    def row_iou(r):
+        by_class = {}
+        for g in r["gt_boxes"]:
+            mine = [b for b in r["boxes"] if b["class_id"] == g["class_id"]]
+            best = max((_iou([m[k] for k in ("xmin", "ymin", "xmax", "ymax")],
+                             [g[k] for k in ("xmin", "ymin", "xmax", "ymax")]) for m in mine), default=0.0)
+            by_class[g["class_id"]] = max(by_class.get(g["class_id"], 0.0), best)
+        return min(by_class.values())
+
+    expected = sorted(round(row_iou(r), 2) for r in rows if r["gt_boxes"])
+    assert shown == pytest.approx(expected[: len(shown)], abs=0.006) and len(shown) == min(10, len(expected))
+    # every picture opens larger on click
+    page = parse_page(report_dir / "index.html")
+    zooms = [h for h in page.links if h.endswith("-zoom.jpg")]
+    assert len(zooms) == len([s for s in page.imgs if s.startswith("images/")])
+
+
+def test_report_captions_do_not_overlap():
+    """Two boxes with the same top edge: their captions land on different rows."""
+    from weakloc.models import visualize
+
+    placed = [visualize.caption_place((10, 20, 60), [], 100)]
+    second = visualize.caption_place((30, 20, 90), placed, 100)
+    assert second[1] >= placed[0][3] + 1  # below the first one, not on it
+    assert visualize.caption_place((70, 20, 90), placed, 100)[1] == 20  # no overlap: its own row
+
+
+def test_new_sections_render_in_headless_chromium(chromium, report_dir, tmp_path):
+    """A screenshot of the sorted sections, cut where the page's own script says they are: pictures with the
+    classes' box colours, not a blank or broken band."""
+    url = (report_dir / "index.html").resolve().as_uri()
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    tops = dict(item.split(":") for item in re.search(r'data-section-tops="([^"]*)"', body).group(1).split(","))
+    start, end = int(tops["evaluation"]), int(tops["lowest-score"])
+    assert start < int(tops["worst-iou"]) < int(tops["misclassified"]) < end
+    shot = tmp_path / "sections.png"
+    done = subprocess.run([*base[:-1], f"--window-size=1280,{end + 400}", f"--screenshot={shot}", url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    band = np.asarray(Image.open(shot).convert("RGB"))[start:end].reshape(-1, 3)
+    assert len(np.unique(band, axis=0)) > 100  # pictures and tables, not an empty band
+    palette = [viz.color(i) for i in range(3)]  # the classes' box colours, drawn on the pictures
+    assert any((np.abs(band.astype(int) - c).sum(axis=1) < 30).sum() > 20 for c in palette)
+    print(f"sections screenshot: {shot}")

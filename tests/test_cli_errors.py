@@ -1,0 +1,190 @@
+"""Mistakes a newcomer makes, each ending in one line and the right exit code (issue 15): bad model files, misspelt
+flags and commands, missing folders, empty runs, Ctrl-C; and a plain run that shows no library noise."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from weakloc.pipeline import cli
+from tests.helpers import RUNNER, shared_path, save_model, tiny_gap_model
+
+ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"weakloc {command}: error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+def write_images(folder, n: int, size: int = 32, seed: int = 0) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i:04d}.png")
+
+
+def test_version_and_unknown_command(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("weakloc ")
+    assert cli.main(["calibrat"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'calibrat' (did you mean calibrate?)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, wrong, right", [
+    (["calibrate", "--input", "x.tfrecord", "--model", "m.keras", "--outptu", "t.json"], "--outptu", "--output"),
+    (["evaluate", "--anotations", "x"], "--anotations", "--annotations"),
+    (["label", "--input", "x/*.jpg", "--model", "m.keras", "--output", "o", "--classse", "labels"], "--classse",
+     "--classes"),
+    (["label", "--input", "x/*.jpg", "--model", "m.keras", "--outptu", "o"], "--outptu", "--output"),
+])
+def test_misspelt_flag_says_did_you_mean_and_exits_2(capsys, argv, wrong, right):
+    assert cli.main(argv) == 2
+    line = one_line_error(capsys, argv[0])
+    assert f"unrecognised flag {wrong} (did you mean {right}?)" in line
+    assert "unrecognized" not in line
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory, tiny_model_path):
+    d = tmp_path_factory.mktemp("bad_models")
+    good = open(tiny_model_path, "rb").read()
+    (d / "truncated.keras").write_bytes(good[: len(good) // 2])
+    (d / "text.keras").write_bytes(b"this is a README, not a model\n")
+    (d / "empty.keras").write_bytes(b"")
+    return d, tiny_model_path.replace(".keras", ".json")
+
+
+@pytest.mark.parametrize("command", ["label", "calibrate"])
+@pytest.mark.parametrize("name, expected", [
+    ("truncated.keras", "damaged or truncated .keras archive"),
+    ("text.keras", "is not a Keras model file"),
+    ("empty.keras", "is empty"),
+    ("SIDECAR", "is a JSON file (a sidecar or thresholds file?), not a model"),
+])
+def test_unreadable_model_files_exit_2_with_one_line(capsys, tmp_path, bad_models, command, name, expected):
+    d, sidecar = bad_models
+    model = sidecar if name == "SIDECAR" else str(d / name)
+    write_images(tmp_path / "in", 2)
+    argv = [command, "--input", str(tmp_path / "in" / "*.png"), "--model", model, "--output",
+            str(tmp_path / ("out" if command == "label" else "t.json"))]
+    if command == "label":
+        argv.append(f"--runner={RUNNER}")
+    assert cli.main(argv) == 2
+    line = one_line_error(capsys, command)
+    assert expected in line and "File not found" not in line
+
+
+def test_missing_folders_exit_2(capsys, tmp_path):
+    for command, extra in (("report", ["--output", str(tmp_path / "r")]),
+                           ("export", ["--format", "coco", "--output", str(tmp_path / "e")]),
+                           ("evaluate", [])):
+        assert cli.main([command, "--annotations", str(tmp_path / "nowhere"), *extra]) == 2
+        assert "--annotations " + str(tmp_path / "nowhere") + " does not exist" in one_line_error(capsys, command)
+    assert not (tmp_path / "r").exists()
+    assert cli.main(["datasets", "photos", "--root", str(tmp_path), "--output", str(tmp_path / "d")]) == 2
+    assert "is not the photos folder" in one_line_error(capsys, "datasets")
+
+
+def _all_parsers():
+    from weakloc.pipeline import calibrate, datasets, demo, evaluate, export, label, report, train
+
+    for module in (calibrate, datasets, demo, evaluate, export, label, report, train):
+        top = module.parser()
+        yield module.__name__, top
+        for action in top._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((f"{module.__name__} {k}", p) for k, p in action.choices.items())
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for name, parser in _all_parsers():
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and not (action.default is None or action.default is False
+                                              or action.default == [] or action.default == argparse.SUPPRESS):
+                assert "default" in (parser._get_formatter()._get_help_string(action) or ""), \
+                    f"{name} {action.option_strings} hides its default {action.default!r}"
+        assert "usage: " in text
+
+
+@pytest.fixture(scope="module")
+def fruit_like_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fruit_model")
+    return save_model(tiny_gap_model(), d, "fruit", {"input_size": [32, 32], "scale": 1 / 255, "offset": 0.0,
+                                                     "class_names": ["apple", "banana", "orange"]})
+
+
+def _subprocess(argv, **kw):
+    return subprocess.run([sys.executable, "-m", "weakloc.pipeline.cli", *argv], capture_output=True, text=True,
+                          env=ENV, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_folder_labels_naming_no_class_warn_and_an_empty_run_exits_1_quietly(tmp_path, fruit_like_model):
+    """kangaroo/images/*.jpg with --classes labels: `images` is no class, so no image gets a box. A fresh process
+    as a user runs it: the warning at launch, exit 1 with the reason last, and no TensorFlow/absl/CUDA noise."""
+    write_images(tmp_path / "kangaroo" / "images", 6)
+    argv = ["label", "--input", str(tmp_path / "kangaroo" / "*" / "*.png"), "--model", fruit_like_model, "--classes", "labels",
+            f"--runner={RUNNER}"]
+    done = _subprocess(argv + ["--output", str(tmp_path / "out")])
+    assert done.returncode == 1, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert any("parent folders (images) but none of them is a model class" in line for line in err)
+    assert err[-1].startswith("weakloc label: no image got a box (6 images annotated, 0 boxes)")
+    for noise in ("cuInit", "oneDNN", "absl", "cuda", "I0000", "E0000", "Traceback", "apitools", "DeprecationWarning"):
+        assert noise not in done.stderr, noise
+    assert "annotated rows:  6" in done.stdout and "boxes:           0" in done.stdout  # the summary, on stdout
+    allowed = _subprocess(argv + ["--output", str(tmp_path / "out2"), "--allow_empty"])
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_no_beam_temp(tmp_path, fruit_like_model):
+    write_images(tmp_path / "in", 1500, seed=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "weakloc.pipeline.cli", "label", "--input",
+                             str(tmp_path / "in" / "*.png"), "--model", fruit_like_model, "--output", str(out),
+                             "--batch_size", "1", "--decode_threads", "0", f"--runner={RUNNER}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("beam-temp-*")):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and lines[0].startswith("weakloc label: interrupted; no output written"), err
+    assert not list(out.glob("beam-temp-*")) and not (out / "summary.json").exists()
+
+
+def test_real_truncated_model_from_shared_photo_is_not_a_model(capsys, tmp_path):
+    """A real damaged file a user may pass by mistake: the truncated kangaroo JPEG as --model."""
+    jpeg = next(p for p in sorted(shared_path("photos", "kangaroo", "images").glob("*.jpg")))
+    write_images(tmp_path / "in", 1)
+    assert cli.main(["calibrate", "--input", str(tmp_path / "in" / "*.png"), "--model", str(jpeg), "--output",
+                     str(tmp_path / "t.json")]) == 2
+    assert "is not a Keras model file" in one_line_error(capsys, "calibrate")

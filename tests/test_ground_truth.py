@@ -1,0 +1,162 @@
+"""Ground truth and labels from where users keep them (issue 15): VOC XML beside the pictures, COCO, TFRecords,
+CSV/JSONL manifests; and the VOC-folder path through calibrate, label, evaluate and report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from weakloc.models import groundtruth, metrics
+from weakloc.pipeline import cli, ground_truth, inputs
+from weakloc.pipeline.options import OptionsError
+from tests.helpers import RUNNER, shared_path
+
+
+def voc_xml(filename: str, objects) -> str:
+    """A Pascal VOC document; `objects` are (name, x0, y0, x1, y1) continuous pixels, written 1-based inclusive."""
+    objs = "".join(f"<object><name>{n}</name><bndbox><xmin>{x0 + 1:g}</xmin><ymin>{y0 + 1:g}</ymin><xmax>{x1:g}</xmax>"
+                   f"<ymax>{y1:g}</ymax></bndbox></object>" for n, x0, y0, x1, y1 in objects)
+    return f"<annotation><filename>{filename}</filename><size><width>0</width><height>0</height></size>{objs}</annotation>"
+
+
+def test_manifest_csv_and_jsonl():
+    csv_text = "path,label\nimgs/a.jpg,cat\nimgs/b.jpg,cat, dog\n\nc.jpg,\n"
+    assert groundtruth.parse_manifest(csv_text, jsonl=False) == {"imgs/a.jpg": ["cat"], "imgs/b.jpg": ["cat", "dog"],
+                                                                 "c.jpg": []}
+    jsonl = '{"path": "a.jpg", "labels": ["cat", "dog"]}\n{"path": "b.jpg", "label": "bird"}\n'
+    assert groundtruth.parse_manifest(jsonl, jsonl=True) == {"a.jpg": ["cat", "dog"], "b.jpg": ["bird"]}
+    with pytest.raises(groundtruth.GroundTruthError, match="line 1"):
+        groundtruth.parse_manifest('["a.jpg"]\n', jsonl=True)
+
+
+def test_manifest_labels_reach_the_examples(tmp_path):
+    """Labels from a manifest (relative paths), not from the folder the pictures happen to lie in."""
+    from PIL import Image
+
+    (tmp_path / "pics" / "images").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "pics" / "images" / f"{name}.png")
+    (tmp_path / "pics" / "labels.csv").write_text("images/a.png,cat\nimages/b.png,dog,cat\n")
+    manifest = ground_truth.load_manifest(str(tmp_path / "pics" / "labels.csv"))
+    source = inputs.scan([str(tmp_path / "pics" / "*" / "*.png")], manifest=manifest)
+    assert source.class_names == ("cat", "dog")  # not "images"
+    got = {ex.image_id.rsplit("/", 1)[-1]: ex.label_ids for ex in inputs.iterate(source)}
+    assert got == {"a.png": [0], "b.png": [1, 0], "c.png": []}
+
+
+def test_folder_label_problems():
+    assert "none of them is a model class" in groundtruth.folder_label_problem({"images"}, ["kangaroo"])
+    assert groundtruth.folder_label_problem({"kangaroo", "raccoon"}, ["kangaroo", "raccoon"]) is None
+    assert "looks like a layout folder" in groundtruth.folder_label_problem({"images", "cat"})
+    assert groundtruth.folder_label_problem({"cat", "dog"}) is None
+
+
+def test_shrunk_class_threshold_is_the_weighted_mean():
+    """(n t_c + k t) / (n + k): a class fitted on 10 maps at 0.60 with the overall choice 0.30 and k = 10 -> 0.45."""
+    class S:  # the two Sweep fields class_threshold reads
+        def __init__(self, t):
+            self.best_threshold = t
+
+    cal = metrics.Calibration(S(0.30), {0: S(0.60), 1: S(0.20)}, {0: 10, 1: 30, 2: 3})
+    assert cal.class_threshold(0, 10) == pytest.approx(0.45)
+    assert cal.class_threshold(1, 10) == pytest.approx(round((30 * 0.2 + 10 * 0.3) / 40, 2))
+    assert cal.class_threshold(2, 10) == pytest.approx(0.30)  # not fitted: the overall one
+    assert dict(cal.thresholds(["a", "b", "c"], shrink=0).per_class) == {"a": 0.60, "b": 0.20}
+
+
+def test_edge_thresholds_warn_loudly():
+    from weakloc.pipeline import calibrate
+
+    from weakloc.models.thresholds import Thresholds
+
+    lines = calibrate.edge_warnings(Thresholds(default=0.0, per_class={"cat": 0.99, "dog": 0.4}))
+    assert len(lines) == 2 and "default = 0.00" in lines[0] and "full-image boxes" in lines[0]
+    assert "cat = 0.99" in lines[1]
+
+
+def test_ground_truth_lookup_by_id_name_and_stem(tmp_path):
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "a.xml").write_text(voc_xml("a.jpg", [("cat", 0, 10, 20, 20)]))
+    truth = ground_truth.load([str(tmp_path / "voc")])
+    assert truth.pixel_boxes("/data/x/a.png", "/data/x/a.png", 40, 40) == [("cat", [0.0, 10.0, 20.0, 20.0])]
+    assert truth.find("b.jpg") is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OptionsError, match="without any Pascal VOC"):
+        ground_truth.load([str(tmp_path / "empty")])
+
+
+@pytest.fixture(scope="module")
+def voc_folder(tmp_path_factory, shapes_model):
+    """40 shapes pictures (PNG, lossless) with VOC XML beside each, and the same pictures and boxes as a TFRecord."""
+    from PIL import Image
+
+    from weakloc.models import records, synthetic
+
+    _, _ = shapes_model
+    data = synthetic.make_shapes(40, size=48, seed=21)
+    root = tmp_path_factory.mktemp("voc_folder")
+    folder = root / "photos"
+    folder.mkdir()
+    frames = []
+    for i, (img, label, box) in enumerate(zip(data.images, data.labels, data.boxes)):
+        name = data.class_names[label]
+        Image.fromarray(img).save(folder / f"pic_{i:03d}.png")
+        x0, y0, x1, y1 = (float(round(v)) for v in box)
+        (folder / f"pic_{i:03d}.xml").write_text(voc_xml(f"pic_{i:03d}.png", [(name, x0, y0, x1, y1)]))
+        frames.append(records.frame_record(records.make_example(
+            synthetic.encode_png(img), source_id=f"pic_{i:03d}", label_texts=[name],
+            boxes=[[x0 / 48, y0 / 48, x1 / 48, y1 / 48]], box_texts=[name], width=48, height=48)))
+    (root / "same.tfrecord").write_bytes(b"".join(frames))
+    return root
+
+
+@pytest.mark.slow
+def test_voc_folder_through_calibrate_label_evaluate_report(tmp_path, capsys, shapes_model, voc_folder):
+    model, _ = shapes_model
+    pics = str(voc_folder / "photos" / "*.png")
+    # calibrate on the folder as it lies (XML beside the pictures), and on the same boxes in a TFRecord: one curve.
+    assert cli.main(["calibrate", "--input", pics, "--model", model, "--output", str(tmp_path / "voc.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "5-fold CV" in printed and "written:" in printed
+    assert cli.main(["calibrate", "--input", str(voc_folder / "same.tfrecord"), "--model", model, "--output",
+                     str(tmp_path / "rec.json")]) == 0
+    by_voc, by_rec = (json.loads((tmp_path / n).read_text()) for n in ("voc.json", "rec.json"))
+    # the same pictures and boxes by either route: the same choice, to the last threshold
+    assert by_voc["default"] == by_rec["default"] and by_voc["per_class"] == by_rec["per_class"]
+    assert by_voc.get("method") == by_rec.get("method")
+
+    labels = tmp_path / "labels"
+    assert cli.main(["label", "--input", pics, "--model", model, "--thresholds", str(tmp_path / "voc.json"),
+                     "--output", str(labels), "--classes", "both", "--emit_cams", f"--runner={RUNNER}"]) == 0
+    assert "annotated rows:  40" in capsys.readouterr().out
+    # evaluate with the VOC folder, and with the TFRecord's boxes: the pictures meet their truth by stem either way.
+    assert cli.main(["evaluate", "--annotations", str(labels), "--ground_truth", str(voc_folder / "photos")]) == 0
+    ev = json.loads((labels / "evaluation.json").read_text())
+    assert ev["images"] == 40 and ev["rows_without_ground_truth"] == 0
+    assert cli.main(["evaluate", "--annotations", str(labels), "--ground_truth", str(voc_folder / "same.tfrecord"),
+                     "--output", str(tmp_path / "ev2.json")]) == 0
+    ev2 = json.loads((tmp_path / "ev2.json").read_text())
+    assert ev2["gt_known"] == ev["gt_known"] and ev2["mean_iou"] == pytest.approx(ev["mean_iou"])
+    assert ev["gt_known"]["0.5"] > ev["baselines"]["full_image"]["gt_known"]["0.5"]
+    capsys.readouterr()
+    # report with the same truth: the figures, the true boxes and every image's IoU.
+    out = tmp_path / "report"
+    assert cli.main(["report", "--annotations", str(labels), "--output", str(out), "--ground_truth",
+                     str(voc_folder / "photos")]) == 0
+    page = (out / "index.html").read_text()
+    assert "GT-known Loc" in page and "Worst IoU" in page and "IoU " in page
+
+
+def test_calibrate_on_the_real_fruit_test_folder(tmp_path, capsys):
+    """../shared/data/photos/fruit/test is a folder of JPEGs with VOC XML beside them: calibrate takes it as is."""
+    from tests.helpers import save_model, tiny_gap_model
+
+    folder = shared_path("photos", "fruit", "test")
+    model = save_model(tiny_gap_model(), tmp_path, "fruit", {"input_size": [32, 32], "scale": 1 / 255, "offset": 0.0,
+                                                             "class_names": ["apple", "banana", "orange"]})
+    assert cli.main(["calibrate", "--input", str(folder / "*.jpg"), "--model", model, "--output",
+                     str(tmp_path / "t.json")]) == 0
+    doc = json.loads((tmp_path / "t.json").read_text())
+    xml_objects = sum(len({n for n, _ in groundtruth.voc_boxes(p.read_text())[3]}) for p in folder.glob("*.xml"))
+    assert doc["calibration"]["images"] == len(list(folder.glob("*.jpg")))
+    assert doc["calibration"]["pairs"] == xml_objects  # one map per (picture, class it has boxes of)
