@@ -180,8 +180,16 @@ def run(argv=None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(doc, f, indent=2)
-    print(f"{text}written: {args.output}", flush=True)
-    return doc
+    # What the CLI prints (render); the file holds the document alone.
+    return {**doc, REPORT: f"{text}written: {args.output}"}
+
+
+REPORT = "report"
+
+
+def render(result: dict) -> str:
+    """What calibrate prints: the candidates, the chosen threshold curve and where the file went."""
+    return result[REPORT]
 
 
 def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:

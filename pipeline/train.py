@@ -209,6 +209,55 @@ def build_backbone_model(args, size, n: int, activation: str):
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
+    _check_args(args)
+    t0 = time.time()
+    source = inputs.scan(args.input, input_format=args.input_format, labels_from_folder=args.labels_from_folder,
+                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset,
+                         manifest=ground_truth.load_manifest(args.labels) if args.labels else None,
+                         ground_truth=ground_truth.load(args.ground_truth) if args.ground_truth else None)
+    inputs.warn_folder_labels(source)
+    logger.info("%d inputs in %d files, %d classes: %s", source.count, len(source.files), len(source.class_names),
+                ", ".join(source.class_names))
+    if len(source.class_names) < 2:
+        raise OptionsError(f"need at least 2 classes to train a classifier, found {list(source.class_names)}")
+    counts = label_counts(source, label_offset=args.label_offset, val_percent=args.val_percent)
+    logger.info("training on:\n%s", _counts_table(counts))
+    if counts["validation"]["images"] == 0:
+        raise OptionsError(f"--val_percent {args.val_percent} leaves no validation image; raise it")
+    model, backbone, size, scale, offset = _build_model(args, len(source.class_names))
+    fit = _fit(args, model, backbone, source, counts, size, scale, offset)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    model.save(args.output)
+    meta = dict(
+        sidecar.Preprocessing(tuple(size), scale, offset, source.class_names).to_json(),
+        training={
+            "inputs": list(args.input),
+            "images": source.count,
+            "data_fingerprint": source.fingerprint,
+            "label_counts": counts,
+            "multi_label": args.multi_label,
+            "arch": args.arch,
+            "dilation": args.dilation if args.arch == "small" else None,
+            "weights": args.weights if args.arch != "small" else None,
+            "backbone": backbone.provenance if backbone is not None else None,
+            "final_feature_map": [int(d) for d in model.get_layer("gap").input.shape[1:3]],
+            "epochs_run": fit["epochs"],
+            "phases": fit.get("phases"),
+            "early_stopped": fit["early_stopped"],
+            "val_percent": args.val_percent,
+            "val_accuracy": fit["val_accuracy"],
+            "history": fit["history"],
+            "seconds": round(time.time() - t0, 1),
+        },
+    )
+    with open(sidecar.sidecar_path(args.output), "w") as f:
+        json.dump(meta, f, indent=2)
+    meta["written"] = {"model": args.output, "sidecar": sidecar.sidecar_path(args.output)}
+    return meta
+
+
+def _check_args(args) -> None:
+    """What the flags alone can tell; fills the architecture's epoch and learning-rate defaults."""
     if os.path.exists(args.output) and not args.overwrite:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
     if not args.output.endswith((".keras", ".h5")):
@@ -223,37 +272,29 @@ def run(argv=None) -> dict:
             raise OptionsError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.arch == "small" and (args.weights != "imagenet" or args.feature_layer or args.last_stride != 2):
         raise OptionsError("--weights, --feature_layer and --last_stride are for pretrained backbones, not --arch small")
-    t0 = time.time()
-    source = inputs.scan(args.input, input_format=args.input_format, labels_from_folder=args.labels_from_folder,
-                         class_names=sidecar.class_names_from_flag(args.class_names), label_offset=args.label_offset,
-                         manifest=ground_truth.load_manifest(args.labels) if args.labels else None,
-                         ground_truth=ground_truth.load(args.ground_truth) if args.ground_truth else None)
-    inputs.warn_folder_labels(source)
-    logger.info("%d inputs in %d files, %d classes: %s", source.count, len(source.files), len(source.class_names),
-                ", ".join(source.class_names))
-    if len(source.class_names) < 2:
-        raise OptionsError(f"need at least 2 classes to train a classifier, found {list(source.class_names)}")
-    counts = label_counts(source, label_offset=args.label_offset, val_percent=args.val_percent)
-    print(_counts_table(counts), flush=True)
-    if counts["validation"]["images"] == 0:
-        raise OptionsError(f"--val_percent {args.val_percent} leaves no validation image; raise it")
+
+
+def _build_model(args, n: int):
+    """(Keras model, backbone or None, input size, scale, offset) of --arch."""
     size = parse_size(args.input_size)
     if size is None and args.arch == "small":
         size = [96, 96]
         logger.warning("--input_size not given: using %d,%d", *size)
-    n = len(source.class_names)
     activation = "sigmoid" if args.multi_label == "sigmoid" else "softmax"
-    backbone = None
     if args.arch == "small":
         size = tuple(size)
         model = train.cam_cnn(size, n, width=args.width, final_stride=args.final_stride,
                               dilation=args.dilation, seed=args.seed, activation=activation)
-        scale, offset = 1 / 255, 0.0
-    else:
-        try:
-            model, backbone, size, scale, offset = build_backbone_model(args, size, n, activation)
-        except backbones.BackboneError as exc:
-            raise OptionsError(str(exc)) from None
+        return model, None, size, 1 / 255, 0.0
+    try:
+        model, backbone, size, scale, offset = build_backbone_model(args, size, n, activation)
+    except backbones.BackboneError as exc:
+        raise OptionsError(str(exc)) from None
+    return model, backbone, size, scale, offset
+
+
+def _fit(args, model, backbone, source, counts, size, scale, offset) -> dict:
+    """Train (the two-phase fine-tune for a pretrained backbone), warning when it stops early or lands low."""
     common = dict(input_size=size, scale=scale, offset=offset, label_offset=args.label_offset,
                   val_percent=args.val_percent, batch_size=args.batch_size, seed=args.seed,
                   label_mode=args.multi_label)
@@ -284,41 +325,14 @@ def run(argv=None) -> dict:
         logger.warning("validation accuracy is low (%.1f%% < %.0f%%): boxes of misclassified images are boxes of "
                        "the wrong class; train longer, on more images, or from a pretrained backbone (--weights)",
                        100 * fit["val_accuracy"], 100 * LOW_VAL_ACCURACY)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    model.save(args.output)
-    seconds = round(time.time() - t0, 1)
-    meta = dict(
-        sidecar.Preprocessing(tuple(size), scale, offset, source.class_names).to_json(),
-        training={
-            "inputs": list(args.input),
-            "images": source.count,
-            "data_fingerprint": source.fingerprint,
-            "label_counts": counts,
-            "multi_label": args.multi_label,
-            "arch": args.arch,
-            "dilation": args.dilation if args.arch == "small" else None,
-            "weights": args.weights if args.arch != "small" else None,
-            "backbone": backbone.provenance if backbone is not None else None,
-            "final_feature_map": [int(d) for d in model.get_layer("gap").input.shape[1:3]],
-            "epochs_run": fit["epochs"],
-            "phases": fit.get("phases"),
-            "early_stopped": fit["early_stopped"],
-            "val_percent": args.val_percent,
-            "val_accuracy": fit["val_accuracy"],
-            "history": fit["history"],
-            "seconds": seconds,
-        },
-    )
-    with open(sidecar.sidecar_path(args.output), "w") as f:
-        json.dump(meta, f, indent=2)
-    meta["written"] = {"model": args.output, "sidecar": sidecar.sidecar_path(args.output)}
-    return meta
+    return fit
 
 
 def render(meta: dict) -> str:
     """What train prints once the model is saved."""
     t = meta["training"]
-    return (f"model:               {meta['written']['model']}\n"
+    return (f"{_counts_table(t['label_counts'])}\n"
+            f"model:               {meta['written']['model']}\n"
             f"sidecar:             {meta['written']['sidecar']}\n"
             f"validation accuracy: {t['val_accuracy']:.2%} after {t['epochs_run']} epochs\n"
             f"wall time:           {t['seconds']} s")

@@ -40,7 +40,8 @@ def test_refuses_existing_output_then_overwrite_replaces_it(small_shard, tiny_mo
     assert sorted(p.name for p in out.iterdir()) == before  # untouched
     second = run(*label_argv(small_shard, tiny_model_path, out, "--num_shards", "1", "--overwrite"))
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["annotations-00000-of-00001.parquet", "failures-00000-of-00001.parquet", "summary.json"]
+    assert names == ["annotations-00000-of-00001.parquet", "failures-00000-of-00001.parquet", "metrics.json",
+                     "summary.json"]
     assert [os.path.basename(f) for f in second["files"]["annotations"]] == ["annotations-00000-of-00001.parquet"]
     table = results.read_table(str(out))
     assert sorted(table.column("image_id").to_pylist()) == ["s0", "s1", "s2"]  # no rows of the first run
