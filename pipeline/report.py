@@ -252,23 +252,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
     """Write the report; returns what it wrote (paths relative to --output) and what it showed."""
     args = parser().parse_args(argv)
     t0 = time.time()
-    if args.per_class < 1 or args.max_side < 16:
-        raise OptionsError("--per_class must be >= 1 and --max_side >= 16")
-    if "://" in args.output:
-        raise OptionsError(f"--output must be a local folder (the page is opened from disk), got {args.output}")
-    out = os.path.abspath(args.output)
-    if os.path.exists(os.path.join(out, "index.html")) and not args.overwrite:
-        raise OptionsError(f"--output {out} already holds a report (index.html); pass --overwrite or choose a "
-                           "new folder")
-    results.check_run_folder(args.annotations)
-    table = results.read_table(args.annotations, "annotations")
-    failures = results.read_table(args.annotations, "failures").to_pylist()
-    try:
-        summary = results.read_summary(args.annotations)
-    except Exception:
-        summary = {}
-    if table.num_rows == 0 and not failures and not summary:
-        raise OptionsError(f"--annotations {args.annotations} holds no annotations, failures or summary.json")
+    out = _check_args(args)
+    table, failures, summary = _read_run(args.annotations)
     has_cams = "cams" in table.column_names
     # CAMs are most of the table's bytes: only the sampled rows' maps are turned into Python objects.
     rows = table.drop_columns(["cams"]).to_pylist() if has_cams else table.to_pylist()
@@ -337,6 +322,48 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     sheet = viz.contact_sheet(tiles) if tiles else viz.placeholder((320, 80), "no images")
     sheet.save(os.path.join(out, "contact_sheet.png"))
+    _write_plots(out, rows, boxes, class_names, per_class)
+    page = _page_html(args, summary, rows, failures, boxes, class_names, evaluation, ranked_out, sections,
+                      has_cams=has_cams, has_truth=has_truth, unavailable=counters["unavailable"])
+    with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
+        f.write(page)
+    info = {"index": os.path.join(out, "index.html"), "contact_sheet": os.path.join(out, "contact_sheet.png"),
+            "classes_shown": list(sample), "sorted_sections": [v["anchor"] for v in ranked_out],
+            "pictures": len(tiles), "cam_overlays": counters["overlays"], "unavailable": counters["unavailable"],
+            "has_cams": has_cams, "evaluation": evaluation is not None, "seconds": round(time.time() - t0, 2)}
+    return info
+
+
+
+def _check_args(args) -> str:
+    """The flags alone, and the output folder (local, not already a report unless --overwrite); returns it."""
+    if args.per_class < 1 or args.max_side < 16:
+        raise OptionsError("--per_class must be >= 1 and --max_side >= 16")
+    if "://" in args.output:
+        raise OptionsError(f"--output must be a local folder (the page is opened from disk), got {args.output}")
+    out = os.path.abspath(args.output)
+    if os.path.exists(os.path.join(out, "index.html")) and not args.overwrite:
+        raise OptionsError(f"--output {out} already holds a report (index.html); pass --overwrite or choose a "
+                           "new folder")
+    return out
+
+
+def _read_run(annotations: str):
+    """(annotations table, failure rows, summary or {}) of a labelling output; one that holds nothing is refused."""
+    results.check_run_folder(annotations)
+    table = results.read_table(annotations, "annotations")
+    failures = results.read_table(annotations, "failures").to_pylist()
+    try:
+        summary = results.read_summary(annotations)
+    except Exception:
+        summary = {}
+    if table.num_rows == 0 and not failures and not summary:
+        raise OptionsError(f"--annotations {annotations} holds no annotations, failures or summary.json")
+    return table, failures, summary
+
+
+def _write_plots(out: str, rows, boxes, class_names, per_class) -> None:
+    """The histograms and the per-class bar chart the page shows, as PNG files in `out`."""
     plots = {
         "score_hist.png": viz.histogram_png([b["score"] for b in boxes], title="Class probability of boxes",
                                             xlabel="score"),
@@ -353,6 +380,13 @@ def run(argv: Optional[list[str]] = None) -> dict:
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
 
+
+def _page_html(args, summary, rows, failures, boxes, class_names, evaluation, ranked_out, sections, *,
+               has_cams: bool, has_truth: bool, unavailable: int) -> str:
+    """index.html from the Jinja2 template (autoescaped): overview, evaluation, classes, sections, failures."""
+    per_class = collections.Counter(b["label"] for b in boxes)
+    images_per_class = collections.Counter(lbl for r in rows for lbl in {b["label"] for b in r["boxes"] or []})
+    class_index = {n: i for i, n in enumerate(class_names)}
     counts = summary.get("counts", {})
     cam_note = ("CAM overlays come from the run's cams column; beside the picture, the CAM of each other boxed "
                 "class." if has_cams else
@@ -372,18 +406,13 @@ def run(argv: Optional[list[str]] = None) -> dict:
                                                                               "CAM score histogram"),
                                       ("box_area_hist.png", "box area histogram")),
         ranked=ranked_out, cam_note=cam_note, has_truth=has_truth, per_class=args.per_class, seed=args.seed,
-        unavailable=counters["unavailable"], sections=sections, n_failures=len(failures),
+        unavailable=unavailable, sections=sections, n_failures=len(failures),
         failure_counts=[[s, e, n] for (s, e), n in by_stage.most_common()],
         failure_rows=[[f["stage"], f["error"], f["image_id"] or "", f["source"], f["message"]]
                       for f in failures[: args.max_failures]],
         summary_json=json.dumps(summary, indent=2, sort_keys=True) if summary else "")
-    with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
-        f.write(page)
-    info = {"index": os.path.join(out, "index.html"), "contact_sheet": os.path.join(out, "contact_sheet.png"),
-            "classes_shown": list(sample), "sorted_sections": [v["anchor"] for v in ranked_out],
-            "pictures": len(tiles), "cam_overlays": counters["overlays"], "unavailable": counters["unavailable"],
-            "has_cams": has_cams, "evaluation": evaluation is not None, "seconds": round(time.time() - t0, 2)}
-    return info
+    return page
+
 
 
 def render(info: dict) -> str:
