@@ -324,6 +324,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     sheet.save(os.path.join(out, "contact_sheet.png"))
     _write_plots(out, rows, boxes, class_names, per_class)
     page = _page_html(args, summary, rows, failures, boxes, class_names, evaluation, ranked_out, sections,
+                      per_class=per_class, images_per_class=images_per_class,
                       has_cams=has_cams, has_truth=has_truth, unavailable=counters["unavailable"])
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
@@ -382,10 +383,9 @@ def _write_plots(out: str, rows, boxes, class_names, per_class) -> None:
 
 
 def _page_html(args, summary, rows, failures, boxes, class_names, evaluation, ranked_out, sections, *,
+               per_class: collections.Counter, images_per_class: collections.Counter,
                has_cams: bool, has_truth: bool, unavailable: int) -> str:
     """index.html from the Jinja2 template (autoescaped): overview, evaluation, classes, sections, failures."""
-    per_class = collections.Counter(b["label"] for b in boxes)
-    images_per_class = collections.Counter(lbl for r in rows for lbl in {b["label"] for b in r["boxes"] or []})
     class_index = {n: i for i, n in enumerate(class_names)}
     counts = summary.get("counts", {})
     cam_note = ("CAM overlays come from the run's cams column; beside the picture, the CAM of each other boxed "

@@ -47,7 +47,7 @@ class ConvertedModel:
     """A converted forward graph, as workers need it (picklable, no TensorFlow objects).
 
     engine: the engine's name. path: the artifact file (local or any Beam filesystem).
-    fingerprint: content hash of the artifact (cam.file_fingerprint), checked on every worker.
+    fingerprint: content hash of the artifact (files.file_fingerprint), checked on every worker.
     precision: as asked ("auto" is decided on each worker by its own CPU) or fixed ("f32", "bf16").
     key: the cache key the artifact was made under (model, method options, engine version).
     input_size, num_classes: the graph's image size (H, W) and class count, for the batch checks.
