@@ -105,7 +105,8 @@ class Fitted:
 
     candidate: Candidate
     default: float
-    per_class: dict  # class id -> tau
+    per_class: dict  # class id -> tau (shrunk towards `default`, see `fit`)
+    per_class_fitted: dict = dataclasses.field(default_factory=dict)  # class id -> (own tau before shrinking, maps)
     stretch: tuple[float, float] = (1.0, 1.0)
     refiner: refine.BoxRefiner | None = None
     min_area: float = defaults.MIN_BOX_AREA
@@ -151,21 +152,25 @@ def _best_tau(table: np.ndarray, taus: np.ndarray, idx: np.ndarray, levels) -> f
 
 
 def fit(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, min_per_class: int = defaults.MIN_PER_CLASS,
-        min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS) -> Fitted:
+        min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Fitted:
     """Fit `cand` on `maps`, given `table` = metrics.iou_table of these maps with the candidate's box rule.
+
+    A class with at least `min_per_class` maps gets its own threshold, `metrics.shrunk_threshold` of its sweep's
+    towards the overall one by `shrink` maps.
 
     Raises:
       CandidateError: the correction cannot be fitted (refine.RefineError's reason).
     """
     all_idx = np.arange(len(maps.normed))
     default = _best_tau(table, taus, all_idx, levels)
-    per_class = {}
+    per_class, own = {}, {}
     if cand.per_class:
         for c in np.unique(maps.classes):
             sel = np.flatnonzero(maps.classes == c)
             if len(sel) >= min_per_class:
-                per_class[int(c)] = _best_tau(table, taus, sel, levels)
-    fitted = Fitted(cand, default, per_class, min_area=min_area)
+                own[int(c)] = (_best_tau(table, taus, sel, levels), len(sel))
+                per_class[int(c)] = metrics.shrunk_threshold(own[int(c)][0], len(sel), default, shrink)
+    fitted = Fitted(cand, default, per_class, own, min_area=min_area)
     if cand.post == "stretch":
         xyxy, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
         if not has.all():
@@ -183,7 +188,8 @@ def fit(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, min
             score = rep.refined[rep.chosen_alpha].mean()
             if best is None or score > best[0] + 1e-12:
                 best = (score, base, refiner)
-        fitted = dataclasses.replace(fitted, default=float(best[1]), per_class={}, refiner=best[2])
+        fitted = dataclasses.replace(fitted, default=float(best[1]), per_class={}, per_class_fitted={},
+                                     refiner=best[2])
     return fitted
 
 
@@ -211,7 +217,8 @@ class Score:
 
 
 def cross_validate(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, folds: int = FOLDS,
-                   min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS) -> Score:
+                   min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA,
+                   levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Score:
     """Fit on all folds but one, box the held-out one, over every fold; accuracy of the held-out boxes."""
     n = len(maps.normed)
     k = max(2, min(folds, n))
@@ -223,7 +230,7 @@ def cross_validate(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndar
             if not len(test):
                 continue
             got = fit(cand, maps.take(train), table[:, train], taus, min_per_class=min_per_class,
-                      min_area=min_area, levels=levels)
+                      min_area=min_area, levels=levels, shrink=shrink)
             part = maps.take(test)
             xyxy, has = got.boxes(part.normed, part.valid, part.classes)
             ious[test] = np.where(has, metrics.best_iou(xyxy, part.truths), 0.0)
@@ -246,7 +253,7 @@ class Choice:
 
 def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, folds: int = FOLDS,
            min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA, taus: np.ndarray | None = None,
-           levels=metrics.IOU_LEVELS) -> Choice:
+           levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Choice:
     """Cross-validate every candidate whose maps are in `maps_by_kind` ({MapKind: Maps}) and refit the best.
 
     Ties go to the earlier candidate of the table. Raises CandidateError when none can be fitted.
@@ -262,7 +269,7 @@ def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, 
             tables[key] = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, taus=taus,
                                             mode=cand.boxes, min_area=min_area)
         scores.append(cross_validate(cand, maps, tables[key], taus, folds=folds, min_per_class=min_per_class,
-                                     min_area=min_area, levels=levels))
+                                     min_area=min_area, levels=levels, shrink=shrink))
     ranked = [s for s in scores if s.accuracy is not None]
     if not ranked:
         raise CandidateError("no candidate could be fitted: " + "; ".join(f"{s.candidate.name}: {s.reason}"
@@ -270,5 +277,5 @@ def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, 
     best = max(ranked, key=lambda s: (round(s.mean, 12), -scores.index(s)))
     cand = best.candidate
     winner = fit(cand, maps_by_kind[cand.maps], tables[(cand.maps, cand.boxes)], taus, min_per_class=min_per_class,
-                 min_area=min_area, levels=levels)
+                 min_area=min_area, levels=levels, shrink=shrink)
     return Choice(scores, winner)

@@ -217,6 +217,17 @@ def baseline_box(kind: str, w: float, h: float, median: tuple[float, float]) -> 
     return np.array([w * (1 - mw) / 2, h * (1 - mh) / 2, w * (1 + mw) / 2, h * (1 + mh) / 2], np.float32)
 
 
+def shrunk_threshold(own: float, n: int, overall: float, shrink: float) -> float:
+    """A class's threshold `own`, fitted on `n` maps, pulled towards the `overall` one as if `shrink` more maps had
+    chosen that: (n own + shrink overall) / (n + shrink), to 0.01 (the sweep's step). shrink 0 keeps `own`; a
+    class seen on few maps stays near the overall choice (a James-Stein-like pull, calibrate --shrink)."""
+    if shrink < 0 or n < 0:
+        raise ValueError(f"shrink and n must be >= 0, got shrink={shrink}, n={n}")
+    if n + shrink == 0:
+        return round(float(overall), 2)
+    return round((n * float(own) + shrink * float(overall)) / (n + shrink), 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """The threshold sweep over all maps, and per class where a class has at least `min_per_class` maps."""
@@ -227,13 +238,12 @@ class Calibration:
     instances: boxlib.InstanceRule | None = None  # chosen with the thresholds for --boxes instances
 
     def class_threshold(self, c: int, shrink: float = 0.0) -> float:
-        """Class `c`'s threshold, pulled towards the overall one as if `shrink` more maps had chosen it:
-        (n t_c + shrink t) / (n + shrink), to 0.01. A class seen on few maps stays near the overall choice."""
+        """Class `c`'s threshold, `shrunk_threshold` of its own towards the overall one (the overall one for a
+        class without its own sweep)."""
         t = self.overall.best_threshold
         if c not in self.per_class:
             return t
-        n = self.counts[c]
-        return round((n * self.per_class[c].best_threshold + shrink * t) / (n + shrink), 2)
+        return shrunk_threshold(self.per_class[c].best_threshold, self.counts[c], t, shrink)
 
     def thresholds(self, class_names: Sequence[str], *, shrink: float = 0.0) -> Thresholds:
         """The chosen thresholds, as the `--thresholds` document `weakloc label` reads (per class: shrunk)."""

@@ -2,6 +2,8 @@
 
     {"default": 0.34,                          tau for classes without their own
      "per_class": {"cat": 0.41},               tau per class name
+     "per_class_shrink": 10.0,                 how far calibrate pulled each per_class tau towards default: as if
+                                               this many more maps had chosen default (a record, >= 0)
      "cam_contrast": true,                     the maps were contrast CAMs: label makes the same kind
      "box_stretch": [0.9, 1.2],                scale box width and height about the centre
      "box_refine": {...},                      a refine.BoxRefiner (replaces the stretch)
@@ -29,7 +31,7 @@ from .boxes import InstanceRule
 from .refine import BoxRefiner
 
 # The keys that mean something to `label`, in the order they are written.
-_KNOWN = ("default", "per_class", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
+_KNOWN = ("default", "per_class", "per_class_shrink", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
           "method", "candidates", "calibration")
 _BOX_RULES = ("largest", "all", "union", "instances")  # annotate.BOX_MODES (annotate imports this module's neighbours)
 
@@ -99,6 +101,7 @@ class Thresholds:
 
     default: Optional[float] = None
     per_class: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    per_class_shrink: Optional[float] = None
     cam_contrast: Optional[bool] = None
     box_stretch: Optional[tuple[float, float]] = None
     box_refine: Optional[BoxRefiner] = None
@@ -130,6 +133,9 @@ class Thresholds:
         contrast = doc.get("cam_contrast")
         if contrast is not None and not isinstance(contrast, bool):
             raise ThresholdsError(f"cam_contrast in {where} must be true or false")
+        shrink = doc.get("per_class_shrink")
+        if shrink is not None and (isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or shrink < 0):
+            raise ThresholdsError(f"per_class_shrink in {where} must be a number >= 0, got {shrink!r}")
         stretch = doc.get("box_stretch")
         refiner = _nested(doc.get("box_refine"), BoxRefiner.from_json, where)
         instances = _nested(doc.get("instances"), InstanceRule.from_json, where)
@@ -138,6 +144,7 @@ class Thresholds:
         return cls(
             default=None if default is None else _unit("default", default),
             per_class={n: _unit(f"per_class[{n!r}]", v) for n, v in per.items()},
+            per_class_shrink=None if shrink is None else float(shrink),
             cam_contrast=contrast,
             box_stretch=None if stretch is None else parse_stretch(stretch, f"box_stretch in {where}"),
             box_refine=refiner,
@@ -151,6 +158,8 @@ class Thresholds:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"default": self.default, "per_class": dict(self.per_class)}
+        if self.per_class_shrink is not None:
+            out["per_class_shrink"] = self.per_class_shrink
         if self.cam_contrast is not None:
             out["cam_contrast"] = self.cam_contrast
         if self.box_stretch is not None:

@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True, help="thresholds JSON to write")
     ap.add_argument("--min_per_class", type=int, default=defaults.MIN_PER_CLASS,
                     help="a class gets its own threshold only with at least this many boxed images")
+    ap.add_argument("--shrink", type=float, default=defaults.THRESHOLD_SHRINK, metavar="MAPS",
+                    help="pull each class's own threshold towards the overall one as if this many more boxed "
+                         "images had chosen the overall one: (n t_class + MAPS t) / (n + MAPS); 0 keeps the "
+                         "classes' own, so a class fitted on 10 images moves half-way with the default")
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
     ap.add_argument("--boxes", choices=("largest", "union", "instances"), default="largest",
                     help="calibrate the box rule label will use (label --boxes); instances: also choose the "
@@ -144,6 +148,8 @@ def run(argv=None) -> dict:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
     if args.min_per_class < 1:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
+    if not args.shrink >= 0:  # also refuses nan
+        raise OptionsError(f"--shrink must be >= 0, got {args.shrink}")
     if args.refine_boxes and (args.fit_box_stretch or args.boxes != "largest"):
         raise OptionsError("--refine_boxes refines largest-component boxes and replaces the stretch: drop "
                            f"--fit_box_stretch and --boxes {args.boxes}")
@@ -206,7 +212,7 @@ def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
             maps_by_kind[choose.DEFAULT.maps], top1, used = maps_of(choose.DEFAULT.maps)
     try:
         choice = choose.choose(maps_by_kind, candidates, min_per_class=args.min_per_class,
-                               min_area=args.min_box_area)
+                               min_area=args.min_box_area, shrink=args.shrink)
     except choose.CandidateError as exc:
         raise OptionsError(str(exc)) from None
     winner = choice.winner
@@ -217,6 +223,7 @@ def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
     counts = {int(c): int((maps.classes == c).sum()) for c in np.unique(maps.classes)}
     thresholds = dataclasses.replace(
         winner.thresholds(box_names),
+        per_class_shrink=args.shrink if winner.per_class else None,
         candidates=[{"name": s.candidate.name, "cam_contrast": s.candidate.maps.contrast,
                      "flip_tta": s.candidate.maps.flip_tta, "boxes": s.candidate.boxes, "post": s.candidate.post,
                      "per_class": s.candidate.per_class,
@@ -235,11 +242,12 @@ def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
             "best_mean_accuracy": float(sweep.accuracy[sweep.best_index].mean()),
             "levels": list(sweep.levels),
             "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
-            "per_class": {box_names[c]: {"pairs": n, "threshold": winner.per_class.get(c)}
+            "per_class": {box_names[c]: {"pairs": n, "fitted": winner.per_class_fitted.get(c, (None,))[0],
+                                         "threshold": winner.per_class.get(c)}
                           for c, n in sorted(counts.items())},
         },
     )
-    per = ", ".join(f"{k}={v:.2f}" for k, v in thresholds.per_class.items()) or "none"
+    per = _per_class_text(winner.per_class, winner.per_class_fitted, box_names, winner.default, args)
     notes = ""
     if winner.stretch != (1.0, 1.0):
         notes += f"box stretch: width x{winner.stretch[0]:.2f}, height x{winner.stretch[1]:.2f}\n"
@@ -260,7 +268,9 @@ def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, 
     cal = detection.calibrate_instances(maps.normed, maps.truths, maps.classes, valid=maps.valid,
                                         min_per_class=args.min_per_class)
     sweep, r = cal.overall, cal.instances
-    thresholds = dataclasses.replace(cal.thresholds(box_names), cam_contrast=bool(args.cam_contrast),
+    thresholds = dataclasses.replace(cal.thresholds(box_names, shrink=args.shrink),
+                                     cam_contrast=bool(args.cam_contrast),
+                                     per_class_shrink=args.shrink if cal.per_class else None,
                                      method=Method(name="instances", flip_tta=args.flip_tta, boxes="instances",
                                                    min_box_area=args.min_box_area))
     thresholds = dataclasses.replace(thresholds, calibration={
@@ -268,16 +278,28 @@ def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, 
         "top1": float(top1.mean()), "max_instance_f1": sweep.max_box_acc_v2, "levels": list(sweep.levels),
         "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
         "per_class": {box_names[c]: {"pairs": cal.counts[c],
-                                     "threshold": cal.per_class[c].best_threshold if c in cal.per_class else None}
+                                     "fitted": cal.per_class[c].best_threshold if c in cal.per_class else None,
+                                     "threshold": cal.class_threshold(c, args.shrink) if c in cal.per_class else None}
                       for c in sorted(cal.counts)},
     })
-    per = ", ".join(f"{k}={v:.2f}" for k, v in thresholds.per_class.items()) or "none (too few images per class)"
+    per = _per_class_text({c: cal.class_threshold(c, args.shrink) for c in cal.per_class},
+                          {c: (cal.per_class[c].best_threshold, cal.counts[c]) for c in cal.per_class}, box_names,
+                          sweep.best_threshold, args)
     # The curve is instance F1 at the chosen rule, its best-per-level mean in place of MaxBoxAccV2.
     text = (_curve_text(sweep, "F1") + f"\n\nimages: {used} ({len(maps.classes)} image-class pairs), top-1 on them "
             f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   max instance F1: "
             f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\ninstance rule: components >= "
             f"{r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
     return thresholds, text
+
+
+def _per_class_text(per_class: dict, fitted: dict, box_names, default: float, args) -> str:
+    """`apple=0.45 (own 0.60 on 10 images)`, and how they were pulled towards the overall threshold."""
+    if not per_class:
+        return f"none (no class has --min_per_class {args.min_per_class} boxed images, or the method has one threshold)"
+    parts = [f"{box_names[c]}={t:.2f}" + (f" (own {fitted[c][0]:.2f} on {fitted[c][1]})" if c in fitted else "")
+             for c, t in sorted(per_class.items())]
+    return ", ".join(parts) + f"; shrunk towards {default:.2f} by --shrink {args.shrink:g}"
 
 
 def _candidates_text(choice: choose.Choice) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import choose, metrics, opening, records, synthetic
+from weakloc.models import choose, defaults, metrics, opening, records, synthetic
 from weakloc.pipeline import calibrate, cli, inputs, label, results
 
 from tests.helpers import RUNNER, png_bytes
@@ -139,7 +139,8 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
     # calibrate's own fit, redone here on the same maps: what label must reproduce.
     examples, prep, maps = calibrate_maps(tiny_model_path, boxed_shard, cand.maps)
     table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
-    fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5)
+    fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5,
+                        shrink=defaults.THRESHOLD_SHRINK)  # calibrate's default --shrink
     assert fitted.thresholds(prep.class_names).to_json().items() <= doc.items()
     expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
     out = tmp_path / "labels"
@@ -201,3 +202,49 @@ def test_a_malformed_method_in_the_file_is_refused(tiny_model_path, boxed_shard,
     with pytest.raises(ThresholdsError, match="method.boxes in .* must be one of"):
         label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(tmp_path / "o"),
                    "--thresholds", str(thr), f"--runner={RUNNER}"])
+
+
+def _one_hot_table(best_index, taus):
+    """An iou_table (T, N) by hand: map i overlaps its truth perfectly at taus[best_index[i]] only."""
+    table = np.zeros((len(taus), len(best_index)), np.float32)
+    table[np.asarray(best_index), np.arange(len(best_index))] = 1.0
+    return table
+
+
+def test_per_class_thresholds_shrink_towards_the_overall_one():
+    # 10 maps of class 0 right only at 0.6, 30 of class 1 only at 0.2, 4 of class 2 only at 0.4 (too few for its
+    # own). Overall, 0.2 is right for most (30 of 44). Shrunk by 10: class 0 (10*0.6 + 10*0.2) / 20 = 0.40,
+    # class 1 (30*0.2 + 10*0.2) / 40 = 0.20; with shrink 0 class 0 keeps 0.60.
+    taus = np.round(np.arange(0, 1, 0.1), 2)
+    classes = np.array([0] * 10 + [1] * 30 + [2] * 4)
+    table = _one_hot_table([6] * 10 + [2] * 30 + [4] * 4, taus)
+    n = len(classes)
+    maps = choose.Maps(np.zeros((n, 4, 4), np.float32), np.ones(n, bool), [np.zeros((1, 4))] * n, classes)
+    cand = choose.candidate("cam")
+    shrunk = choose.fit(cand, maps, table, taus, min_per_class=10, shrink=10)
+    assert shrunk.default == pytest.approx(0.2)
+    assert shrunk.per_class == pytest.approx({0: 0.40, 1: 0.20})
+    assert shrunk.per_class_fitted == {0: (pytest.approx(0.6), 10), 1: (pytest.approx(0.2), 30)}
+    assert choose.fit(cand, maps, table, taus, min_per_class=10, shrink=0).per_class == pytest.approx({0: 0.6, 1: 0.2})
+    # Huge shrink: every class ends at the overall threshold.
+    assert choose.fit(cand, maps, table, taus, min_per_class=10, shrink=1e9).per_class == pytest.approx({0: 0.2,
+                                                                                                         1: 0.2})
+    assert metrics.shrunk_threshold(0.6, 0, 0.2, 0) == 0.2  # nothing fitted, nothing added: the overall one
+    with pytest.raises(ValueError, match="shrink and n must be >= 0"):
+        metrics.shrunk_threshold(0.6, 10, 0.2, -1)
+
+
+def test_calibrate_records_the_shrink_it_applied(tiny_model_path, boxed_shard, tmp_path, capsys):
+    thr = tmp_path / "thr.json"
+    doc = calibrate.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(thr),
+                         "--candidates", "cam", "--min_per_class", "5", "--shrink", "7"])
+    saved = json.loads(thr.read_text())
+    assert saved["per_class_shrink"] == 7 and saved["per_class"]
+    for name, rec in saved["calibration"]["per_class"].items():
+        want = round((rec["pairs"] * rec["fitted"] + 7 * saved["default"]) / (rec["pairs"] + 7), 2)
+        assert saved["per_class"][name] == pytest.approx(want) == rec["threshold"]
+    assert "shrunk towards" in calibrate.render(doc) and "--shrink 7" in calibrate.render(doc)
+    code = cli.main(["calibrate", "--input", boxed_shard, "--model", tiny_model_path,
+                     "--output", str(tmp_path / "t.json"), "--shrink", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == "weakloc calibrate: error: --shrink must be >= 0, got -1.0"
