@@ -1,7 +1,8 @@
 """Ground truth and labels in the formats users keep them: Pascal VOC XML, COCO detection JSON, label manifests.
 
 Pure parsing: text (or a parsed JSON document) in, plain Python out; reading files is pipeline/ground_truth.py's.
-Boxes are x0y0x1y1 continuous pixels of the stored picture, max edge exclusive: VOC's 1-based inclusive corners
+Boxes are x0y0x1y1 continuous pixels of the picture the file was drawn on, max edge exclusive (voc_boxes_as_seen
+turns VOC boxes into the EXIF-rotated frame weakloc decodes to): VOC's 1-based inclusive corners
 become (xmin - 1, ymin - 1, xmax, ymax), COCO's (x, y, w, h) becomes (x, y, x + w, y + h).
 """
 from __future__ import annotations
@@ -14,6 +15,36 @@ import xml.etree.ElementTree as ET
 
 # (class name, [x0, y0, x1, y1]) per true box of one picture.
 Objects = list[tuple[str, list[float]]]
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def voc_boxes_as_seen(objs: Objects, declared: tuple[int, int], seen: tuple[int, int], orientation: int) -> Objects:
+    """VOC boxes in the frame weakloc decodes a picture to: after its EXIF orientation (ImageOps.exif_transpose).
+
+    A VOC file says which frame it was drawn on only through its <size>. When that is the size as seen (after
+    the rotation) and not the stored one, the boxes are already as seen. Otherwise (the stored size, 0x0, or a
+    rotation that keeps the size, 2-4, or a square picture) they are taken as drawn on the stored pixels, as
+    labelImg, the usual VOC writer, draws them (it reads pixels without applying EXIF and writes their size),
+    and are rotated with the picture.
+
+    Args:
+      objs: the file's objects, boxes x0y0x1y1 in pixels (voc_boxes).
+      declared: (width, height) of the file's <size>; (0, 0) when unknown.
+      seen: (width, height) of the decoded picture, after EXIF orientation.
+      orientation: the picture's EXIF orientation tag, 1-8 (anything else: 1, nothing to do).
+    """
+    from .boxes import orient_normalized_boxes  # boxes.py pulls in OpenCV: only when a picture is rotated
+
+    if orientation not in range(2, 9) or not objs:
+        return objs
+    sw, sh = seen
+    stored = (sh, sw) if orientation in _TRANSPOSED else (sw, sh)
+    if tuple(declared) == (sw, sh) and (sw, sh) != stored:
+        return objs
+    norm = [[b[0] / stored[0], b[1] / stored[1], b[2] / stored[0], b[3] / stored[1]] for _, b in objs]
+    turned = orient_normalized_boxes(norm, orientation).tolist()
+    return [(n, [b[0] * sw, b[1] * sh, b[2] * sw, b[3] * sh]) for (n, _), b in zip(objs, turned)]
 
 
 class GroundTruthError(ValueError):

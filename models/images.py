@@ -65,6 +65,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def file_orientation(stream) -> int:
+    """The EXIF orientation tag (1-8; 1 when absent) of an open image file, read as decode_image reads it, without
+    keeping its pixels. Raises what Pillow raises for a file it cannot open."""
+    with Image.open(stream) as img:
+        if img.format != "JPEG":
+            img.load()  # PNG and others may keep EXIF after the pixels
+        return _orientation(img)
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation tag (1-8), 1 when absent or unreadable: a broken EXIF block must not cost the picture."""
     try:

@@ -2,6 +2,7 @@
 
     weakloc datasets cluttered-mnist --idx_dir ../shared/data/mnist --output data/cmnist
     weakloc datasets shapes --output data/shapes
+    weakloc datasets images --input 'photos/*.jpg' [--ground_truth VOC_DIR|COCO.json|TFRECORDS] --output data/mine
 
 cluttered-mnist (see models/mnist.py) writes train-*, calib-* and eval-* shards. Digits 0-7999 of the MNIST test
 set feed training and calibration, 8000-9999 evaluation, so no source digit (nor clutter fragment) is shared
@@ -14,10 +15,10 @@ import json
 import logging
 import os
 
-from weakloc.models import files, groundtruth, mnist, synthetic
+from weakloc.models import files, mnist, synthetic
 
 from .options import OptionsError
-from .args import Parser
+from .args import Parser, ground_truth_flag
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,15 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--calib_per_class", type=int, default=5, help="boxed training images set aside per class")
     ph.add_argument("--test_percent", type=float, default=20.0, help="kangaroo/raccoon images held out for test")
     ph.add_argument("--seed", type=int, default=0, help="seed of the kangaroo/raccoon split")
+    im = sub.add_parser("images", help="your own pictures with true boxes (VOC XML, COCO JSON or TFRecords)",
+                        parents=[ground_truth_flag("true boxes (and image-level labels: their object names)",
+                                                   "VOC XML beside the pictures")])
+    im.add_argument("--input", action="append", required=True, metavar="PATTERN",
+                    help="picture files (.jpg, .jpeg, .png), e.g. 'photos/*.jpg'; repeatable")
+    im.add_argument("--output", required=True, help="folder for the train, calib and test shards")
+    im.add_argument("--calib_per_class", type=int, default=5, help="boxed training images set aside per class")
+    im.add_argument("--test_percent", type=float, default=20.0, help="pictures held out for test")
+    im.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     sh = sub.add_parser("shapes", help="the synthetic shapes set of `weakloc demo`")
     sh.add_argument("--output", required=True, help="folder for the train, calib and eval shards")
     sh.add_argument("--train", type=int, default=2400, help="training images")
@@ -81,6 +91,8 @@ def run(argv=None) -> dict:
             logger.info("%s: %d canvases from digits %d-%d", split, len(data.labels), lo, hi - 1)
     elif args.dataset == "photos":
         made = photos(args)
+    elif args.dataset == "images":
+        made = images(args)
     else:
         made = {}
         for split, n, seed in (("train", args.train, args.seed), ("calib", args.calib, args.seed + 1),
@@ -110,24 +122,27 @@ def render(doc: dict) -> str:
                      for split, info in doc["splits"].items())
 
 
-def _voc_pairs(images_dir: str, xml_dir: str) -> list[tuple[str, str]]:
-    out = []
-    for fn in sorted(os.listdir(images_dir)):
-        stem, ext = os.path.splitext(fn)
-        xml = os.path.join(xml_dir, stem + ".xml")
-        if ext.lower() in (".jpg", ".jpeg", ".png") and os.path.exists(xml):
-            out.append((os.path.join(images_dir, fn), xml))
-    return out
+def _pictures(folder: str) -> list[str]:
+    return [os.path.join(folder, fn) for fn in sorted(os.listdir(folder)) if fn.lower().endswith(PICTURE_EXTS)]
+
+
+PICTURE_EXTS = (".jpg", ".jpeg", ".png")
+# EXIF orientation -> its inverse (the others are their own): seen-frame boxes back to the stored grid.
+_INVERSE_ORIENTATION = {6: 8, 8: 6}
+
+
+def _held_out(items: list, percent: float, rng) -> tuple[list, list]:
+    """(train, test) by a seeded shuffle, `percent` of the items to test."""
+    order = rng.permutation(len(items))
+    n_test = int(round(len(items) * percent / 100))
+    return [items[i] for i in order[n_test:]], [items[i] for i in order[:n_test]]
 
 
 def photos(args) -> dict:
-    """Fruit train/test as given; kangaroo and raccoon split by a seeded shuffle. Image-level labels are the
-    object names of each picture's VOC file; `calib_per_class` boxed training pictures per class go to a calib
-    split (out of training). Sizes come from the pictures themselves (some VOC files say 0x0)."""
+    """Fruit train/test as given; kangaroo and raccoon split by a seeded shuffle, their VOC folders beside."""
     import numpy as np
-    from PIL import Image, ImageOps
 
-    from weakloc.models import records
+    from . import ground_truth
 
     root = args.root
     expected = [os.path.join(root, *parts) for parts in (("fruit", "train"), ("fruit", "test"), ("kangaroo", "images"),
@@ -138,33 +153,68 @@ def photos(args) -> dict:
         raise OptionsError(f"--root {root} is not the photos folder: expected fruit/train, fruit/test, "
                            f"kangaroo/images+annots and raccoon/images+annotations inside it, missing "
                            f"{', '.join(os.path.relpath(p, root) for p in missing)}")
-    os.makedirs(args.output, exist_ok=True)
-    fruit = os.path.join(root, "fruit")
     splits = {"train": [], "test": []}
     for split in ("train", "test"):
-        splits[split] += _voc_pairs(os.path.join(fruit, split), os.path.join(fruit, split))
+        folder = os.path.join(root, "fruit", split)
+        truth = ground_truth.load([folder])
+        splits[split] += [(p, truth) for p in _pictures(folder)]
     rng = np.random.default_rng(args.seed)
     for name, xml_dir in (("kangaroo", "annots"), ("raccoon", "annotations")):
-        pairs = _voc_pairs(os.path.join(root, name, "images"), os.path.join(root, name, xml_dir))
-        order = rng.permutation(len(pairs))
-        n_test = int(round(len(pairs) * args.test_percent / 100))
-        splits["test"] += [pairs[i] for i in order[:n_test]]
-        splits["train"] += [pairs[i] for i in order[n_test:]]
+        truth = ground_truth.load([os.path.join(root, name, xml_dir)])
+        train, test = _held_out([(p, truth) for p in _pictures(os.path.join(root, name, "images"))],
+                                args.test_percent, rng)
+        splits["train"] += train
+        splits["test"] += test
+    return _write_boxed(splits, root, args)
+
+
+def images(args) -> dict:
+    """Any boxed pictures: --input's image files, their true boxes from --ground_truth (else VOC XML beside them),
+    split by a seeded shuffle into train (and calib) and test."""
+    import numpy as np
+
+    from . import ground_truth, inputs
+
+    files = [p for p in inputs.match_patterns(args.input) if p.lower().endswith(PICTURE_EXTS)]
+    if not files:
+        raise OptionsError(f"--input {' '.join(args.input)} matches no .jpg, .jpeg or .png file")
+    truth = (ground_truth.load(args.ground_truth) if args.ground_truth else ground_truth.beside_images(files))
+    if truth is None:
+        raise OptionsError(f"no true boxes for the {len(files)} pictures of --input: no VOC XML beside them (same "
+                           "stem, or in annots/ or annotations/ next to their folder); pass --ground_truth "
+                           "VOC_DIR|COCO.json|TFRECORDS")
+    train, test = _held_out([(p, truth) for p in files], args.test_percent, np.random.default_rng(args.seed))
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files])
+    return _write_boxed({"train": train, "test": test}, root, args)
+
+
+def _write_boxed(splits: dict, root: str, args) -> dict:
+    """Write each split's (picture, GroundTruth) pairs as one shard; image-level labels are the picture's object
+    names, and `args.calib_per_class` single-class training pictures per class go to a calib split. Boxes are
+    turned from the picture as seen to the stored grid TFRecords keep (models/reading.py turns them back)."""
+    from PIL import Image, ImageOps
+
+    from weakloc.models import boxes, images as imagelib, records
+
+    os.makedirs(args.output, exist_ok=True)
     examples = {"train": [], "calib": [], "test": []}
     per_class_calib: dict[str, int] = {}
-    skipped = 0
-    for split, pairs in splits.items():
-        for img_path, xml_path in pairs:
-            with open(xml_path, encoding="utf-8") as f:
-                _, _, _, objs = groundtruth.voc_boxes(f.read())
+    skipped = unknown = 0
+    for split, items in splits.items():
+        for img_path, truth in items:
             with open(img_path, "rb") as f:
                 encoded = f.read()
             try:
                 with Image.open(img_path) as im:
+                    orientation = imagelib.file_orientation(img_path)
                     w, h = ImageOps.exif_transpose(im).size
             except Exception as exc:  # a truncated JPEG still has a header; a broken one is left out, said so
                 logger.warning("skipping %s: %s", img_path, exc)
                 skipped += 1
+                continue
+            objs = truth.pixel_boxes(img_path, img_path, w, h, orientation)
+            if objs is None:
+                unknown += 1
                 continue
             names = sorted({o[0] for o in objs})
             if not names:
@@ -173,15 +223,18 @@ def photos(args) -> dict:
             if split == "train" and len(names) == 1 and per_class_calib.get(names[0], 0) < args.calib_per_class:
                 per_class_calib[names[0]] = per_class_calib.get(names[0], 0) + 1
                 target = "calib"
-            rel = os.path.relpath(img_path, root)
+            seen = [[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for _, b in objs]
+            stored = boxes.orient_normalized_boxes(seen, _INVERSE_ORIENTATION.get(orientation, orientation)).tolist()
             examples[target].append(records.make_example(
-                encoded, source_id=rel, filename=os.path.basename(img_path), label_texts=names,
-                boxes=[[b[0] / w, b[1] / h, b[2] / w, b[3] / h] for _, b in objs], box_texts=[o[0] for o in objs],
-                width=w, height=h))
+                encoded, source_id=os.path.relpath(img_path, root), filename=os.path.basename(img_path),
+                label_texts=names, boxes=stored, box_texts=[o[0] for o in objs], width=w, height=h))
+    if unknown:
+        logger.warning("%d pictures have no true boxes in the ground truth and were left out", unknown)
     made = {}
     for split, exs in examples.items():
         paths = files.shard_paths(args.output, split, 1)
         files.write_tfrecord_shards(exs, paths)
         made[split] = {"images": len(exs), "files": paths}
     made["skipped_unreadable"] = {"images": skipped, "files": []}
+    made["without_ground_truth"] = {"images": unknown, "files": []}
     return made

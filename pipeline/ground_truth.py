@@ -5,8 +5,9 @@ and `train`: one reader for every command.
     --labels manifest.csv | manifest.jsonl                      (path,label[,label...])
 
 Pictures meet their truth by image id, then by file name, then by file stem; a folder of JPEGs with VOC XML beside
-them (same stem) needs no flag at all. Boxes come back in pixels of the stored picture (x0y0x1y1, max edge
-exclusive), whatever the source: TFRecord boxes, stored normalised, are scaled by the picture's size.
+them (same stem) needs no flag at all. Boxes come back in pixels of the picture as decoded, after its EXIF
+orientation (x0y0x1y1, max edge exclusive), whatever the source: VOC boxes of a rotated picture turn with it
+(models/groundtruth.voc_boxes_as_seen), TFRecord boxes, stored normalised, are scaled by the picture's size.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 import posixpath
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -30,35 +31,62 @@ logger = logging.getLogger(__name__)
 _XML_FOLDERS = ("annots", "annotations", "Annotations", "xml")
 
 
+class Entry(NamedTuple):
+    """One picture's true boxes as its source gives them."""
+
+    objects: Objects
+    normalised: bool  # fractions of the picture (TFRecords), else pixels
+    voc_size: Optional[tuple[int, int]] = None  # a VOC file's declared (width, height) ((0, 0): none); see pixel_boxes
+
+
 @dataclasses.dataclass
 class GroundTruth:
-    """True boxes per picture. `entries[key] = (objects, normalised)`; normalised boxes are fractions of the
-    picture (TFRecords), the others pixels."""
+    """True boxes per picture, by key (id, file name, stem)."""
 
-    entries: dict[str, tuple[Objects, bool]]
+    entries: dict[str, Entry]
     origin: list[str]
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def find(self, image_id: str, source: Optional[str] = None) -> Optional[tuple[Objects, bool]]:
+    def find(self, image_id: str, source: Optional[str] = None) -> Optional[Entry]:
         for key in _keys(image_id, source):
             if key in self.entries:
                 return self.entries[key]
         return None
 
-    def pixel_boxes(self, image_id: str, source: Optional[str], width: int, height: int) -> Optional[Objects]:
-        """The picture's true boxes in pixels, or None when the ground truth does not know it."""
+    def pixel_boxes(self, image_id: str, source: Optional[str], width: int, height: int,
+                    orientation: Optional[int] = None) -> Optional[Objects]:
+        """The picture's true boxes in pixels of the picture as decoded (`width` x `height`, after its EXIF
+        orientation), or None when the ground truth does not know it.
+
+        VOC boxes of a rotated picture are turned with it (groundtruth.voc_boxes_as_seen); the picture's
+        `orientation` is read from `source` when not given (an unreadable file: taken as not rotated)."""
         found = self.find(image_id, source)
         if found is None:
             return None
-        objs, normalised = found
-        if not normalised:
-            return [(n, list(b)) for n, b in objs]
-        return [(n, [b[0] * width, b[1] * height, b[2] * width, b[3] * height]) for n, b in objs]
+        objs, normalised, voc_size = found
+        if normalised:
+            return [(n, [b[0] * width, b[1] * height, b[2] * width, b[3] * height]) for n, b in objs]
+        objs = [(n, list(b)) for n, b in objs]
+        if voc_size is None:
+            return objs
+        if orientation is None:
+            orientation = _orientation_of(source or image_id)
+        return gtf.voc_boxes_as_seen(objs, voc_size, (width, height), orientation)
 
     def class_names(self) -> list[str]:
-        return sorted({n for objs, _ in self.entries.values() for n, _ in objs})
+        return sorted({n for e in self.entries.values() for n, _ in e.objects})
+
+
+def _orientation_of(path: str) -> int:
+    from weakloc.models.images import file_orientation
+
+    try:
+        with FileSystems.open(path) as f:
+            return file_orientation(f)
+    except Exception:  # no such file (an id, not a path) or not a picture: nothing to rotate by
+        return 1
 
 
 def _keys(image_id: str, source: Optional[str]) -> list[str]:
@@ -75,21 +103,21 @@ def _read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
-def _voc_entries(xml_paths: Iterable[str]) -> dict[str, tuple[Objects, bool]]:
-    out: dict[str, tuple[Objects, bool]] = {}
+def _voc_entries(xml_paths: Iterable[str]) -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
     for path in xml_paths:
         try:
-            name, _, _, objs = gtf.voc_boxes(_read_text(path))
+            name, w, h, objs = gtf.voc_boxes(_read_text(path))
         except (gtf.GroundTruthError, UnicodeDecodeError) as exc:
             raise OptionsError(f"--ground_truth: {path}: {exc}") from None
         # Some VOC files name another extension or nothing useful: the XML's own stem is a key too.
         for key in (name, gtf.stem(name) if name else "", gtf.stem(path)):
             if key:
-                out.setdefault(key, (objs, False))
+                out.setdefault(key, Entry(objs, False, (w, h)))
     return out
 
 
-def load_voc(folder: str) -> dict[str, tuple[Objects, bool]]:
+def load_voc(folder: str) -> dict[str, Entry]:
     """Every *.xml under `folder`, recursively, keyed by the file name it names, its stem and the XML's stem."""
     xmls = [os.path.join(d, fn) for d, _, files in os.walk(folder) for fn in sorted(files) if fn.endswith(".xml")]
     if not xmls:
@@ -97,33 +125,33 @@ def load_voc(folder: str) -> dict[str, tuple[Objects, bool]]:
     return _voc_entries(xmls)
 
 
-def load_coco(path: str) -> dict[str, tuple[Objects, bool]]:
+def load_coco(path: str) -> dict[str, Entry]:
     try:
         index = gtf.coco_index(json.loads(_read_text(path)))
     except json.JSONDecodeError as exc:
         raise OptionsError(f"--ground_truth {path} is not valid JSON: {exc}") from None
     except gtf.GroundTruthError as exc:
         raise OptionsError(f"--ground_truth {path}: {exc}") from None
-    return {k: (v, False) for k, v in index.items()}
+    return {k: Entry(v, False) for k, v in index.items()}
 
 
-def load_tfrecords(pattern: str, class_names: Sequence[str] = ()) -> dict[str, tuple[Objects, bool]]:
+def load_tfrecords(pattern: str, class_names: Sequence[str] = ()) -> dict[str, Entry]:
     """Boxes the shards' examples carry (image/object/bbox/*, normalised), keyed by image id; integer box labels
     are named by `class_names`."""
     from . import inputs
 
     source = inputs.scan([pattern], input_format="tfrecord", class_names=tuple(class_names) or ("",))
-    out: dict[str, tuple[Objects, bool]] = {}
+    out: dict[str, Entry] = {}
     for ex in inputs.iterate(source, keep_texts=True):
         objs = [(t, list(b)) for t, b in zip(ex.gt_texts, ex.gt_boxes.tolist())]
-        out[ex.image_id] = (objs, True)
+        out[ex.image_id] = Entry(objs, True)
     return out
 
 
 def load(specs: Sequence[str], class_names: Sequence[str] = ()) -> GroundTruth:
     """One GroundTruth from `--ground_truth` values: VOC folders, COCO .json files and TFRecord patterns
     (whose integer labels `class_names` names)."""
-    entries: dict[str, tuple[Objects, bool]] = {}
+    entries: dict[str, Entry] = {}
     for spec in specs:
         if spec.endswith(".json"):
             if not FileSystems.exists(spec):

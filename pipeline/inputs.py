@@ -75,7 +75,7 @@ def _image_labels(source: "Source", path: str, folder_label: Optional[str]) -> l
     return [folder_label] if folder_label else []
 
 
-def _match(patterns: Sequence[str]) -> list[str]:
+def match_patterns(patterns: Sequence[str]) -> list[str]:
     files = []
     for pattern in patterns:
         found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
@@ -122,7 +122,7 @@ def scan(
     `image/class/text` for TFRecord); with integer labels only, `class_0`... up to the largest label.
     `manifest` and `ground_truth` (pipeline/ground_truth.py) name image files' labels before their folder does.
     """
-    files = _match(patterns)
+    files = match_patterns(patterns)
     fmt, folder = input_layout(patterns, input_format, labels_from_folder)
     if manifest is not None or ground_truth is not None:
         folder = folder and labels_from_folder == "yes"  # explicit labels win over a guessed layout

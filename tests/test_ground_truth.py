@@ -12,11 +12,13 @@ from weakloc.pipeline.options import OptionsError
 from tests.helpers import RUNNER, shared_path
 
 
-def voc_xml(filename: str, objects) -> str:
-    """A Pascal VOC document; `objects` are (name, x0, y0, x1, y1) continuous pixels, written 1-based inclusive."""
+def voc_xml(filename: str, objects, size=(0, 0)) -> str:
+    """A Pascal VOC document; `objects` are (name, x0, y0, x1, y1) continuous pixels, written 1-based inclusive;
+    `size` the (width, height) it declares."""
     objs = "".join(f"<object><name>{n}</name><bndbox><xmin>{x0 + 1:g}</xmin><ymin>{y0 + 1:g}</ymin><xmax>{x1:g}</xmax>"
                    f"<ymax>{y1:g}</ymax></bndbox></object>" for n, x0, y0, x1, y1 in objects)
-    return f"<annotation><filename>{filename}</filename><size><width>0</width><height>0</height></size>{objs}</annotation>"
+    return (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+            f"</size>{objs}</annotation>")
 
 
 def test_manifest_csv_and_jsonl():
@@ -160,3 +162,96 @@ def test_calibrate_on_the_real_fruit_test_folder(tmp_path, capsys):
     xml_objects = sum(len({n for n, _ in groundtruth.voc_boxes(p.read_text())[3]}) for p in folder.glob("*.xml"))
     assert doc["calibration"]["images"] == len(list(folder.glob("*.jpg")))
     assert doc["calibration"]["pairs"] == xml_objects  # one map per (picture, class it has boxes of)
+
+
+def rotated_jpeg(path, orientation, stored_box, stored_size=(64, 40)):
+    """A JPEG of `stored_size` (w, h) pixels, black but for a white `stored_box` (x0y0x1y1 of the stored pixels),
+    tagged with EXIF `orientation`."""
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", stored_size)
+    img.paste((255, 255, 255), tuple(stored_box))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    path.write_bytes(buf.getvalue())
+
+
+def white_box(pixels):
+    """x0y0x1y1 (max exclusive) of the white pixels of a decoded uint8 (H, W, 3) picture: where the object is."""
+    import numpy as np
+
+    ys, xs = np.nonzero(pixels.mean(axis=2) > 128)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("frame", ["stored", "seen", "unknown"])
+def test_voc_boxes_turn_with_the_exif_rotation(tmp_path, orientation, frame):
+    """A VOC box drawn on the stored pixels (labelImg; the XML says the stored size, or 0x0) turns with the picture;
+    one drawn on the rotated picture (the XML says the rotated size) is kept. Either way it lands on the white
+    rectangle of the picture weakloc decodes, found independently from the pixels."""
+    import numpy as np
+
+    from PIL import Image, ImageOps
+
+    stored_box, stored_size = (6, 4, 26, 14), (64, 40)  # off-centre, so a wrong turn misses it
+    jpg = tmp_path / "pics" / "a.jpg"
+    jpg.parent.mkdir()
+    rotated_jpeg(jpg, orientation, stored_box, stored_size)
+    with Image.open(jpg) as im:
+        seen_img = ImageOps.exif_transpose(im)
+        seen_size = seen_img.size
+        truth_seen = white_box(np.asarray(seen_img))
+    if frame == "seen":
+        if seen_size == stored_size:
+            pytest.skip("orientation 3 keeps the size: the XML cannot say it was drawn on the rotated picture")
+        xml_box, size = truth_seen, seen_size
+    else:
+        xml_box, size = stored_box, stored_size if frame == "stored" else (0, 0)
+    (tmp_path / "pics" / "a.xml").write_text(voc_xml("a.jpg", [("thing", *xml_box)], size))
+    truth = ground_truth.beside_images([str(jpg)])
+    (name, got), = truth.pixel_boxes(str(jpg), str(jpg), *seen_size)
+    assert name == "thing"
+    np.testing.assert_allclose(got, truth_seen, atol=1.0)  # JPEG blurs the edge by up to a pixel
+    # As calibrate reads it: decoded pixels and the truth, normalised, in the same frame.
+    source = inputs.scan([str(jpg)], class_names=("thing",), labels_from_folder="no")
+    source.ground_truth = truth
+    ex, = inputs.iterate(source, input_size=seen_size[::-1])
+    np.testing.assert_allclose(ex.gt_boxes[0] * np.tile(seen_size, 2), white_box(ex.pixels), atol=1.5)
+
+
+def test_datasets_images_takes_ground_truth_and_keeps_rotated_boxes_right(tmp_path, capsys):
+    """`datasets images --ground_truth VOC_DIR`: the shards hold the pictures, their labels from the object names,
+    and boxes that land on the object once weakloc decodes the (EXIF-rotated) picture."""
+    import numpy as np
+
+    pics, xml = tmp_path / "pics", tmp_path / "boxes"  # not a folder name looked for beside the pictures
+    pics.mkdir()
+    xml.mkdir()
+    for i in range(6):
+        box = (4 + i, 3, 30 + i, 17)
+        rotated_jpeg(pics / f"p{i}.jpg", 6 if i % 2 else 1, box)
+        (xml / f"p{i}.xml").write_text(voc_xml(f"p{i}.jpg", [("thing", *box)], (64, 40)))
+    (pics / "stray.jpg").write_bytes((pics / "p0.jpg").read_bytes())  # no truth: left out, counted
+    out = tmp_path / "shards"
+    assert cli.main(["datasets", "images", "--input", str(pics / "*.jpg"), "--ground_truth", str(xml),
+                     "--output", str(out), "--calib_per_class", "1", "--test_percent", "34"]) == 0
+    doc = json.loads((out / "dataset.json").read_text())
+    splits = {k: v["images"] for k, v in doc["splits"].items()}
+    assert splits == {"train": 3, "calib": 1, "test": 2, "skipped_unreadable": 0, "without_ground_truth": 1}
+    source = inputs.scan([str(out / "*.tfrecord")])
+    assert source.class_names == ("thing",)
+    seen = 0
+    for ex in inputs.iterate(source, input_size=(64, 64)):
+        h, w = ex.height, ex.width
+        want = np.array(white_box(ex.pixels), np.float32) / 64 * np.array([w, h, w, h])
+        np.testing.assert_allclose(ex.gt_boxes[0] * np.array([w, h, w, h]), want, atol=2.0)
+        seen += (w, h) == (40, 64)  # the rotated ones
+    assert seen == 3
+    # Without --ground_truth and no XML beside the pictures: one line, exit 2.
+    assert cli.main(["datasets", "images", "--input", str(pics / "*.jpg"), "--output", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("weakloc datasets: error: no true boxes")
