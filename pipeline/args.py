@@ -1,12 +1,13 @@
 """How every `weakloc` command parses its flags: one parser class, one help format, one error style.
 
 Help shows each flag's default; a mistake ends in one line with exit code 2 (`weakloc label: error: ...`), with
-"did you mean" for a misspelt flag.
+"did you mean" for a misspelt flag, sub-command or choice.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from typing import NoReturn, Optional, Sequence
 
@@ -74,6 +75,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         message = message.replace("unrecognized", "unrecognised")
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from ([^)]*)\)", message)
+        if choice:  # a misspelt sub-command (datasets photo) or choice (--boxes larges)
+            hint = did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+            message = message.replace(choice.group(0), choice.group(0) + hint)
         if "arguments are required" in message:
             # A misspelt required flag reads as a missing one: name the misspelling (label passes unknown flags
             # on to Beam, so parse_args's own check never sees them).

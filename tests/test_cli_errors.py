@@ -56,6 +56,29 @@ def test_misspelt_flag_says_did_you_mean_and_exits_2(capsys, argv, wrong, right)
     assert "unrecognized" not in line
 
 
+@pytest.mark.parametrize("argv, right", [
+    (["datasets", "photo", "--root", "x", "--output", "o"], "photos"),
+    (["calibrate", "--input", "x.tfrecord", "--model", "m.keras", "--output", "t.json", "--boxes", "larges"],
+     "largest"),
+])
+def test_misspelt_sub_command_or_choice_says_did_you_mean(capsys, argv, right):
+    assert cli.main(argv) == 2
+    line = one_line_error(capsys, argv[0])
+    assert "invalid choice" in line and f"(did you mean {right}?)" in line
+
+
+def test_a_run_where_every_input_failed_exits_1_with_the_reason_last(capsys, tmp_path, fruit_like_model):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"x{i}.jpg").write_bytes(b"not a picture %d" % i)
+    argv = ["label", "--input", str(tmp_path / "in" / "*.jpg"), "--model", fruit_like_model, f"--runner={RUNNER}"]
+    assert cli.main(argv + ["--output", str(tmp_path / "out")]) == 1
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines()[-1].startswith("weakloc label: every input failed (3 of 3: decode 3)")
+    assert "failures:        3" in cap.out and "Traceback" not in cap.err
+    assert cli.main(argv + ["--output", str(tmp_path / "out2"), "--allow_empty"]) == 0
+
+
 @pytest.fixture(scope="module")
 def bad_models(tmp_path_factory, tiny_model_path):
     d = tmp_path_factory.mktemp("bad_models")
