@@ -22,6 +22,7 @@ from weakloc.models.cam import CamModel
 from weakloc.models.thresholds import Thresholds
 
 from .args import Parser
+from .calibrate import edge_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def run(argv=None) -> dict:
     logger.info("%s", "[3/5] choosing the CAM threshold and box refinement on the boxed calibration images")
     cam_model = CamModel(keras_model, input_size=size, scale=prep.scale, offset=prep.offset, contrast=True)
     sweep, thresholds = calibrate(cam_model, calib_set)
+    edge_warnings(thresholds)  # logged: a tau at an end of the sweep is written, never silently
     with open(os.path.join(model_dir, "shapes.thresholds.json"), "w") as f:
         json.dump(thresholds.to_json(), f, indent=2)
 
