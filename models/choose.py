@@ -17,7 +17,7 @@ import numpy as np
 
 from . import boxes as boxlib
 from . import defaults, metrics, refine
-from .thresholds import Method, Thresholds
+from .thresholds import COLOC_MAPS, Method, Thresholds
 
 FOLDS = 5
 # Base thresholds the refinement may start from besides the calibrated one: a low base keeps more of the map's
@@ -27,10 +27,18 @@ REFINE_BASES = (0.2, 0.3, 0.4, 0.5)
 
 @dataclasses.dataclass(frozen=True)
 class MapKind:
-    """Which forward pass the maps come from (`cam.CamModel`'s `contrast` and `flip_tta`)."""
+    """Which forward pass the maps come from (`cam.CamModel`'s `contrast` and `flip_tta`) and whether they are
+    co-localization maps (`coloc`: thresholds.COLOC_MAPS; "none" = CAMs)."""
 
     contrast: bool = False
     flip_tta: bool = False
+    coloc: str = "none"
+
+    def __post_init__(self):
+        if self.coloc not in COLOC_MAPS:
+            raise ValueError(f"map kind: coloc must be one of {COLOC_MAPS}, got {self.coloc!r}")
+        if self.coloc != "none" and self.contrast:
+            raise ValueError("co-localization maps do not use contrast CAM weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,9 @@ class Candidate:
 
 
 PLAIN, CONTRAST, FLIP, CONTRAST_FLIP = MapKind(), MapKind(contrast=True), MapKind(flip_tta=True), MapKind(True, True)
+# Co-localization (DDT, models/coloc.py; issue 17): calibrate pools the statistics of its own boxed images'
+# features per class, writes them beside the thresholds file, and label reuses them (one pass, the same maps).
+COLOC, FUSED_MEAN, FUSED_PRODUCT = MapKind(coloc="coloc"), MapKind(coloc="mean"), MapKind(coloc="product")
 
 # The one table of what calibrate tries. Order matters only on ties: the earlier (simpler) candidate wins.
 CANDIDATES: tuple[Candidate, ...] = (
@@ -75,6 +86,15 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("flip_refine", FLIP, post="refine", per_class=False),
     Candidate("contrast_flip_refine", CONTRAST_FLIP, post="refine", per_class=False),
 )
+# Issue 17's co-localization rows, kept together (they need the GAP head's feature maps: not with Grad-CAM).
+COLOC_CANDIDATES = (
+    Candidate("coloc", COLOC),
+    Candidate("coloc_global", COLOC, per_class=False),
+    Candidate("fused_mean", FUSED_MEAN),
+    Candidate("fused_product", FUSED_PRODUCT),
+    Candidate("coloc_refine", COLOC, post="refine", per_class=False),
+)
+CANDIDATES = CANDIDATES + COLOC_CANDIDATES
 DEFAULT = CANDIDATES[0]  # plain CAM: what label does when nothing was calibrated
 
 
@@ -130,8 +150,9 @@ class Fitted:
             xyxy[has] = boxlib.stretch_boxes(xyxy[has], self.stretch, normed.shape[1:])
         return xyxy, has
 
-    def thresholds(self, class_names: Sequence[str]) -> Thresholds:
-        """The thresholds document that makes `label` box as this candidate does."""
+    def thresholds(self, class_names: Sequence[str], coloc_stats: str | None = None) -> Thresholds:
+        """The thresholds document that makes `label` box as this candidate does (`coloc_stats`: where the
+        statistics of a co-localization candidate's maps are, relative to the file)."""
         return Thresholds(
             default=float(self.default),
             per_class={class_names[c]: float(t) for c, t in sorted(self.per_class.items())},
@@ -139,7 +160,9 @@ class Fitted:
             box_stretch=None if self.stretch == (1.0, 1.0) else tuple(self.stretch),
             box_refine=self.refiner,
             method=Method(name=self.candidate.name, flip_tta=self.candidate.maps.flip_tta,
-                          boxes=self.candidate.boxes, min_box_area=float(self.min_area)),
+                          boxes=self.candidate.boxes, min_box_area=float(self.min_area),
+                          coloc=self.candidate.maps.coloc,
+                          coloc_stats=None if self.candidate.maps.coloc == "none" else coloc_stats),
         )
 
 

@@ -165,6 +165,32 @@ def principal_component(stats: ClassStats, class_weights: np.ndarray | None = No
     return Component(stats.mean.astype(np.float32), v.astype(np.float32), top, top / trace)
 
 
+def pooled_components(features: np.ndarray, keys: Sequence[Sequence[int]], kernel: np.ndarray):
+    """Per-class statistics and components of a stack of feature maps, as the Beam combine makes them.
+
+    Args:
+      features: float (N, h, w, K) feature maps.
+      keys: for each map, the class ids its descriptors count for (once each).
+      kernel: float (K, C) the Dense kernel, whose column c signs class c's component.
+
+    Returns:
+      [(class id, ClassStats, Component)] in increasing class id; a class whose descriptors have no component is
+      left out (logged), its maps stay CAMs.
+    """
+    pools: dict[int, ClassStats] = {}
+    for f, row in zip(features, keys):
+        one = ClassStats.of(f)
+        for c in dict.fromkeys(int(c) for c in row):
+            pools.setdefault(c, ClassStats.zeros(one.total.shape[0])).add(one)
+    out = []
+    for c in sorted(pools):
+        try:
+            out.append((c, pools[c], principal_component(pools[c], kernel[:, c])))
+        except ColocError as exc:
+            logger.warning("class %d: no co-localization component (%s); its maps stay CAMs", c, exc)
+    return out
+
+
 def project(features: np.ndarray, means: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """Co-localization maps: P[b, m] = directions[b, m] . (features[b] - means[b, m]).
 

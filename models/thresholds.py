@@ -13,7 +13,10 @@
      "method": {"name": "contrast_refine",     the method calibrate chose (models/choose.py): label makes
                 "flip_tta": false,             flip-averaged maps or not, and boxes them with this rule,
                 "boxes": "largest",            unless a flag says otherwise
-                "min_box_area": 0.01},
+                "min_box_area": 0.01,
+                "coloc": "product",            co-localization maps (models/coloc.py): "coloc", or fused with
+                "coloc_stats": "x.coloc"},     the CAM by "mean"/"product"; their statistics' folder, relative
+                                               to this file (both absent for CAM methods)
      "candidates": [...],                      every method calibrate tried, cross-validated (a record)
      "calibration": {...}}                     the sweep and where it ran (a record, not read back)
 
@@ -34,6 +37,9 @@ from .refine import BoxRefiner
 _KNOWN = ("default", "per_class", "per_class_shrink", "cam_contrast", "box_stretch", "box_refine", "box_refine_fit", "instances",
           "method", "candidates", "calibration")
 _BOX_RULES = ("largest", "all", "union", "instances")  # annotate.BOX_MODES (annotate imports this module's neighbours)
+# Which maps a method boxes: "none" CAMs, "coloc" co-localization maps, "mean"/"product" the two fused
+# (coloc.FUSE_MODES; coloc imports Beam's filesystems, which this module does not need).
+COLOC_MAPS = ("none", "coloc", "mean", "product")
 
 
 class ThresholdsError(ValueError):
@@ -77,6 +83,8 @@ class Method:
     flip_tta: bool = False
     boxes: str = "largest"
     min_box_area: float = defaults.MIN_BOX_AREA
+    coloc: str = "none"
+    coloc_stats: Optional[str] = None
 
     @classmethod
     def from_json(cls, doc, *, where: str = "thresholds") -> "Method":
@@ -89,10 +97,18 @@ class Method:
             raise ThresholdsError(f"method.flip_tta in {where} must be true or false, got {out.flip_tta!r}")
         if out.boxes not in _BOX_RULES:
             raise ThresholdsError(f"method.boxes in {where} must be one of {_BOX_RULES}, got {out.boxes!r}")
+        if out.coloc not in COLOC_MAPS:
+            raise ThresholdsError(f"method.coloc in {where} must be one of {COLOC_MAPS}, got {out.coloc!r}")
+        if out.coloc != "none" and not isinstance(out.coloc_stats, str):
+            raise ThresholdsError(f"method.coloc_stats in {where} must name the folder of the co-localization "
+                                  f"statistics calibrate wrote, got {out.coloc_stats!r}")
         return dataclasses.replace(out, min_box_area=_unit(f"method.min_box_area in {where}", out.min_box_area))
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.coloc == "none":  # CAM methods: the file reads as it did before co-localization existed
+            del out["coloc"], out["coloc_stats"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,10 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, choose, defaults, detection, metrics
+from weakloc.models import cam, choose, coloc, defaults, detection, metrics
 from weakloc.models.thresholds import Method, Thresholds
 
-from . import engine, ground_truth, inputs, options
+from . import coloc_options, engine, ground_truth, inputs, options
 from .args import Parser, ground_truth_flag
 from .options import OptionsError
 
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None):
+def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None, transform=None):
     """CAMs of every (image, class with true boxes) pair, normalised, with the truths in model-input pixels.
 
     With a class map the classes are its dataset labels, each label's map combined from its model classes' as
@@ -79,7 +79,8 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     top class is one of the label's.
 
     Returns (normed float32 (N, H, W), valid bool (N,), truths list of (m, 4), class ids int (N,), top-1 correct
-    bool (N,), images used).
+    bool (N,), images used). `transform` (CamOutputs -> CamOutputs) replaces each batch's maps before they
+    are read (co-localization maps, `coloc_pool`).
     """
     h, w = model.input_size
     scale = np.array([w, h, w, h], np.float32)
@@ -106,6 +107,8 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     for s in range(0, len(pixels), batch_size):
         mem = members[s : s + batch_size]
         out = model(np.stack(pixels[s : s + batch_size]), extra=mem)
+        if transform is not None:
+            out = transform(out)
         k = out.top_classes.shape[1]
         if class_map is None:
             raw = out.column(k)
@@ -117,6 +120,33 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
         valid.append(v_)
         top1.append((out.top_classes[:, :1] == mem).any(axis=1))
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
+
+
+def coloc_pool(model: cam.CamMethod, examples, kernel: np.ndarray, *, batch_size: int = 64) -> list:
+    """Co-localization statistics of the boxed images' own features ([(class id, ClassStats, Component)]): each
+    image counts once for each class it has true boxes of, the classes `class_maps` pairs it with. Features are
+    kept as float16, as `label --method coloc` keeps them, so the maps are the ones label makes."""
+    pixels, keys = [], []
+    for ex in examples:
+        known = sorted({int(c) for c in np.asarray(ex.gt_ids[: len(ex.gt_boxes)]) if c >= 0})
+        if known:
+            pixels.append(ex.pixels)
+            keys.append(known)
+    feats = [model(np.stack(pixels[s : s + batch_size])).features.astype(np.float16)
+             for s in range(0, len(pixels), batch_size)]
+    return coloc.pooled_components(np.concatenate(feats) if feats else np.zeros((0, 1, 1, 1)), keys, kernel)
+
+
+def coloc_transform(pool: list, kind: choose.MapKind):
+    """CamOutputs -> the same with co-localization (or fused) maps of `pool`'s components, as label makes them."""
+    comps = {c: comp for c, _, comp in pool}
+    maps, mode = ("coloc", "mean") if kind.coloc == "coloc" else ("fused", kind.coloc)
+
+    def transform(out):
+        out = dataclasses.replace(out, features=out.features.astype(np.float16))
+        return coloc.colocalized(out, comps, maps, mode)[0]
+
+    return transform
 
 
 def _candidates(args, num_classes: int) -> list:
@@ -138,8 +168,10 @@ def _candidates(args, num_classes: int) -> list:
         except KeyError as exc:
             raise OptionsError(f"--candidates: {exc.args[0]}") from None
     # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps.
+    # Co-localization statistics are keyed by model class: not through a class map (label refuses that too).
     return [c for c in choose.CANDIDATES if (num_classes >= 2 or not c.maps.contrast)
-            and (args.method == "cam" or c.maps == choose.PLAIN)]
+            and (args.method == "cam" or c.maps == choose.PLAIN)
+            and (c.maps.coloc == "none" or not getattr(args, "class_map", None))]
 
 
 def run(argv=None) -> dict:
@@ -164,13 +196,24 @@ def run(argv=None) -> dict:
     source.ground_truth = _ground_truth(args, source, box_names)
     examples = list(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset))
     engines_used = []
+    pools = {}  # MapKind -> (coloc_pool's triples, extractor) of the co-localization kinds tried
 
     def maps_of(kind):
         spec = dataclasses.replace(opened.spec, contrast=kind.contrast, flip_tta=kind.flip_tta)
-        model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
-        engines_used.append({"name": ran.engine, "precision": ran.precision})
+        transform = None
+        if kind.coloc != "none":
+            # The feature maps come from TensorFlow's graph (a converted engine graph returns no features).
+            spec = dataclasses.replace(spec, method="coloc")
+            model = options.build_method(opened, spec, top_k=defaults.TOP_K)
+            kernel = np.asarray(model.head.dense.kernel, np.float32)
+            pool = coloc_pool(model, examples, kernel, batch_size=args.batch_size)
+            pools[kind] = (pool, coloc_options.extractor(spec, kernel.shape[0]))
+            transform = coloc_transform(pool, kind)
+        else:
+            model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
+            engines_used.append({"name": ran.engine, "precision": ran.precision})
         normed, valid, truths, classes, top1, used = class_maps(model, examples, batch_size=args.batch_size,
-                                                                class_map=cmap)
+                                                                class_map=cmap, transform=transform)
         return choose.Maps(normed, valid, truths, classes), top1, used
 
     record = {"model": args.model, "inputs": list(args.input), "min_box_area": args.min_box_area,
@@ -178,7 +221,7 @@ def run(argv=None) -> dict:
     if args.boxes == "instances":
         thresholds, text = _calibrate_instances(args, maps_of, box_names, record)
     else:
-        thresholds, text = _choose_method(args, maps_of, box_names, record)
+        thresholds, text = _choose_method(args, maps_of, box_names, record, pools, prep.class_names)
     thresholds.calibration["engine"] = engines_used[0] if engines_used else None
     warnings = edge_warnings(thresholds)
     text += "".join(w + "\n" for w in warnings)
@@ -193,13 +236,20 @@ def run(argv=None) -> dict:
 REPORT = "report"
 
 
+def stats_folder(output: str) -> str:
+    """Where a co-localization winner's statistics go: `<output without .json>.coloc/` beside the thresholds
+    file (the file names it relatively, so the two move together)."""
+    return os.path.splitext(os.path.abspath(output))[0] + ".coloc"
+
+
 def render(result: dict) -> str:
     """What calibrate prints: the candidates, the chosen threshold curve and where the file went."""
     return result[REPORT]
 
 
-def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
-    """Every candidate method cross-validated on the boxed maps (models/choose.py); the winner refitted on all."""
+def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tuple[Thresholds, str]:
+    """Every candidate method cross-validated on the boxed maps (models/choose.py); the winner refitted on all.
+    A co-localization winner's statistics are written beside the output (`stats_folder`) for label to reuse."""
     candidates = _candidates(args, len(box_names))
     maps_by_kind = {}
     for kind in dict.fromkeys(c.maps for c in candidates):
@@ -221,11 +271,18 @@ def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
     sweep = metrics.sweep_thresholds(maps.normed, maps.truths, valid=maps.valid, mode=winner.candidate.boxes,
                                      min_area=args.min_box_area)
     counts = {int(c): int((maps.classes == c).sum()) for c in np.unique(maps.classes)}
+    stats_rel = None
+    if winner.candidate.maps.coloc != "none":
+        pool, made_by = pools[winner.candidate.maps]
+        folder = stats_folder(args.output)
+        coloc.write_stats(folder, pool, model_classes, made_by)
+        stats_rel = os.path.basename(folder)
     thresholds = dataclasses.replace(
-        winner.thresholds(box_names),
+        winner.thresholds(box_names, coloc_stats=stats_rel),
         per_class_shrink=args.shrink if winner.per_class else None,
         candidates=[{"name": s.candidate.name, "cam_contrast": s.candidate.maps.contrast,
-                     "flip_tta": s.candidate.maps.flip_tta, "boxes": s.candidate.boxes, "post": s.candidate.post,
+                     "flip_tta": s.candidate.maps.flip_tta, "coloc": s.candidate.maps.coloc,
+                     "boxes": s.candidate.boxes, "post": s.candidate.post,
                      "per_class": s.candidate.per_class,
                      "cv_accuracy": None if s.accuracy is None else s.accuracy.tolist(), "reason": s.reason or None}
                     for s in choice.scores],
@@ -253,6 +310,8 @@ def _choose_method(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
         notes += f"box stretch: width x{winner.stretch[0]:.2f}, height x{winner.stretch[1]:.2f}\n"
     if winner.refiner is not None:
         notes += f"box refinement from base threshold {winner.default:.2f}, penalty {winner.refiner.alpha:g}\n"
+    if stats_rel is not None:
+        notes += f"co-localization statistics of the calibration images: {stats_folder(args.output)}\n"
     text = (f"{_candidates_text(choice)}\n\nthreshold curve of {winner.candidate.name} on all {pairs} maps:\n"
             f"{_curve_text(sweep)}\n\nimages: {used} ({pairs} image-class pairs), top-1 on them {top1.mean():.1%}\n"
             f"chosen: {winner.candidate.name} (cross-validated mean accuracy {choice.best.mean:.1%})\n"

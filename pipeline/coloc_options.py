@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 from typing import Optional
 
 import numpy as np
@@ -30,6 +31,29 @@ def add_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--tta_scales", metavar="S1,S2,...",
                        help="multi-scale test-time averaging: also run each picture resized by these factors and "
                             "average the feature maps on the largest scale's grid (e.g. 1,2; default 1)")
+
+
+def follow_thresholds(args: argparse.Namespace, thr, thr_path: Optional[str]) -> argparse.Namespace:
+    """The flags a thresholds file naming a co-localization method implies (`--method coloc|fused`, `--fuse`,
+    `--coloc_stats` = the statistics calibrate wrote beside it), so label makes the maps calibrate scored with no
+    other flag. An explicit --coloc_stats still wins; --method gradcam cannot make them. Returns a copy."""
+    method = thr.chosen_method() if thr is not None else None
+    if method is None or method.coloc == "none":
+        return args
+    if args.method == "gradcam":
+        raise OptionsError(f"{thr_path} was calibrated on co-localization maps ({method.name}), which --method "
+                           "gradcam cannot make")
+    out = argparse.Namespace(**vars(args))
+    out.method = "coloc" if method.coloc == "coloc" else "fused"
+    if method.coloc != "coloc":
+        out.fuse = method.coloc
+    if not args.coloc_stats:
+        # Relative to the file's folder, on any filesystem (posixpath.join keeps an absolute or gs:// name).
+        rel = method.coloc_stats
+        out.coloc_stats = rel if "://" in rel else posixpath.join(posixpath.dirname(thr_path), rel)
+    logger.info("%s names %s: --method %s with the statistics %s", thr_path, method.name, out.method,
+                out.coloc_stats)
+    return out
 
 
 def parse_scales(value: Optional[str]) -> tuple[float, ...]:

@@ -346,6 +346,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     previous_docs = read_previous_runs(args)
     from . import coloc_options
 
+    thr, thr_path = read_thresholds(args)
+    args = coloc_options.follow_thresholds(args, thr, thr_path)
     opened = open_model_from_args(args, flip_tta=bool(args.flip_tta), contrast=args.cam_contrast,
                                   tta_scales=coloc_options.parse_scales(args.tta_scales))
     if folder_labels:
@@ -353,7 +355,6 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     cmap = read_class_map(args, opened.spec.class_names)
     if cmap is not None:
         check_input_labels(args, cmap)
-    thr, thr_path = read_thresholds(args)
     box, contrast, flip_tta = box_options(args, opened, thr, thr_path, cmap)
     try:
         spec = dataclasses.replace(opened.spec, contrast=contrast, flip_tta=flip_tta)

@@ -94,6 +94,64 @@ def test_the_map_kind_that_shows_the_object_wins():
     assert choice.winner.thresholds(["a", "b", "c"]).cam_contrast is True
 
 
+def distracted_features(n, seed, size=16, k=4):
+    """Hand-made feature maps (n, size, size, k) where co-localization is right and CAM is not: each image's
+    object is a random rectangle (4-6 cells a side, left half) of strong channel-0 descriptors, the variance the
+    class's images share most; a larger, weaker 7 x 7 patch of channel 1 sits in the right half. The class weights
+    favour channel 1 (the patch's CAM 1.5 over the object's 0.9), so the CAM's largest component is the patch at
+    every threshold; the pool's first principal component is mostly channel 0 (and against channel 1: the two never
+    overlap), so the projection is the object; w . v > 0 still signs it positive."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(0.0, 0.05, (n, size, size, k)).astype(np.float32)
+    truths = []
+    for i in range(n):
+        w, h = rng.integers(4, 7, size=2)
+        x0, y0 = rng.integers(0, size // 2 - w + 1), rng.integers(0, size - h + 1)
+        feats[i, y0 : y0 + h, x0 : x0 + w, 0] += 3.0
+        truths.append(np.array([[x0, y0, x0 + w, y0 + h]], np.float32))
+        px, py = rng.integers(size // 2 + 1, size - 7 + 1), rng.integers(0, size - 7 + 1)
+        feats[i, py : py + 7, px : px + 7, 1] += 1.5
+    kernel = np.zeros((k, 1), np.float32)
+    kernel[0, 0], kernel[1, 0] = 0.3, 1.0
+    return feats, truths, kernel
+
+
+def test_calibrate_picks_colocalization_where_cams_box_a_distractor():
+    from weakloc.models import cam, coloc
+
+    n = 40
+    feats, truths, kernel = distracted_features(n, seed=6)
+    cams = np.einsum("nhwk,k->nhw", feats, kernel[:, 0])[:, None]
+    classes = np.zeros(n, int)
+    # The statistics and maps as calibrate makes them: pooled per class, projected by coloc.colocalized.
+    pool = coloc.pooled_components(feats, [[0]] * n, kernel)
+    assert [c for c, _, _ in pool] == [0] and pool[0][2].direction[0] > 0.95  # signed by w: object +
+    out = cam.CamOutputs(np.ones((n, 1), np.float32), np.zeros((n, 1), np.int32), np.ones((n, 1), np.float32),
+                         np.zeros((n, 1), np.int32), cams, (16, 16), feats)
+    colocs = coloc.colocalized(out, {0: pool[0][2]}, "coloc")[0].low_res[:, 0]
+    plain = choose.Maps(*boxlib.normalize_cams(cams[:, 0]), truths, classes)
+    colocated = choose.Maps(*boxlib.normalize_cams(colocs), truths, classes)
+    choice = choose.choose({choose.PLAIN: plain, choose.COLOC: colocated},
+                           [c for c in choose.CANDIDATES if c.maps in (choose.PLAIN, choose.COLOC)])
+    scores = {s.candidate.name: s for s in choice.scores}
+    assert choice.winner.candidate.maps == choose.COLOC
+    assert scores["coloc"].accuracy[1] >= 0.9 and scores["cam"].accuracy[1] <= 0.2
+    doc = choice.winner.thresholds(["thing"], coloc_stats="t.coloc").to_json()
+    assert doc["method"]["coloc"] == "coloc" and doc["method"]["coloc_stats"] == "t.coloc"
+
+
+def test_method_round_trip_and_refusals():
+    from weakloc.models.thresholds import Method, ThresholdsError
+
+    m = Method(name="fused_product", coloc="product", coloc_stats="x.coloc")
+    assert Method.from_json(json.loads(json.dumps(m.to_json()))) == m
+    assert "coloc" not in Method().to_json()  # CAM methods' files read as before
+    with pytest.raises(ThresholdsError, match="method.coloc in t must be one of"):
+        Method.from_json({"coloc": "ddt"}, where="t")
+    with pytest.raises(ThresholdsError, match="coloc_stats in t must name the folder"):
+        Method.from_json({"coloc": "coloc"}, where="t")
+
+
 def test_folds_spread_every_class_and_a_refinement_too_few_to_fit_is_skipped_with_its_reason():
     fold = choose.folds_of(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1]), k=3)
     assert fold.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
@@ -118,15 +176,20 @@ def boxed_shard(tmp_path_factory):
 
 
 def calibrate_maps(model_path, shard, kind):
-    opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta)
+    opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta,
+                                method="coloc" if kind.coloc != "none" else "cam")
     model, prep = opened.build(top_k=1), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
-    normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples))
+    transform = None
+    if kind.coloc != "none":
+        pool = calibrate.coloc_pool(model, examples, np.asarray(model.head.dense.kernel, np.float32))
+        transform = calibrate.coloc_transform(pool, kind)
+    normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples), transform=transform)
     return examples, prep, choose.Maps(normed, valid, truths, classes)
 
 
 @pytest.mark.parametrize("name", ["cam", "contrast_global", "flip", "cam_union", "cam_stretch",
-                                  "contrast_flip_refine"])
+                                  "contrast_flip_refine", "coloc", "fused_product"])
 def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(name, tiny_model_path, boxed_shard,
                                                                               tmp_path, capsys):
     thr = tmp_path / "thr.json"
@@ -141,7 +204,8 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
     table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
     fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5,
                         shrink=defaults.THRESHOLD_SHRINK)  # calibrate's default --shrink
-    assert fitted.thresholds(prep.class_names).to_json().items() <= doc.items()
+    stats = "thr.coloc" if cand.maps.coloc != "none" else None  # calibrate's statistics, beside the file
+    assert fitted.thresholds(prep.class_names, coloc_stats=stats).to_json().items() <= doc.items()
     expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
     out = tmp_path / "labels"
     summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(out),
@@ -149,6 +213,9 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
     opts = summary["options"]
     assert (opts["flip_tta"], opts["cam_contrast"], opts["boxes"]) == (cand.maps.flip_tta, cand.maps.contrast,
                                                                        cand.boxes)
+    if cand.maps.coloc != "none":  # label reused the statistics calibrate wrote beside the file: one pass
+        assert opts["method"] == ("coloc" if cand.maps.coloc == "coloc" else "fused")
+        assert opts["coloc_stats"] == str(tmp_path / "thr.coloc")
     rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
     assert has.sum() >= 20
     for i, ex in enumerate(examples):
