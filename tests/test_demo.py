@@ -36,3 +36,20 @@ def test_cli_usage_and_user_errors_exit_2(tmp_path, capsys, tiny_model_path):
     err = capsys.readouterr().err
     assert "matches no file" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_readme_quotes_what_the_default_demo_prints(tmp_path):
+    """The README's demo block is the default run's own output (issue 15: it once quoted 97.5% and tau 0.54 while
+    the demo printed 96.0% and 0.59). Every quoted line must appear verbatim in what `weakloc demo` prints."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"`weakloc demo` prints where.*?```\n(.*?)```", readme, re.S).group(1)
+    quoted = [line for line in block.splitlines() if line.strip()]
+    assert len(quoted) >= 4, block
+    out = demo.run(["--output", str(tmp_path / "demo"), "--runner=FnApiRunner"])
+    printed = demo.render(out).splitlines()
+    for line in quoted:
+        assert line in printed, f"README quotes {line!r}; the demo printed:\n" + "\n".join(printed)
