@@ -207,3 +207,25 @@ def test_shared_mobilenetv2_loads_as_a_backbone():
     assert (bb.scale, bb.offset) == (1 / 128, -1.0)
     cut = backbones.load(str(path), str(path), "mobilenetv2", feature_layer="block_13_expand_relu")
     assert cut.provenance["feature_map"] == [14, 14, 576]
+
+
+def test_train_on_labels_that_carry_no_signal_warns_it_stopped_early_and_is_low(tmp_path, caplog, recwarn):
+    """Labels drawn at random, independent of the noise pictures: nothing generalises, so validation loss stops
+    improving (a high learning rate overfits the training noise) and validation accuracy stays near a guess.
+    train must say both, and Keras's per-epoch "ran out of data" warning must not reach the user."""
+    rng = np.random.default_rng(5)
+    names = ["a", "b", "c"]
+    items = [(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), [names[rng.integers(3)]]) for _ in range(96)]
+    data = write_records(tmp_path / "noise.tfrecord", items, size=16)
+    out = tmp_path / "noise.keras"
+    assert cli.main(["train", "--input", data, "--output", str(out), "--input_size", "16,16", "--epochs", "15",
+                     "--patience", "1", "--width", "4", "--batch_size", "16", "--learning_rate", "0.05",
+                     "--val_percent", "30"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    err = "\n".join(warned)
+    t = json.loads((tmp_path / "noise.json").read_text())["training"]
+    assert t["epochs_run"] < 15, "a run on random labels trained its whole budget"
+    assert "training stopped early: no validation-loss progress for 1 epochs" in err
+    assert "raise --patience to train longer" in err
+    assert "validation accuracy is low" in err
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)]
