@@ -24,7 +24,7 @@ from weakloc.models import boxes as boxlib
 from weakloc.models import cam, choose, coloc, defaults, detection, metrics
 from weakloc.models.thresholds import Method, Thresholds
 
-from . import coloc_options, engine, ground_truth, inputs, options
+from . import coloc_options, engine, ground_truth, inputs, options, progress
 from .args import Parser, ground_truth_flag
 from .options import OptionsError
 
@@ -194,7 +194,9 @@ def run(argv=None) -> dict:
     source = inputs.scan(args.input, input_format=args.input_format, class_names=box_names,
                          label_offset=args.label_offset, labels_from_folder="no")
     source.ground_truth = _ground_truth(args, source, box_names)
-    examples = list(inputs.iterate(source, input_size=prep.input_size, label_offset=args.label_offset))
+    examples = list(progress.counted(inputs.iterate(source, input_size=prep.input_size,
+                                                    label_offset=args.label_offset),
+                                     source.count, "calibrate: pictures read"))
     engines_used = []
     pools = {}  # MapKind -> (coloc_pool's triples, extractor) of the co-localization kinds tried
 
@@ -252,7 +254,8 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tu
     A co-localization winner's statistics are written beside the output (`stats_folder`) for label to reuse."""
     candidates = _candidates(args, len(box_names))
     maps_by_kind = {}
-    for kind in dict.fromkeys(c.maps for c in candidates):
+    kinds = list(dict.fromkeys(c.maps for c in candidates))
+    for kind in progress.counted(kinds, len(kinds), "calibrate: kinds of map computed"):
         maps_by_kind[kind], top1, used = maps_of(kind)
     pairs = len(next(iter(maps_by_kind.values())).classes)
     if pairs < choose.FOLDS:

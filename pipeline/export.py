@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from weakloc.models import export as fmt
 from weakloc.models import files
 
-from . import ground_truth, results, sources, storage
+from . import ground_truth, progress, results, sources, storage
 from .options import OptionsError
 from .args import Parser, annotations_flag, ground_truth_flag
 
@@ -133,7 +133,8 @@ def _copy_images(es: fmt.ExportSet, out: str, folder, counts: dict, stems: dict)
     export (labels without their picture would mislead a trainer) and are listed in counts."""
     by_source = {im.source: im for im in es.images}
     missing = []
-    for source, data, reason in sources.iter_image_bytes(im.source for im in es.images):
+    for source, data, reason in sources.iter_image_bytes(
+            progress.counted([im.source for im in es.images], len(es.images), "export: pictures copied")):
         im = by_source[source]
         if data is None:
             missing.append({"source": source, "reason": reason})
@@ -155,7 +156,8 @@ def _write_tfrecord(es: fmt.ExportSet, out: str, num_shards: int, counts: dict) 
     missing = []
 
     def payloads():
-        for source, encoded, reason in sources.iter_image_bytes(im.source for im in es.images):
+        for source, encoded, reason in sources.iter_image_bytes(
+                progress.counted([im.source for im in es.images], len(es.images), "export: pictures read")):
             if encoded is None:
                 missing.append({"source": source, "reason": reason})
                 logger.warning("left out of the TFRecords (no image bytes): %s", reason)

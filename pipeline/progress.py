@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 DONE, FAILED = "annotations_written", "failures_written"
 _POLL_SECONDS = 10.0
+# Seconds between the progress lines of the loops outside Beam (`counted`): short work stays silent.
+COUNTED_INTERVAL = 10.0
 
 
 def weakloc_metrics(result) -> dict[str, Any]:
@@ -162,11 +164,13 @@ def eta_text(done: int, total: Optional[int], elapsed: float) -> str:
     return f"{done}/{total} ({done / total:.0%}), {rate:.1f}/s{eta}"
 
 
-def counted(items, total: Optional[int], what: str, *, interval: float = 10.0):
-    """Pass `items` through, logging `what: done/total, rate, ETA` every `interval` seconds and once at the end.
+def counted(items, total: Optional[int], what: str, *, interval: Optional[float] = None):
+    """Pass `items` through, logging `what: done/total, rate, ETA` every `interval` seconds (default
+    COUNTED_INTERVAL) and once at the end when the loop took that long.
 
     For the long loops outside Beam (calibrate, evaluate, export, report): the user sees the work move.
     """
+    interval = COUNTED_INTERVAL if interval is None else interval
     start = last = time.monotonic()
     done = 0
     for item in items:

@@ -3,6 +3,7 @@ CSV/JSONL manifests; and the VOC-folder path through calibrate, label, evaluate 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -255,3 +256,26 @@ def test_datasets_images_takes_ground_truth_and_keeps_rotated_boxes_right(tmp_pa
     # Without --ground_truth and no XML beside the pictures: one line, exit 2.
     assert cli.main(["datasets", "images", "--input", str(pics / "*.jpg"), "--output", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("weakloc datasets: error: no true boxes")
+
+
+def test_calibrate_and_export_show_progress_with_a_total(tmp_path, caplog, monkeypatch, shapes_model, voc_folder):
+    """Every progress line of the loops outside Beam names done/total; an interval of 0 makes each item report."""
+    from weakloc.pipeline import progress
+
+    monkeypatch.setattr(progress, "COUNTED_INTERVAL", 0.0)
+    model, _ = shapes_model
+    pics = str(voc_folder / "photos" / "*.png")
+    with caplog.at_level(logging.INFO, logger="weakloc.pipeline.progress"):
+        assert cli.main(["calibrate", "--input", pics, "--model", model, "--output", str(tmp_path / "t.json"),
+                         "--candidates", "cam,contrast"]) == 0
+        lines = [r.getMessage() for r in caplog.records]
+        assert "calibrate: pictures read: 40/40 (100%)" in " ".join(lines)
+        assert any(line.startswith("calibrate: kinds of map computed: 1/2 (50%)") and "ETA" in line for line in lines)
+        caplog.clear()
+        labels = tmp_path / "labels"
+        assert cli.main(["label", "--input", pics, "--model", model, "--thresholds", str(tmp_path / "t.json"),
+                         "--output", str(labels), f"--runner={RUNNER}"]) == 0
+        assert cli.main(["export", "--annotations", str(labels), "--format", "yolo", "--copy_images", "--output",
+                         str(tmp_path / "yolo")]) == 0
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("export: pictures copied: 20/40 (50%)") for line in lines), lines

@@ -95,3 +95,21 @@ def test_remote_progress_is_logged_when_not_a_terminal(caplog):
     # logged without the "weakloc: " prefix, which the CLI's log format adds to every weakloc message
     assert lines and lines[-1].startswith("45 images done, 3 failed, ")
     assert result.queries == 1  # polled once, not on every tick: Dataflow metrics are a service call
+
+
+def test_counted_passes_items_through_and_logs_total_rate_and_eta(monkeypatch, caplog):
+    """A clock that moves 2 s per item: after item 1 of 4, 0.5/s and 3 items left, so ETA 6 s."""
+    ticks = iter(range(0, 100, 2))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(ticks)))
+    with caplog.at_level(logging.INFO, logger="weakloc.pipeline.progress"):
+        assert list(progress.counted("abcd", 4, "things", interval=1.0)) == list("abcd")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "things: 1/4 (25%), 0.5/s, ETA 6 s"
+    assert lines[-1].startswith("things: 4/4 (100%)") and lines[-1].endswith(", done")
+    assert progress.eta_text(30, None, 10.0) == "30, 3.0/s"  # an unknown total: no share, no ETA
+
+
+def test_short_loops_stay_silent(caplog):
+    with caplog.at_level(logging.INFO, logger="weakloc.pipeline.progress"):
+        assert sum(progress.counted(range(5), 5, "quick")) == 10
+    assert not caplog.records
