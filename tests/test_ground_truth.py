@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 
 from weakloc.models import groundtruth, metrics
@@ -279,3 +280,56 @@ def test_calibrate_and_export_show_progress_with_a_total(tmp_path, caplog, monke
                          str(tmp_path / "yolo")]) == 0
         lines = [r.getMessage() for r in caplog.records]
         assert any(line.startswith("export: pictures copied: 20/40 (50%)") for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def layout_folder(tmp_path_factory):
+    """12 pictures under root/images/ (a layout folder, never a class): i % 3 == 0 holds a cat and a dog, the other
+    even ones a cat, the odd ones a dog. Beside them the same labels as VOC XML, a COCO file and a CSV manifest."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("layout")
+    (root / "images").mkdir()
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    manifest, expected = [], {"cat": 0, "dog": 0, "both": 0}
+    for i in range(12):
+        names = ["cat", "dog"] if i % 3 == 0 else (["cat"] if i % 2 == 0 else ["dog"])
+        for n in names:
+            expected[n] += 1
+        expected["both"] += len(names) > 1
+        name = f"p{i:02d}.png"
+        Image.fromarray(np.full((24, 24, 3), 20 * i, np.uint8)).save(root / "images" / name)
+        objects = [(n, 2 + 10 * k, 2, 11 + 10 * k, 20) for k, n in enumerate(names)]
+        (root / "images" / f"p{i:02d}.xml").write_text(voc_xml(name, objects, size=(24, 24)))
+        coco["images"].append({"id": i + 1, "file_name": name, "width": 24, "height": 24})
+        coco["annotations"] += [{"id": len(coco["annotations"]) + 1, "image_id": i + 1, "iscrowd": 0,
+                                 "category_id": 1 if n == "cat" else 2, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                 "area": (x1 - x0) * (y1 - y0)} for n, x0, y0, x1, y1 in objects]
+        manifest.append(",".join([f"images/{name}", *names]))
+    (root / "instances.json").write_text(json.dumps(coco))
+    (root / "labels.csv").write_text("\n".join(manifest) + "\n")
+    return root, expected
+
+
+@pytest.mark.parametrize("where", ["voc", "coco", "manifest"])
+def test_train_takes_labels_from_objects_or_a_manifest_not_the_layout_folder(tmp_path, caplog, layout_folder,
+                                                                            where):
+    """`train --ground_truth VOC_DIR|COCO.json` labels each picture by its objects' names, `--labels` by its
+    manifest line: the classes are cat and dog (never `images`), two-object pictures count for both classes."""
+    root, expected = layout_folder
+    flag = {"voc": ["--ground_truth", str(root / "images")], "coco": ["--ground_truth", str(root / "instances.json")],
+            "manifest": ["--labels", str(root / "labels.csv")]}[where]
+    out = tmp_path / "m.keras"
+    with caplog.at_level(logging.INFO, logger="weakloc"):
+        assert cli.main(["train", "--input", str(root / "images" / "*.png"), *flag, "--output", str(out),
+                         "--input_size", "24,24", "--epochs", "1", "--width", "2", "--batch_size", "4",
+                         "--val_percent", "25"]) == 0
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["class_names"] == ["cat", "dog"]
+    counts = side["training"]["label_counts"]
+    assert {n: counts["train"]["per_class"][n] + counts["validation"]["per_class"][n] for n in ("cat", "dog")} \
+        == {"cat": expected["cat"], "dog": expected["dog"]}
+    assert counts["train"]["multi_label"] + counts["validation"]["multi_label"] == expected["both"]
+    assert counts["train"]["images"] + counts["validation"]["images"] == 12
+    logged = caplog.text
+    assert "12 inputs in 12 files, 2 classes: cat, dog" in logged and f"({expected['both']} with several labels)" in logged
