@@ -120,11 +120,18 @@ def make_dataset(source, *, input_size, scale, offset, label_offset, validation:
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
-    def prep(x, y):
-        x = tf.cast(x, tf.float32) * scale + offset
-        if flip:
-            x = tf.image.random_flip_left_right(x)
-        return x, y
+    if flip:
+        # A coin per picture from a seeded stream, drawn anew each epoch: the same flips on every run. (A random
+        # op inside the parallel map below drew in thread order, so two runs trained on different pictures and
+        # the README's figures moved from run to run.)
+        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(lambda r: r % 2 == 1)
+    else:
+        coins = tf.data.Dataset.from_tensors(False).repeat()
+    ds = tf.data.Dataset.zip(ds, coins)
+
+    def prep(xy, mirror):
+        x = tf.cast(xy[0], tf.float32) * scale + offset
+        return tf.where(mirror[:, None, None, None], tf.reverse(x, axis=[2]), x), xy[1]
 
     return ds.batch(batch_size).map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 

@@ -229,3 +229,33 @@ def test_train_on_labels_that_carry_no_signal_warns_it_stopped_early_and_is_low(
     assert "raise --patience to train longer" in err
     assert "validation accuracy is low" in err
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]
+
+
+def test_flip_augment_flips_the_same_pictures_on_every_run(tmp_path):
+    """--flip_augment mirrors about half the pictures, different ones each epoch, and the same ones on every run
+    (a random flip inside a parallel map used to follow thread order, so two runs trained on different data)."""
+    from weakloc.pipeline import inputs
+
+    rng = np.random.default_rng(2)
+    items = [(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), ["a" if i % 2 else "b"]) for i in range(48)]
+    data = write_records(tmp_path / "f.tfrecord", items, size=8)
+    source = inputs.scan([data])
+
+    def two_epochs():
+        ds = train_cmd.make_dataset(source, input_size=(8, 8), scale=1.0, offset=0.0, label_offset=0,
+                                    validation=False, val_percent=10, batch_size=4, label_mode="softmax", flip=True)
+        return [np.concatenate([x.numpy() for x, _ in ds]) for _ in range(2)]
+
+    first, again = two_epochs(), two_epochs()
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # the training split in stream order, unflipped, as the pipeline reads it
+    originals = np.stack([ex.pixels for ex in inputs.iterate(source, input_size=(8, 8))
+                          if not inputs.in_validation(ex.image_id, 10)]).astype(np.float32)
+    flipped = []
+    for epoch in first:
+        assert epoch.shape == originals.shape
+        same = np.all(epoch == originals, axis=(1, 2, 3))
+        mirrored = np.all(epoch == originals[:, :, ::-1], axis=(1, 2, 3))
+        assert np.all(same | mirrored)  # each output is its own picture, mirrored or not
+        flipped.append(mirrored)
+    assert 0.2 < np.mean(flipped[0]) < 0.8 and not np.array_equal(flipped[0], flipped[1])
