@@ -14,6 +14,8 @@ import sys
 import threading
 import warnings
 
+from .interrupt import INTERRUPTED as _INTERRUPTED
+
 USAGE = """usage: weakloc [--version] [--verbose] <command> [flags]
 
 commands:
@@ -78,9 +80,8 @@ def _import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
-# Set by Ctrl-C. Beam turns a KeyboardInterrupt inside a step into a RuntimeError naming the step (and logs it):
-# the flag tells the interrupt apart from a real failure.
-_INTERRUPTED = threading.Event()
+# _INTERRUPTED is set by Ctrl-C. Beam turns a KeyboardInterrupt inside a step into a RuntimeError naming the step
+# (and logs it), OpenVINO's converter into a conversion error: the flag tells the interrupt apart from a failure.
 
 
 def _on_sigint(signum, frame):

@@ -20,7 +20,7 @@ from weakloc.models import engines
 from weakloc.models.engines import cache
 from weakloc.models.files import local_fingerprint
 
-from . import options
+from . import interrupt, options
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def choose(args, method, *, model_digest: Callable[[], str], options: dict[str, 
     try:
         path, hit = cache.cached_convert(engine, key, method)
     except engines.ConversionError as exc:
+        if interrupt.INTERRUPTED.is_set():  # Ctrl-C during the conversion: stop, never fall back and go on
+            raise KeyboardInterrupt from None
         if args.engine != "auto":
             raise engines.ConversionError(f"--engine {engine.name}: {exc}; run it with --engine tensorflow") from exc
         logger.warning("--engine auto: %s; running on TensorFlow instead", exc)

@@ -5,11 +5,14 @@ import glob
 import logging
 import os
 import shutil
+import threading
 from typing import Optional
 
-from apache_beam.io.filesystems import FileSystems
-
 logger = logging.getLogger(__name__)
+
+# Set by the CLI's SIGINT handler. Libraries that run Python callbacks from C++ (OpenVINO's converter) turn the
+# KeyboardInterrupt into an error of their own; code that would recover from such an error asks this first.
+INTERRUPTED = threading.Event()
 
 # Beam's file sinks stage shards in beam-temp-* folders inside the output and rename them when the job ends.
 TEMP_GLOB = "beam-temp-*"
@@ -17,6 +20,8 @@ TEMP_GLOB = "beam-temp-*"
 
 def clean_partial_output(command: str, output: Optional[str]) -> str:
     """Delete Beam temp folders under `output` and say what stays: the tail of the one-line interrupt message."""
+    from apache_beam.io.filesystems import FileSystems
+
     if not output:
         return "no output written"
     removed = _remove_temp_folders(output.rstrip("/"))
@@ -27,10 +32,14 @@ def clean_partial_output(command: str, output: Optional[str]) -> str:
         return f"the run had finished writing {output}{note}"
     if command == "label":
         return f"no output written{note}: {output} holds no finished run"
+    if not removed and not _exists(output.rstrip("/")):  # train, calibrate: they write at the very end
+        return "no output written"
     return f"{output} may be incomplete{note}"
 
 
 def _exists(path: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
     try:
         return FileSystems.exists(path)
     except Exception:
@@ -44,6 +53,8 @@ def _remove_temp_folders(output: str) -> int:
         for path in folders:
             shutil.rmtree(path, ignore_errors=True)
         return sum(not os.path.exists(p) for p in folders)
+    from apache_beam.io.filesystems import FileSystems
+
     try:  # object stores have no folders: delete the objects under each temp prefix
         found = FileSystems.match([FileSystems.join(output, TEMP_GLOB, "*")])[0].metadata_list
         paths = [m.path for m in found]

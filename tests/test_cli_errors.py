@@ -211,3 +211,44 @@ def test_real_truncated_model_from_shared_photo_is_not_a_model(capsys, tmp_path)
     assert cli.main(["calibrate", "--input", str(tmp_path / "in" / "*.png"), "--model", str(jpeg), "--output",
                      str(tmp_path / "t.json")]) == 2
     assert "is not a Keras model file" in one_line_error(capsys, "calibrate")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, marker", [("calibrate", "GAP head"), ("train", "training on:")])
+def test_ctrl_c_in_calibrate_or_train_exits_130_and_says_nothing_was_written(tmp_path, fruit_like_model, command,
+                                                                           marker):
+    """SIGINT once the command is under way (its launch line is out): one line, exit 130, no traceback, and no
+    half-written model or thresholds file."""
+    from tests.test_ground_truth import voc_xml
+
+    pics = tmp_path / "in"
+    write_images(pics, 600, seed=2)
+    for i in range(600):  # boxes for calibrate; their names give train its labels
+        (pics / f"img_{i:04d}.xml").write_text(voc_xml(f"img_{i:04d}.png", [(["apple", "banana"][i % 2], 2, 2, 20, 20)]))
+    out = tmp_path / ("t.json" if command == "calibrate" else "m.keras")
+    argv = {"calibrate": ["--model", fruit_like_model],
+            "train": ["--ground_truth", str(pics), "--input_size", "32,32", "--epochs", "50", "--batch_size", "2"]}
+    proc = subprocess.Popen([sys.executable, "-m", "weakloc.pipeline.cli", command, "--input", str(pics / "*.png"),
+                             *argv[command], "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    err = []
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            if marker in line:
+                break
+        assert proc.poll() is None, "".join(err)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)[::-1]
+        err.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(err)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert lines == [f"weakloc {command}: interrupted; no output written"], err
+    assert not out.exists()
