@@ -61,8 +61,14 @@ def calibrate(model: CamModel, data: synthetic.ShapesSet) -> tuple[metrics.Sweep
 
 
 def run(argv=None) -> dict:
-    args, beam_args = parser().parse_known_args(argv)
-    from . import label, results
+    ap = parser()
+    args, beam_args = ap.parse_known_args(argv)
+    from . import label, options, results
+
+    # The flags passed on to `weakloc label` are checked now, not after two minutes of training.
+    label_parser = label.parser()
+    _, unknown = label_parser.parse_known_args(["--input", "-", "--model", "-", "--output", "-", *beam_args])
+    options.check_beam_args(unknown, known=[*ap.option_strings(), *label_parser.option_strings()])
 
     t0 = time.time()
     out_dir = os.path.abspath(args.output)

@@ -48,6 +48,9 @@ def test_version_and_unknown_command(capsys):
     (["label", "--input", "x/*.jpg", "--model", "m.keras", "--output", "o", "--classse", "labels"], "--classse",
      "--classes"),
     (["label", "--input", "x/*.jpg", "--model", "m.keras", "--outptu", "o"], "--outptu", "--output"),
+    # demo passes unknown flags on to label: checked at launch, not after the training
+    (["demo", "--output", "d", "--emit_cam"], "--emit_cam", "--emit_cams"),
+    (["demo", "--train_image", "10"], "--train_image", "--train_images"),
 ])
 def test_misspelt_flag_says_did_you_mean_and_exits_2(capsys, argv, wrong, right):
     assert cli.main(argv) == 2
