@@ -113,3 +113,11 @@ def test_short_loops_stay_silent(caplog):
     with caplog.at_level(logging.INFO, logger="weakloc.pipeline.progress"):
         assert sum(progress.counted(range(5), 5, "quick")) == 10
     assert not caplog.records
+
+
+def test_label_progress_line_shows_total_share_and_eta_where_the_size_is_known():
+    # 120 of 300 in 10 s: 12/s, 180 left, so 15 s to go
+    known = progress.Progress(io.StringIO(), total=300)
+    assert known.line(120, 2, 10.0) == "weakloc: images 120/300 (40%), 12.0/s, ETA 15 s, 2 failed, 10 s"
+    unknown = progress.Progress(io.StringIO())  # TFRecords: records are not counted before the run
+    assert unknown.line(120, 2, 10.0) == "weakloc: 120 images done, 2 failed, 12.0 images/s, 10 s"
