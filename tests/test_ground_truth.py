@@ -333,3 +333,33 @@ def test_train_takes_labels_from_objects_or_a_manifest_not_the_layout_folder(tmp
     assert counts["train"]["images"] + counts["validation"]["images"] == 12
     logged = caplog.text
     assert "12 inputs in 12 files, 2 classes: cat, dog" in logged and f"({expected['both']} with several labels)" in logged
+
+
+def test_export_writes_the_coco_truth_from_a_voc_folder(tmp_path, shapes_model, voc_folder):
+    """Pictures read as plain files carry no boxes: `export --ground_truth VOC_DIR` still writes COCO's
+    ground_truth.json, every XML box there in COCO's x, y, w, h; without the flag there is no truth to write."""
+    from pycocotools.coco import COCO
+
+    from weakloc.models import synthetic
+
+    model, _ = shapes_model
+    labels = tmp_path / "labels"
+    assert cli.main(["label", "--input", str(voc_folder / "photos" / "*.png"), "--model", model, "--output",
+                     str(labels), f"--runner={RUNNER}"]) == 0
+    assert cli.main(["export", "--annotations", str(labels), "--format", "coco", "--output", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "ground_truth.json").exists()
+    assert cli.main(["export", "--annotations", str(labels), "--format", "coco", "--output", str(tmp_path / "coco"),
+                     "--ground_truth", str(voc_folder / "photos")]) == 0
+    gt = COCO(str(tmp_path / "coco" / "ground_truth.json"))
+    data = synthetic.make_shapes(40, size=48, seed=21)  # the fixture's pictures and boxes
+    want = {f"pic_{i:03d}": (data.class_names[label], [float(round(v)) for v in box])
+            for i, (label, box) in enumerate(zip(data.labels, data.boxes))}
+    got = {}
+    for im in gt.loadImgs(gt.getImgIds()):
+        (ann,) = gt.loadAnns(gt.getAnnIds(imgIds=[im["id"]]))
+        x, y, w, h = ann["bbox"]
+        stem = im["file_name"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        got[stem] = (gt.loadCats(ann["category_id"])[0]["name"], [x, y, x + w, y + h])
+    assert got.keys() == want.keys()
+    for stem, (name, box) in want.items():
+        assert got[stem][0] == name and got[stem][1] == pytest.approx(box, abs=1e-4), stem
