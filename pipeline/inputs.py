@@ -75,6 +75,19 @@ def _image_labels(source: "Source", path: str, folder_label: Optional[str]) -> l
     return [folder_label] if folder_label else []
 
 
+def _boxes_beside_hint(fmt: str, files: Sequence[str], ground_truth) -> str:
+    """'; VOC XML lie beside them (...): pass --ground_truth DIR ...' when a labelless folder has boxes to hand."""
+    if fmt != "images" or ground_truth is not None:
+        return ""
+    from .ground_truth import beside_images  # ground_truth imports this module
+
+    found = beside_images(files)
+    if found is None:
+        return ""
+    return (f"; VOC XML lie beside these pictures ({found.origin[0]}): pass --ground_truth {found.origin[0]} to "
+            "take each picture's labels from its objects")
+
+
 def match_patterns(patterns: Sequence[str]) -> list[str]:
     files = []
     for pattern in patterns:
@@ -155,7 +168,8 @@ def scan(
     else:
         raise OptionsError(
             f"no image-level labels in {len(files)} input files (TFRecord: image/class/text or image/class/label; "
-            "images: a class-per-folder layout such as root/*/*.jpg)"
+            "images: a class-per-folder layout such as root/*/*.jpg, a manifest --labels labels.csv, or the "
+            f"objects of true boxes --ground_truth VOC_DIR|COCO.json){_boxes_beside_hint(fmt, files, ground_truth)}"
         )
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
     return Source(files, fmt, folder, names, len(keys), digest, manifest, ground_truth, tuple(sorted(folders)))

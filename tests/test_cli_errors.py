@@ -255,3 +255,22 @@ def test_ctrl_c_in_calibrate_or_train_exits_130_and_says_nothing_was_written(tmp
     lines = [line for line in err.splitlines() if "interrupted" in line]
     assert lines == [f"weakloc {command}: interrupted; no output written"], err
     assert not out.exists()
+
+
+def test_train_on_a_labelless_folder_with_voc_beside_names_the_flag(capsys, tmp_path):
+    """kangaroo/images/*.jpg with kangaroo/annots/*.xml: no folder label (images is a layout folder), but boxes to
+    hand. One line, exit 2, naming the --ground_truth that would give every picture its labels."""
+    from tests.test_ground_truth import voc_xml
+
+    write_images(tmp_path / "kangaroo" / "images", 3)
+    (tmp_path / "kangaroo" / "annots").mkdir()
+    for i in range(3):
+        (tmp_path / "kangaroo" / "annots" / f"img_{i:04d}.xml").write_text(
+            voc_xml(f"img_{i:04d}.png", [("kangaroo", 2, 2, 20, 20)]))
+    argv = ["train", "--input", str(tmp_path / "kangaroo" / "images" / "*.png"), "--output", str(tmp_path / "m.keras")]
+    assert cli.main(argv) == 2
+    line = one_line_error(capsys, "train")
+    assert "no image-level labels in 3 input files" in line
+    assert line.endswith(f"pass --ground_truth {tmp_path / 'kangaroo' / 'annots'} to take each picture's labels "
+                         "from its objects")
+    assert not (tmp_path / "m.keras").exists()
