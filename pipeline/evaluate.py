@@ -152,7 +152,11 @@ def run(argv=None) -> dict:
         for kind in metrics.BASELINES:
             ev["baselines"][kind]["detection"] = detection.detection_scores(detection.baseline_rows(rows, kind))
     except ValueError as exc:
-        raise OptionsError(str(exc)) from None
+        hint = ""
+        if "nothing to evaluate" in str(exc) and not args.ground_truth:
+            hint = "; the pictures carried no boxes: pass their truth with --ground_truth VOC_DIR | COCO.json | " \
+                   "'shards/*.tfrecord'"
+        raise OptionsError(f"{exc}{hint}") from None
     ev["annotations"] = args.annotations
     ev["ground_truth"] = args.ground_truth or "carried in the annotation rows"
     ev["rows"], ev["rows_without_ground_truth"], ev["unknown_class_boxes"] = len(rows), unmatched, unknown

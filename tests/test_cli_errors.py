@@ -276,3 +276,16 @@ def test_train_on_a_labelless_folder_with_voc_beside_names_the_flag(capsys, tmp_
     assert line.endswith(f"pass --ground_truth {tmp_path / 'kangaroo' / 'annots'} to take each picture's labels "
                          "from its objects")
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_evaluate_a_run_of_plain_pictures_without_truth_names_the_flag(capsys, tmp_path, fruit_like_model):
+    """Picture files carry no boxes: evaluate has nothing to score and says where the truth would come from."""
+    write_images(tmp_path / "in", 3)
+    assert cli.main(["label", "--input", str(tmp_path / "in" / "*.png"), "--model", fruit_like_model, "--output",
+                     str(tmp_path / "out"), f"--runner={RUNNER}"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--annotations", str(tmp_path / "out")]) == 2
+    line = one_line_error(capsys, "evaluate")
+    assert "no annotation row carries ground-truth boxes" in line
+    assert line.endswith("pass their truth with --ground_truth VOC_DIR | COCO.json | 'shards/*.tfrecord'")
+    assert not (tmp_path / "out" / "evaluation.json").exists()
