@@ -84,9 +84,42 @@ def _import_tensorflow_quietly() -> None:
 # (and logs it), OpenVINO's converter into a conversion error: the flag tells the interrupt apart from a failure.
 
 
+# Seconds a Ctrl-C may take to unwind before the process ends itself: a KeyboardInterrupt raised inside a
+# finaliser or a C++ callback can be printed and swallowed, and the command would run on.
+_INTERRUPT_GRACE_SECONDS = 15.0
+_RUNNING: dict = {}  # {"command", "output"} of the command this process runs from the shell
+_FINISHING = threading.Lock()
+
+
+def _finish_interrupt(command: str, output) -> None:
+    """The one line of a Ctrl-C, after Beam's temp folders are gone, then exit 130 (once, from any thread)."""
+    if not _FINISHING.acquire(blocking=False):  # another thread is saying it and will end the process
+        if threading.current_thread() is threading.main_thread():
+            _FINISHING.acquire()  # never returns: that thread exits
+        return
+    from .interrupt import clean_partial_output
+
+    kept = clean_partial_output(command, output)
+    print(f"\nweakloc {command}: interrupted; {kept}", file=sys.stderr, flush=True)
+    # Beam's and TensorFlow's worker threads would print their own tracebacks while Python shuts down.
+    sys.stdout.flush()
+    os._exit(130)
+
+
 def _on_sigint(signum, frame):
+    if not _INTERRUPTED.is_set() and _RUNNING:
+        timer = threading.Timer(_INTERRUPT_GRACE_SECONDS, _finish_interrupt, (_RUNNING["command"], _RUNNING["output"]))
+        timer.daemon = True
+        timer.start()
     _INTERRUPTED.set()
     raise KeyboardInterrupt
+
+
+def _on_unraisable(hook_args) -> None:
+    """A Ctrl-C that landed in a finaliser would be printed as 'Exception ignored' and lost: end the run now."""
+    if _INTERRUPTED.is_set() and isinstance(hook_args.exc_value, KeyboardInterrupt) and _RUNNING:
+        _finish_interrupt(_RUNNING["command"], _RUNNING["output"])
+    sys.__unraisablehook__(hook_args)
 
 
 class _DropKnownNoise(logging.Filter):
@@ -170,21 +203,21 @@ def main(argv=None) -> int:
         return 2
     _quiet_libraries(verbose, from_shell)
     if from_shell and threading.current_thread() is threading.main_thread():
+        _RUNNING.update(command=command, output=_output_of(rest))
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _on_unraisable
     if from_shell and not verbose and command in _TF_COMMANDS and "--help" not in rest and "-h" not in rest:
         _import_tensorflow_quietly()
     _setup_logging(verbose)
     try:
         return _run(command, rest, verbose)
     except KeyboardInterrupt:
+        if from_shell:
+            _finish_interrupt(command, _output_of(rest))
         from .interrupt import clean_partial_output
 
         kept = clean_partial_output(command, _output_of(rest))
         print(f"\nweakloc {command}: interrupted; {kept}", file=sys.stderr, flush=True)
-        if from_shell:
-            # Beam's and TensorFlow's worker threads would print their own tracebacks while Python shuts down.
-            sys.stdout.flush()
-            os._exit(130)
         return 130
 
 

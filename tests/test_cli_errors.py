@@ -289,3 +289,41 @@ def test_evaluate_a_run_of_plain_pictures_without_truth_names_the_flag(capsys, t
     assert "no annotation row carries ground-truth boxes" in line
     assert line.endswith("pass their truth with --ground_truth VOC_DIR | COCO.json | 'shards/*.tfrecord'")
     assert not (tmp_path / "out" / "evaluation.json").exists()
+
+
+_SWALLOWER = """
+import signal, sys, time
+from weakloc.pipeline import cli
+cli._INTERRUPT_GRACE_SECONDS = 1.0
+cli._RUNNING.update(command="train", output={output!r})
+signal.signal(signal.SIGINT, cli._on_sigint)
+sys.unraisablehook = cli._on_unraisable
+print("ready", flush=True)
+{body}
+print("the run went on", flush=True)
+"""
+_SWALLOWS = {
+    # a library that catches the interrupt and carries on: the grace period ends the process
+    "caught": "for _ in range(300):\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass",
+    # Ctrl-C inside a finaliser: Python prints 'Exception ignored' and goes on; the hook ends the run instead
+    "finaliser": "class Slow:\n    def __del__(self):\n        time.sleep(30)\nx = Slow()\ndel x\ntime.sleep(30)",
+}
+
+
+@pytest.mark.parametrize("how", sorted(_SWALLOWS))
+def test_a_swallowed_ctrl_c_still_ends_the_run_with_one_line_and_130(tmp_path, how):
+    code = _SWALLOWER.format(output=str(tmp_path / "m.keras"), body=_SWALLOWS[how])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "the run went on" not in out
+    assert err.strip().splitlines() == ["weakloc train: interrupted; no output written"], err
