@@ -60,6 +60,9 @@ setuptools.setup(
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         # s3:// (AWS, MinIO, any S3-compatible store) through Beam's S3 filesystem.
         "aws": ["apache-beam[aws]>=2.60,<3"],
+        # --engine litert: LiteRT's interpreter (XNNPACK), 2.3.0 installs here from manylinux wheels; the graph is
+        # converted on the launcher with TensorFlow's own tf.lite converter, so workers need only this.
+        "litert": ["ai-edge-litert>=1.2"],
         # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests; it
         # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
         # tf-keras-vis and tensorflow-hub (imported by Beam's stock TF model handler) let the suite check that
