@@ -55,6 +55,14 @@ class LiteRtEngine(Engine):
                               "(or auto), or --engine openvino for bf16")
         return precision
 
+    def check_method(self, method) -> None:
+        # Grad-CAM traces one graph per number of requested classes (cam.CamMethod.dynamic_extra is False) and the
+        # converter would take its gradient ops: a graph for no requested class would be shipped and then fail on
+        # the first batch that asks for one (--classes labels|both). Refused here, at launch.
+        if not method.dynamic_extra:
+            raise ConversionError(f"LiteRT runs one graph for every number of requested classes, and "
+                                  f"{type(method).__name__} traces one per number (--method cam runs on LiteRT)")
+
     def convert(self, forward, path: str) -> None:
         import tensorflow as tf
 
