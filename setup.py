@@ -69,7 +69,8 @@ setuptools.setup(
         # the throughput benchmark, which compares against both, still runs.
         # moto's standalone server is a real S3 HTTP API the tests start on loopback (and on the namespaces
         # they make); Beam's aws extra is its S3 filesystem (boto3) that the cluster tests drive against it.
-        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3",
+        # ai-edge-litert so the LiteRT engine's parity tests run rather than skip (21 MB).
+        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3", "ai-edge-litert>=1.2",
                  "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5", "moto[server]>=5.0"],
     },
     # weakloc-worker-boot: the --container_executable of a Beam process worker pool (pipeline/worker_boot.py).
