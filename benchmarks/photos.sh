@@ -58,6 +58,7 @@ finetune ft_b13 --feature_layer block_13_expand_relu
 box ft_b13 ft_b13
 # calibrate also searches the instance peak split (peak_distance 0 / 0.1 / 0.15); on these photos it keeps it off.
 box ft_b13 ft_b13_inst --boxes instances
+box ft_b13 ft_b13_tta_inst --flip_tta --boxes instances  # the best photo row (BENCHMARKS.md, 2026-12-03)
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320
