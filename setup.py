@@ -55,6 +55,9 @@ setuptools.setup(
         "jinja2>=3.0",
         # weakloc evaluate: COCO AP / AP50 / AR@100 by the reference implementation, never re-derived.
         "pycocotools>=2.0.6",
+        # --boxes instances with a peak distance: watershed of touching objects from their separate peaks
+        # (imported only there, so other workers never load it).
+        "scikit-image>=0.22",
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
