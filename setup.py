@@ -55,18 +55,25 @@ setuptools.setup(
         "jinja2>=3.0",
         # weakloc evaluate: COCO AP / AP50 / AR@100 by the reference implementation, never re-derived.
         "pycocotools>=2.0.6",
+        # --boxes instances with a peak distance: watershed of touching objects from their separate peaks
+        # (imported only there, so other workers never load it).
+        "scikit-image>=0.22",
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         # s3:// (AWS, MinIO, any S3-compatible store) through Beam's S3 filesystem.
         "aws": ["apache-beam[aws]>=2.60,<3"],
+        # --engine litert: LiteRT's interpreter (XNNPACK), 2.3.0 installs here from manylinux wheels; the graph is
+        # converted on the launcher with TensorFlow's own tf.lite converter, so workers need only this.
+        "litert": ["ai-edge-litert>=1.2"],
         # The Dataflow translation test (--dry_run) needs the gcp extra, so CI installs it with the tests; it
         # also builds the --setup_file sdist in this environment, which needs setuptools (not in 3.12+ venvs).
         # tf-keras-vis and tensorflow-hub (imported by Beam's stock TF model handler) let the suite check that
         # the throughput benchmark, which compares against both, still runs.
         # moto's standalone server is a real S3 HTTP API the tests start on loopback (and on the namespaces
         # they make); Beam's aws extra is its S3 filesystem (boto3) that the cluster tests drive against it.
-        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3",
+        # ai-edge-litert so the LiteRT engine's parity tests run rather than skip (21 MB).
+        "test": ["pytest>=7", "hypothesis>=6.100", "apache-beam[gcp,aws]>=2.60,<3", "ai-edge-litert>=1.2",
                  "setuptools>=61", "tf-keras-vis>=0.8.7", "tensorflow-hub", "ruff>=0.5", "moto[server]>=5.0"],
     },
     # weakloc-worker-boot: the --container_executable of a Beam process worker pool (pipeline/worker_boot.py).

@@ -1,5 +1,5 @@
-"""Engines side by side (issue 14): weakloc end to end on TensorFlow and on OpenVINO (f32, bf16), each engine's
-own forward limit, a fresh worker's start-up and memory, and the stage shares once the forward pass is faster.
+"""Engines side by side (issue 14): weakloc end to end on TensorFlow, OpenVINO (f32, bf16) and LiteRT (f32), each
+engine's own forward limit, a fresh worker's start-up and memory, and the stage shares once the forward pass is faster.
 
     python benchmarks/engine_throughput.py [--images 512] [--rounds 2] [--batch_size 32] [--out figures.json]
 
@@ -32,8 +32,12 @@ VARIANTS = {  # name: label flags
     "tensorflow": ["--engine", "tensorflow"],
     "openvino_default": ["--engine", "openvino"],  # --precision auto: f32 (bf16 misses the agreement targets)
     "openvino_bf16": ["--engine", "openvino", "--precision", "bf16"],
+    "litert": ["--engine", "litert"],  # f32 only
 }
-LIMITS = ("tensorflow", "openvino_f32", "openvino_bf16")
+LIMITS = ("tensorflow", "openvino_f32", "openvino_bf16", "litert_f32")
+# Which limit each end-to-end variant is held against.
+OWN_LIMIT = {"tensorflow": "tensorflow", "openvino_default": "openvino_f32", "openvino_bf16": "openvino_bf16",
+             "litert": "litert_f32"}
 
 
 def _method(model_path, prep):
@@ -51,14 +55,14 @@ def _forward_of(engine_name, model_path, prep, cache_dir):
     from weakloc.models.engines import cache
     from weakloc.pipeline.engine import method_options
 
-    precision = engine_name.split("_")[1]
-    ov = engines.get("openvino")
+    name, precision = engine_name.split("_")
+    engine = engines.get(name)
     spec = opening.open_model(model_path).spec
-    path, _ = cache.cached_convert(ov, cache.cache_key(ov, cache.model_digest(spec), method_options(spec, 1)),
+    path, _ = cache.cached_convert(engine, cache.cache_key(engine, cache.model_digest(spec), method_options(spec, 1)),
                                    method, directory=cache_dir)
     with open(path, "rb") as f:
-        model = engines.EngineCam(ov.load(f.read(), precision), input_size=method.input_size,
-                                  num_classes=method.num_classes, engine="openvino", precision=precision)
+        model = engines.EngineCam(engine.load(f.read(), precision), input_size=method.input_size,
+                                  num_classes=method.num_classes, engine=name, precision=precision)
     return model, engine_name
 
 
@@ -173,7 +177,8 @@ def main(argv=None):
              for i, x in enumerate(decoded[: args.batch_size])]
     print("== start-up of a fresh worker (process start to first batch)", flush=True)
     start = {name: startup(big, model_path, batch, d, flags) for name, flags in
-             (("tensorflow", VARIANTS["tensorflow"]), ("openvino", VARIANTS["openvino_default"]))}
+             (("tensorflow", VARIANTS["tensorflow"]), ("openvino", VARIANTS["openvino_default"]),
+              ("litert", VARIANTS["litert"]))}
     for name, row in start.items():
         print(f"  {name:10s} " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in row.items()), flush=True)
@@ -181,7 +186,7 @@ def main(argv=None):
     for r in range(args.rounds):
         limits = {name: _call("_limit_main", [name, model_path, prep, pixels_path, args.batch_size, cache_dir],
                               os.path.join(d, f"limit-{name}.log"))["img_s"] for name in LIMITS}
-        row = {"limits_img_s": limits, "variants": {}}
+        row = {"limits_img_s": limits, "variants": {}, "load_average_before": os.getloadavg()}
         for name, flags in VARIANTS.items():
             t_all, summary = run_weakloc(big, model_path, os.path.join(d, f"out-{name}"), args.batch_size,
                                          ["--runner=FnApiRunner", *flags])
@@ -193,15 +198,16 @@ def main(argv=None):
                                      "engine": summary["engine"]["name"], "precision": summary["engine"]["precision"]}
         tf = row["variants"]["tensorflow"]
         for name, v in row["variants"].items():
-            limit = limits["tensorflow"] if name == "tensorflow" else limits[
-                "openvino_bf16" if name.endswith("bf16") else "openvino_f32"]
+            limit = limits[OWN_LIMIT[name]]
             v["steady_vs_own_limit"] = v["steady_img_s"] / limit
             v["marginal_vs_own_limit"] = v["marginal_img_s"] / limit
             v["steady_vs_tensorflow"] = v["steady_img_s"] / tf["steady_img_s"]
             v["marginal_vs_tensorflow"] = v["marginal_img_s"] / tf["marginal_img_s"]
         row["limit_ratios"] = {k: v / limits["tensorflow"] for k, v in limits.items()}
+        row["load_average_after"] = os.getloadavg()
         rounds.append(row)
-        print(f"== round {r + 1}: limits " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()), flush=True)
+        print(f"== round {r + 1} (load average {row['load_average_before'][0]:.1f} -> "
+              f"{row['load_average_after'][0]:.1f}): limits " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()), flush=True)
         for name, v in row["variants"].items():
             print(f"  {name:18s} " + ", ".join(f"{k} {x:.3f}" if isinstance(x, float) else f"{k} {x}"
                                              for k, x in v.items()), flush=True)
@@ -218,11 +224,16 @@ def main(argv=None):
     print("  " + json.dumps(stages))
     with open("/proc/cpuinfo") as f:
         flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu_model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                     "unknown")
     doc = {"images": n, "batch_size": args.batch_size, "startup": start, "rounds": rounds, "median": median,
            "limit_ratio_median": limit_ratio, "stages": stages, "cpus": os.cpu_count(),
            "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma"))),
+           "cpu_model": cpu_model, "load_average_end": os.getloadavg(),
            "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-    print(f"  cpu flags: {' '.join(doc['cpu_flags'])}")
+    print(f"  cpu: {cpu_model}; flags: {' '.join(doc['cpu_flags'])}; load average at the end "
+          f"{doc['load_average_end'][0]:.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)

@@ -33,7 +33,8 @@ weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/photos.keras" 
   --thresholds "$W/model/photos_refined.thresholds.json" --flip_tta --classes both --overwrite --runner=FnApiRunner
 weakloc evaluate --annotations "$W/labels_refined" | tee "$W/evaluation_refined.txt"
 
-# The shared ImageNet MobileNetV2, fine-tuned from its file: head on the frozen backbone, then the last stage.
+# The shared ImageNet MobileNetV2, fine-tuned from its file: head on the frozen backbone, then the last stage, both
+# on the frozen layers' outputs cached once (add --no_feature_cache to finetune's flags to time the old way).
 # box() calibrates a model on the calibration photos, labels the test photos and evaluates them.
 box() {  # box MODEL RUN [calibrate/label flags...]
   local model=$1 run=$2; shift 2
@@ -55,7 +56,9 @@ box ft ft_tta --flip_tta
 # re-built at 320x320 (10x10), and with block 13 at stride 1 and blocks 14-16 dilated (14x14).
 finetune ft_b13 --feature_layer block_13_expand_relu
 box ft_b13 ft_b13
+# calibrate also searches the instance peak split (peak_distance 0 / 0.1 / 0.15); on these photos it keeps it off.
 box ft_b13 ft_b13_inst --boxes instances
+box ft_b13 ft_b13_tta_inst --flip_tta --boxes instances  # the best photo row (BENCHMARKS.md, 2026-12-03)
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320

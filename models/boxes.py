@@ -76,14 +76,18 @@ class InstanceRule:
       this (the map's own maximum is 1, so this too is relative); nms_iou: of two kept boxes of one map whose
       IoU exceeds it, the one with the lower peak goes (1.0 keeps every box). The map's largest component is
       always a candidate, so every map with foreground keeps at least one box.
+    peak_distance: 0 keeps components whole; above 0, local maxima of the map at least this far apart (a share of
+      the map's longer side) split the component that holds them by a watershed, one region a peak, so two
+      touching objects give two boxes (see `split_by_peaks`).
     """
 
     min_rel_area: float = 0.1
     min_peak: float = 0.0
     nms_iou: float = 0.5
+    peak_distance: float = 0.0
 
     def __post_init__(self):
-        for name in ("min_rel_area", "min_peak", "nms_iou"):
+        for name in ("min_rel_area", "min_peak", "nms_iou", "peak_distance"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
                 raise ValueError(f"instance rule: {name} must be a number within [0, 1], got {val!r}")
@@ -94,7 +98,8 @@ class InstanceRule:
     @classmethod
     def from_json(cls, doc) -> "InstanceRule":
         if not isinstance(doc, dict) or set(doc) - {f.name for f in dataclasses.fields(cls)}:
-            raise ValueError(f"instance rule: expected an object with keys min_rel_area, min_peak, nms_iou, got {doc!r}")
+            raise ValueError("instance rule: expected an object with keys min_rel_area, min_peak, nms_iou "
+                             f"(and optionally peak_distance), got {doc!r}")
         return cls(**doc)
 
 
@@ -162,8 +167,9 @@ def boxes_from_cams(
     if mode not in ("largest", "all", "union", "instances"):
         raise ValueError(f"mode must be 'largest', 'all', 'union' or 'instances', got {mode!r}")
     if mode == "instances":
-        cands = candidates(normed, thresholds, valid)
-        keep = cands.select(instances or InstanceRule())
+        rule = instances or InstanceRule()
+        cands = candidates(normed, thresholds, valid, peak_distance=rule.peak_distance)
+        keep = cands.select(rule)
         return Boxes(cands.map_index[keep], cands.xyxy[keep],
                      _box_means(normed, cands.map_index[keep], cands.xyxy[keep]), cands.area[keep], cands.peak[keep])
     n, h, w = normed.shape
@@ -189,13 +195,17 @@ def boxes_from_cams(
     return Boxes(map_of[keep], xyxy, _box_means(normed, map_of[keep], xyxy), sizes[keep].astype(np.int64))
 
 
-def candidates(normed: np.ndarray, thresholds, valid: np.ndarray | None = None) -> Candidates:
+def candidates(normed: np.ndarray, thresholds, valid: np.ndarray | None = None, *,
+               peak_distance: float = 0.0) -> Candidates:
     """Every component of the maps normed >= tau, boxed, with its peak and relative area (mode "instances").
 
     One labelling of the stack, one `scipy.ndimage.maximum` for every component's peak. Computed once per
-    threshold, it serves any number of `InstanceRule`s (calibrate tries many).
+    threshold (and peak distance), it serves any number of `InstanceRule`s of that distance (calibrate tries
+    many). With `peak_distance` > 0 the components are first split by `split_by_peaks`.
     """
     comps = threshold_components(normed, thresholds, valid)
+    if peak_distance > 0 and comps.count:
+        return _split_candidates(normed, comps, peak_distance)
     if comps.count == 0:
         z = np.zeros(0, np.int64)
         return Candidates(z, np.zeros((0, 4), np.float32), z, np.zeros(0, np.float32), np.zeros(0, np.float32),
@@ -210,6 +220,73 @@ def candidates(normed: np.ndarray, thresholds, valid: np.ndarray | None = None) 
     visit = np.lexsort((ids, -comps.sizes, -peak, comps.map_of))
     return Candidates(comps.map_of[visit], comps.boxes(visit + 1), comps.sizes[visit], peak[visit],
                       (comps.sizes[visit] / biggest[comps.map_of[visit]]).astype(np.float32), largest[visit])
+
+
+def split_by_peaks(normed: np.ndarray, labels: np.ndarray, peak_distance: float) -> np.ndarray:
+    """Split components at their separate peaks: a marker-based watershed of one map.
+
+    Args:
+      normed: float (H, W) one normalised map in [0, 1].
+      labels: int (H, W) its components, 0 for background.
+      peak_distance: the least distance between two peaks that become separate regions, as a share of max(H, W)
+        (at least one pixel).
+
+    Returns:
+      int32 (H, W) regions numbered 1..k (0 background), each the watershed basin of one local maximum of
+      `normed` found by `skimage.feature.peak_local_max` (peaks closer than the distance merge into the higher,
+      a flat top is one peak); a component with no such peak stays whole.
+    """
+    # Imported here: only --boxes instances with a peak distance needs scikit-image, so other workers never load it.
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    h, w = normed.shape
+    distance = max(1, int(round(peak_distance * max(h, w))))
+    peaks = peak_local_max(normed, min_distance=distance, labels=labels, exclude_border=False)
+    # peak_local_max returns several pixels of one flat top: peaks on one connected plateau of regional-maximum
+    # pixels share a marker, so a plateau is one instance, never split against itself.
+    plateaus, n_plateaus = ndimage.label((normed == ndimage.maximum_filter(normed, size=3)) & (labels > 0),
+                                         structure=np.ones((3, 3)))
+    markers = np.zeros((h, w), np.int32)
+    markers[tuple(peaks.T)] = plateaus[tuple(peaks.T)]
+    # A component without a marker gets one of its own, so none is lost.
+    ids = np.unique(labels[labels > 0])
+    unmarked = np.setdiff1d(ids, np.unique(labels[markers > 0]))
+    for k, c in enumerate(unmarked.tolist(), start=n_plateaus + 1):
+        first = np.argmax(labels.ravel() == c)
+        markers.flat[first] = k
+    # Basins of -normed flooded from the peaks, confined to the components (no region crosses background).
+    regions = watershed(-normed, markers, mask=labels > 0)
+    return regions.astype(np.int32)
+
+
+def _split_candidates(normed: np.ndarray, comps: "Components", peak_distance: float) -> Candidates:
+    """`candidates` of the watershed regions of every map's components (see `split_by_peaks`)."""
+    maps, boxes, areas, peaks = [], [], [], []
+    for m in np.flatnonzero(comps.per_map > 0).tolist():
+        regions = split_by_peaks(normed[m], comps.labels[m], peak_distance)
+        k = int(regions.max())
+        ids = np.arange(1, k + 1)
+        slices = ndimage.find_objects(regions, max_label=k)
+        present = [i for i, sl in enumerate(slices) if sl is not None]
+        ids = ids[present]
+        maps.append(np.full(len(ids), m, np.int64))
+        boxes.append(np.array([(slices[i][1].start, slices[i][0].start, slices[i][1].stop, slices[i][0].stop)
+                               for i in present], np.float32).reshape(-1, 4))
+        areas.append(np.bincount(regions.ravel(), minlength=k + 1)[ids].astype(np.int64))
+        peaks.append(np.asarray(ndimage.maximum(normed[m], regions, ids), np.float32).reshape(-1))
+    map_of, xyxy, area, peak = (np.concatenate(a) for a in (maps, boxes, areas, peaks))
+    raster = np.arange(len(area))
+    biggest = np.zeros(normed.shape[0], np.int64)
+    np.maximum.at(biggest, map_of, area)
+    # The largest region of each map (ties: first in raster order of the labels) always stays a candidate.
+    by_size = np.lexsort((raster, -area, map_of))
+    _, first = np.unique(map_of[by_size], return_index=True)
+    largest = np.zeros(len(area), bool)
+    largest[by_size[first]] = True
+    visit = np.lexsort((raster, -area, -peak, map_of))
+    return Candidates(map_of[visit], xyxy[visit], area[visit], peak[visit],
+                      (area[visit] / biggest[map_of[visit]]).astype(np.float32), largest[visit])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

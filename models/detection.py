@@ -18,10 +18,12 @@ from scipy.optimize import linear_sum_assignment
 from . import boxes as boxlib
 from . import metrics
 
-# The rule grid calibrate searches (with tau): a relative area, a peak bar and an NMS IoU per axis.
+# The rule grid calibrate searches (with tau): a relative area, a peak bar, an NMS IoU and a peak distance per axis
+# (0: components whole; 0.1 and 0.15 of the map side: touching objects split at their separate peaks).
 REL_AREAS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5)
 PEAKS = (0.0, 0.5, 0.7, 0.85)
 NMS_IOUS = (0.3, 0.5, 0.7)
+PEAK_DISTANCES = (0.0, 0.1, 0.15)
 INSTANCE_TAUS = tuple(np.round(np.arange(0.0, 1.0, 0.02), 2))
 
 
@@ -37,7 +39,9 @@ def matched(iou: np.ndarray, level: float) -> int:
 
 
 def _rule_grid() -> list[boxlib.InstanceRule]:
-    return [boxlib.InstanceRule(a, p, u) for a, p, u in itertools.product(REL_AREAS, PEAKS, NMS_IOUS)]
+    # Peak distance outermost: ties keep the first rule, so a split is chosen only when it scores strictly better.
+    return [boxlib.InstanceRule(a, p, u, d)
+            for d, a, p, u in itertools.product(PEAK_DISTANCES, REL_AREAS, PEAKS, NMS_IOUS)]
 
 
 def sweep_instances(
@@ -63,10 +67,15 @@ def sweep_instances(
     owner = np.concatenate([np.full(len(t), i) for i, t in enumerate(flat)] + [np.zeros(0, np.int64)])
     every = np.concatenate(flat + [np.zeros((0, 4), np.float32)])
     out = np.zeros((len(taus), len(rules), len(levels)))
+    distances = sorted({r.peak_distance for r in rules})
     for ti, tau in enumerate(taus):
-        cands = boxlib.candidates(normed, float(tau), valid)
-        iou = boxlib.box_iou(cands.xyxy, every)  # one call a threshold; each map then reads its own block
+        # Components (and their IoUs with the truths) once a threshold and peak distance.
+        per_distance = {}
+        for d in distances:
+            cands = boxlib.candidates(normed, float(tau), valid, peak_distance=d)
+            per_distance[d] = cands, boxlib.box_iou(cands.xyxy, every)  # each map then reads its own block
         for ri, rule in enumerate(rules):
+            cands, iou = per_distance[rule.peak_distance]
             keep = cands.select(rule)
             tp = np.zeros(len(levels))
             for i in np.unique(cands.map_index[keep]).tolist():

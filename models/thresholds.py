@@ -9,7 +9,8 @@
      "box_refine": {...},                      a refine.BoxRefiner (replaces the stretch)
      "box_refine_fit": {...},                  how the refinement was chosen (a record, not read back)
      "instances": {"min_rel_area": 0.1,        --boxes instances: which components become instance boxes
-                   "min_peak": 0.5, "nms_iou": 0.3},   (a boxes.InstanceRule, chosen by calibrate --boxes instances)
+                   "min_peak": 0.5, "nms_iou": 0.3,    (a boxes.InstanceRule, chosen by calibrate --boxes instances;
+                   "peak_distance": 0.1},              peak_distance optional, 0 when absent)
      "method": {"name": "contrast_refine",     the method calibrate chose (models/choose.py): label makes
                 "flip_tta": false,             flip-averaged maps or not, and boxes them with this rule,
                 "boxes": "largest",            unless a flag says otherwise

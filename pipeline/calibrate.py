@@ -351,7 +351,9 @@ def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, 
     text = (_curve_text(sweep, "F1") + f"\n\nimages: {used} ({len(maps.classes)} image-class pairs), top-1 on them "
             f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   max instance F1: "
             f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\ninstance rule: components >= "
-            f"{r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, NMS IoU {r.nms_iou:g}\n")
+            f"{r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, NMS IoU {r.nms_iou:g}, "
+            + (f"split at peaks {r.peak_distance:g} of the map side apart\n" if r.peak_distance
+               else "no peak split\n"))
     return thresholds, text
 
 

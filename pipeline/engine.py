@@ -1,6 +1,6 @@
 """`--engine` and `--precision`: which runtime runs the CAM graph, decided and prepared once at launch.
 
-For OpenVINO the method's fused forward graph is converted here (or found in the cache by content hash), checked
+For OpenVINO and LiteRT the method's fused forward graph is converted here (or found in the cache by content hash), checked
 against TensorFlow on a probe batch, and shipped to workers under --temp_location as the model file is; workers
 check its hash and never import TensorFlow. A model the engine cannot convert fails here with one line, or, with
 `--engine auto`, runs on TensorFlow after a warning. Never on a worker.
@@ -32,9 +32,9 @@ SHIPPED_DIR = "weakloc-engines"
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference engine")
     group.add_argument("--engine", choices=engines.ENGINES, default="auto",
-                       help="runtime of the CAM graph: openvino (converted at launch, cached; workers need no "
-                            "TensorFlow), tensorflow, or auto (default): TensorFlow where the workers have a GPU, "
-                            "else OpenVINO where installed")
+                       help="runtime of the CAM graph: openvino or litert (converted at launch, cached; workers "
+                            "need no TensorFlow; litert is f32 only), tensorflow, or auto (default): TensorFlow "
+                            "where the workers have a GPU, else OpenVINO where installed")
     group.add_argument("--precision", choices=engines.PRECISIONS, default="auto",
                        help="OpenVINO arithmetic: f32, bf16 (fast where the CPU has AMX/AVX512_BF16, but it "
                             "moves boxes: see BENCHMARKS.md), or auto (default: f32, as measured)")

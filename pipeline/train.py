@@ -22,7 +22,7 @@ import time
 
 from apache_beam.io.filesystems import FileSystems
 
-from weakloc.models import backbones, sidecar, train
+from weakloc.models import backbones, feature_cache, sidecar, train
 from weakloc.models import files
 from weakloc.models.files import fetch_to_local
 
@@ -54,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--last_stride", type=int, choices=(1, 2), default=2,
                     help="backbones: 1 runs the last stride-2 stage at stride 1 with dilated convolutions after it "
                          "(a map twice as fine, about 2.5x the forward time of that stage)")
+    ap.add_argument("--no_feature_cache", dest="feature_cache", action="store_false",
+                    help="backbones: run the frozen lower layers every epoch instead of once (by default their "
+                         "outputs are cached, with the mirror images under --flip_augment, and only the "
+                         "unfrozen top and the head train on them)")
     ap.add_argument("--unfreeze_from", help="backbones: first layer unfrozen in phase 2 (default: the last stage)")
     ap.add_argument("--head_epochs", type=int, default=_BACKBONE_DEFAULTS["head_epochs"],
                     help="backbones: phase 1 epochs, the new head alone on the frozen backbone (default: %(default)s)")
@@ -249,6 +253,7 @@ def run(argv=None) -> dict:
             "backbone": backbone.provenance if backbone is not None else None,
             "final_feature_map": [int(d) for d in model.get_layer("gap").input.shape[1:3]],
             "epochs_run": fit["epochs"],
+            "feature_cache": fit.get("feature_cache", False),
             "phases": fit.get("phases"),
             "early_stopped": fit["early_stopped"],
             "val_percent": args.val_percent,
@@ -317,10 +322,28 @@ def _fit(args, model, backbone, source, counts, size, scale, offset) -> dict:
             top = backbones.top_layers(backbone.model, args.arch, args.unfreeze_from)
         except backbones.BackboneError as exc:
             raise OptionsError(str(exc)) from None
-        fit = train.fine_tune(model, backbone.model, top, train_ds, val_ds, head_epochs=args.head_epochs,
-                              epochs=args.epochs, learning_rate=args.learning_rate,
-                              fine_tune_learning_rate=args.fine_tune_learning_rate or args.learning_rate / 10,
-                              **fit_args)
+        tune = dict(head_epochs=args.head_epochs, epochs=args.epochs, learning_rate=args.learning_rate,
+                    fine_tune_learning_rate=args.fine_tune_learning_rate or args.learning_rate / 10, **fit_args)
+        split = _feature_split(args, model, top)
+        if split is not None:
+            trunk, top_model = split
+            # The trunk once over the images (unshuffled, unflipped: the cache holds both orientations itself).
+            plain = dict(common, batch_size=max(args.batch_size, 64))
+            t_cache = time.time()
+            x_tr, y_tr = feature_cache.cache_features(
+                trunk, make_dataset(source, validation=False, **plain), flip=args.flip_augment)
+            x_val, y_val = feature_cache.cache_features(trunk, make_dataset(source, validation=True, **plain))
+            logger.info("feature cache: %d training and %d validation tensors of %s from %s (%.1f MB) in %.1f s",
+                        len(x_tr), len(x_val), tuple(x_tr.shape[1:]), top[0].name,
+                        (x_tr.nbytes + x_val.nbytes) / 1e6, time.time() - t_cache)
+            tune["steps_per_epoch"] = math.ceil(len(x_tr) / args.batch_size)
+            fit = train.fine_tune(
+                top_model, backbone.model, top,
+                feature_cache.feature_dataset(x_tr, y_tr, batch_size=args.batch_size, shuffle=True, seed=args.seed),
+                feature_cache.feature_dataset(x_val, y_val, batch_size=args.batch_size, shuffle=False), **tune)
+            fit["feature_cache"] = True
+        else:
+            fit = train.fine_tune(model, backbone.model, top, train_ds, val_ds, **tune)
     else:
         fit = train.fit_datasets(model, train_ds, val_ds, epochs=args.epochs, learning_rate=args.learning_rate,
                                  **fit_args)
@@ -333,6 +356,19 @@ def _fit(args, model, backbone, source, counts, size, scale, offset) -> dict:
                        "the wrong class; train longer, on more images, or from a pretrained backbone (--weights)",
                        100 * fit["val_accuracy"], 100 * LOW_VAL_ACCURACY)
     return fit
+
+
+def _feature_split(args, model, top):
+    """(trunk, top model) to train on cached features, or None: --no_feature_cache, nothing to unfreeze, or a
+    graph the cut cannot serve (then a warning, and the frozen layers run every epoch as before)."""
+    if not args.feature_cache or not top:
+        return None
+    try:
+        return feature_cache.split(model, top[0].name)
+    except ValueError as exc:  # FeatureCacheError, or a layer inside a nested backbone (ResNet's caffe input)
+        logger.warning("not caching frozen features (%s); the frozen layers run every epoch",
+                       str(exc).splitlines()[0][:200])
+        return None
 
 
 def render(meta: dict) -> str:

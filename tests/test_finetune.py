@@ -259,3 +259,128 @@ def test_flip_augment_flips_the_same_pictures_on_every_run(tmp_path):
         assert np.all(same | mirrored)  # each output is its own picture, mirrored or not
         flipped.append(mirrored)
     assert 0.2 < np.mean(flipped[0]) < 0.8 and not np.array_equal(flipped[0], flipped[1])
+
+def bn_backbone_classifier(size=32, classes=5, seed=4):
+    """stem conv -> BatchNorm (moved statistics) -> conv (stride 2) -> conv -> GAP -> Dense: a trunk with BN."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu", name="mid")(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="top_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inp, layers.Dense(classes, activation="softmax", name="predictions")(x))
+    bn = model.get_layer("stem_bn")
+    gamma, beta, _, _ = bn.get_weights()
+    rng = np.random.default_rng(seed)
+    bn.set_weights([gamma, beta, rng.normal(0.3, 0.1, 8).astype(np.float32),
+                    rng.uniform(0.5, 2.0, 8).astype(np.float32)])
+    return model
+
+
+def test_feature_cache_trunk_and_top_compose_to_the_whole_model():
+    from weakloc.models import feature_cache
+
+    model = bn_backbone_classifier()
+    trunk, top = feature_cache.split(model, "mid")
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(np.float32)
+    import keras
+
+    # The cached tensor is the input of the first unfrozen layer, computed in inference mode (BN's moving stats).
+    reference = keras.Model(model.inputs, model.get_layer("stem_bn").output)
+    np.testing.assert_allclose(np.asarray(trunk(x)), np.asarray(reference(x, training=False)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(top(trunk(x))), np.asarray(model(x)), atol=1e-6)
+    # Flip caching: the mirror image's features are the trunk's on the mirrored picture (a conv trunk: mirrored).
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4, 0]])).batch(4)
+    feats, ys = feature_cache.cache_features(trunk, ds, flip=True)
+    assert feats.shape == (12, 32, 32, 8) and ys.shape == (12, 5)
+    np.testing.assert_allclose(feats[4:8], np.asarray(trunk(x[:4, :, ::-1])), atol=1e-6)
+    np.testing.assert_array_equal(ys[:4], ys[4:8])
+    # Top layers share the model's own weights: a change to one is a change to the other.
+    assert top.get_layer("top_conv") is model.get_layer("top_conv")
+
+
+def test_feature_cache_refuses_a_cut_that_a_skip_connection_crosses():
+    import keras
+    from keras import layers
+
+    from weakloc.models import feature_cache
+
+    inp = keras.Input((16, 16, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inp)
+    b = layers.Conv2D(4, 3, padding="same", name="b")(a)
+    c = layers.Conv2D(4, 3, padding="same", name="c")(b)
+    model = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(layers.Add(name="skip")([a, c]))))
+    # Cut at c's input: the skip reads a, below the cut, which no cached tensor holds.
+    with pytest.raises(feature_cache.FeatureCacheError, match="--no_feature_cache"):
+        feature_cache.split(model, "c")
+    # Cut at b's input (a's output): the skip starts at the cut itself, which the cache holds.
+    trunk, top = feature_cache.split(model, "b")
+    x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(top(trunk(x))), np.asarray(model(x)), atol=1e-6)
+
+
+def test_train_on_cached_features_saves_a_whole_model_with_frozen_trunk_unchanged(tmp_path):
+    import keras
+
+    source = bn_backbone_classifier()
+    path = tmp_path / "mine.keras"
+    source.save(path)
+    data = write_records(tmp_path / "train.tfrecord", colour_set(48))
+    out = tmp_path / "ft.keras"
+    assert cli.main(["train", "--input", data, "--output", str(out), "--arch", "mobilenetv2", "--weights",
+                     str(path), "--head_epochs", "2", "--epochs", "2", "--batch_size", "16", "--flip_augment",
+                     "--val_percent", "25"]) == 0
+    doc = json.loads((tmp_path / "ft.json").read_text())
+    side = doc["training"]
+    assert side["feature_cache"] is True and [p["name"] for p in side["phases"]] == ["head", "fine_tune"]
+    model = keras.models.load_model(out, safe_mode=True)
+    # The frozen trunk (stem conv and its BatchNorm, moving statistics included) is the file's, exactly; the
+    # unfrozen top moved.
+    for name in ("stem", "stem_bn"):
+        for mine, theirs in zip(model.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(mine, theirs)
+    assert not np.array_equal(model.get_layer("top_conv").get_weights()[0],
+                              source.get_layer("top_conv").get_weights()[0])
+    # The saved whole model computes what the trained top computes on the cached trunk tensor.
+    from weakloc.models import feature_cache
+
+    x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    trunk, top = feature_cache.split(model, "mid")
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(top(trunk(x))), atol=1e-6)
+    # --no_feature_cache trains the old way and says so in the sidecar.
+    out2 = tmp_path / "plain.keras"
+    assert cli.main(["train", "--input", data, "--output", str(out2), "--arch", "mobilenetv2", "--weights",
+                     str(path), "--head_epochs", "1", "--epochs", "1", "--batch_size", "16", "--val_percent", "25",
+                     "--no_feature_cache"]) == 0
+    assert json.loads((tmp_path / "plain.json").read_text())["training"]["feature_cache"] is False
+
+
+def test_one_step_on_cached_features_equals_one_step_through_the_whole_model():
+    import keras
+
+    from weakloc.models import feature_cache
+
+    x = np.random.default_rng(3).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    y = np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4, 0, 1, 2]]
+    whole, cached = bn_backbone_classifier(), bn_backbone_classifier()  # the same seed: the same weights
+    for m in (whole, cached):
+        for layer in m.layers:
+            layer.trainable = layer.name in ("mid", "top_conv", "predictions")
+    whole.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    whole.train_on_batch(x, y)
+    trunk, top = feature_cache.split(cached, "mid")
+    top.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    top.train_on_batch(np.asarray(trunk(x)), y)
+    # The cached step moved the whole model's own layers exactly as the uncached step did.
+    np.testing.assert_allclose(np.asarray(cached(x)), np.asarray(whole(x)), atol=1e-5)
+    for name in ("stem", "stem_bn", "mid", "top_conv"):
+        for a, b in zip(cached.get_layer(name).get_weights(), whole.get_layer(name).get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(whole.get_layer("mid").get_weights()[0],
+                           bn_backbone_classifier().get_layer("mid").get_weights()[0])

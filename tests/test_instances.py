@@ -172,3 +172,55 @@ def test_thresholds_file_carries_the_rule_and_refuses_a_bad_one():
     assert Thresholds.from_json(thr.to_json()).to_json() == thr.to_json() and thr.to_json()["other"] == 1
     with pytest.raises(ThresholdsError, match=r"nms_iou must be a number within \[0, 1\].*\(in t.json\)"):
         Thresholds.from_json({"instances": {"nms_iou": 2}}, where="t.json")
+
+
+def _touching_gaussians():
+    """A 20x28 map of two equal Gaussians (sigma 2.5) centred at (row 10, col 10) and (row 10, col 17): above
+    tau 0.3 they are one component (the saddle at col 13.5 reaches about 0.55), and by symmetry a watershed from
+    their peaks splits it between columns 13 and 14."""
+    yy, xx = np.mgrid[0:20, 0:28].astype(np.float32)
+    m = sum(np.exp(-((yy - 10) ** 2 + (xx - cx) ** 2) / (2 * 2.5 ** 2)) for cx in (10, 17))
+    return boxes.normalize_cams(m[None])
+
+
+def test_touching_blobs_split_at_their_peaks_into_two_boxes():
+    normed, valid = _touching_gaussians()
+    whole = boxes.boxes_from_cams(normed, 0.3, valid=valid, mode="instances", instances=Rule(0.0, 0.0, 0.5))
+    assert len(whole.xyxy) == 1  # no peak split: one component, one box
+    x0, y0, x1, y1 = whole.xyxy[0].tolist()
+    assert x0 < 10 and x1 > 18 and y0 < 10 < y1
+    split = boxes.boxes_from_cams(normed, 0.3, valid=valid, mode="instances", instances=Rule(0.0, 0.0, 0.5, 0.1))
+    # Left half up to the symmetry line, right half from it; together the unsplit box. Equal peaks and areas.
+    assert sorted(split.xyxy.tolist()) == [[x0, y0, 14, y1], [14, y0, x1, y1]]
+    assert split.peak.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
+    assert split.area.tolist()[0] == split.area.tolist()[1] == whole.area[0] // 2
+    # Peaks 7 px apart merge when the distance asked is larger (0.3 of 28 px = 8 px): one box again.
+    far = boxes.boxes_from_cams(normed, 0.3, valid=valid, mode="instances", instances=Rule(0.0, 0.0, 0.5, 0.3))
+    assert far.xyxy.tolist() == whole.xyxy.tolist()
+
+
+def test_single_blob_stays_one_box_with_peak_split():
+    yy, xx = np.mgrid[0:16, 0:16].astype(np.float32)
+    normed, valid = boxes.normalize_cams(np.exp(-((yy - 7) ** 2 + (xx - 9) ** 2) / 8.0)[None])
+    for tau in (0.2, 0.5):
+        largest = boxes.boxes_from_cams(normed, tau, valid=valid)
+        split = boxes.boxes_from_cams(normed, tau, valid=valid, mode="instances", instances=Rule(0.0, 0.0, 0.5, 0.1))
+        assert split.xyxy.tolist() == largest.xyxy.tolist()
+        assert split.peak.tolist() == pytest.approx([1.0])
+
+
+def test_peak_split_keeps_separate_components_and_maps_apart():
+    # Two maps: the two separate blobs (each component its own peak) and an empty one, split or not alike.
+    m = np.concatenate([_two_blobs(), np.zeros((1, 10, 12), np.float32)])
+    plain = boxes.boxes_from_cams(m, 0.5, mode="instances", instances=Rule(0.1, 0.0, 0.5))
+    split = boxes.boxes_from_cams(m, 0.5, mode="instances", instances=Rule(0.1, 0.0, 0.5, 0.15))
+    assert split.xyxy.tolist() == plain.xyxy.tolist() == [[1, 1, 4, 4], [7, 6, 11, 9]]
+    assert split.map_index.tolist() == [0, 0]
+
+
+def test_peak_distance_is_validated_and_optional_in_files():
+    with pytest.raises(ValueError, match="peak_distance"):
+        Rule(0.1, 0.0, 0.5, 1.5)
+    assert Rule.from_json({"min_rel_area": 0.2, "min_peak": 0.5, "nms_iou": 0.3}).peak_distance == 0.0
+    rule = Rule(0.2, 0.5, 0.3, 0.1)
+    assert Rule.from_json(rule.to_json()) == rule

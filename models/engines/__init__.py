@@ -1,6 +1,6 @@
-"""Inference engines for the fused CAM graph: TensorFlow (the Keras model itself) and OpenVINO (converted at
-launch). `base.Engine` is the whole interface; a second converted engine (ONNX Runtime, LiteRT) is one more
-subclass registered here, and the box step never changes."""
+"""Inference engines for the fused CAM graph: TensorFlow (the Keras model itself), OpenVINO and LiteRT (converted
+at launch). `base.Engine` is the whole interface; each converted engine is one subclass registered here, and the
+box step never changes."""
 from __future__ import annotations
 
 import logging
@@ -15,13 +15,14 @@ from .base import (  # noqa: F401  the package's interface
     EngineError,
     EngineMissingError,
 )
+from .litert import LiteRtEngine
 from .openvino import OpenVinoEngine
 from .tensorflow import TensorflowEngine, gpu_visible  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "tensorflow", "openvino")
-_REGISTRY = {"tensorflow": TensorflowEngine, "openvino": OpenVinoEngine}
+ENGINES = ("auto", "tensorflow", "openvino", "litert")
+_REGISTRY = {"tensorflow": TensorflowEngine, "openvino": OpenVinoEngine, "litert": LiteRtEngine}
 _INSTANCES: dict[str, Engine] = {}
 
 

@@ -99,6 +99,11 @@ class Engine(abc.ABC):
             return precision
         return "bf16" if AUTO_BF16 and "bf16" in self.native_precisions() else "f32"
 
+    def check_method(self, method) -> None:
+        """At launch, before converting: raise ConversionError for a CAM method (cam.CamMethod) whose graph this
+        engine cannot run as a whole. By default the conversion itself is the judge."""
+        return None
+
     @abc.abstractmethod
     def convert(self, forward, path: str) -> None:
         """At launch: write the artifact of `forward` (a tf.function with the CAM signature) to local `path`.

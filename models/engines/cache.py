@@ -74,6 +74,7 @@ def cached_convert(engine: Engine, key: str, method, *, directory: str | None = 
     Raises:
       ConversionError: the engine cannot convert the graph, or the conversion disagrees with TensorFlow.
     """
+    engine.check_method(method)
     path = converted_path(engine, key, directory)
     if os.path.exists(path):
         logger.info("converted %s graph found in the cache: %s", engine.name, path)
