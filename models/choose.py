@@ -17,6 +17,7 @@ import numpy as np
 
 from . import boxes as boxlib
 from . import defaults, metrics, refine, regressor
+from .annotate import regressed
 from .thresholds import COLOC_MAPS, Method, Thresholds
 
 FOLDS = 5
@@ -230,14 +231,6 @@ class Fitted:
 
 class CandidateError(ValueError):
     """A candidate that cannot be fitted on these maps (e.g. too few for a refinement)."""
-
-
-def regressed(base: np.ndarray, predicted: np.ndarray, size, blend: float) -> np.ndarray:
-    """float32 (n, 4): `blend` of the regressor's normalised boxes (n, 4), in pixels of `size` (H, W), and
-    (1 - blend) of the maps' own boxes `base` (n, 4) in those pixels. One formula for calibrate and label."""
-    h, w = size
-    return (blend * predicted * np.array([w, h, w, h], np.float32)
-            + (1.0 - blend) * np.asarray(base, np.float32)).astype(np.float32)
 
 
 def _best_tau(table: np.ndarray, taus: np.ndarray, idx: np.ndarray, levels) -> float:

@@ -1,5 +1,6 @@
 """Choosing the method by cross-validation (models/choose.py, `weakloc calibrate`): synthetic maps whose best
 method is known by construction, label following the file calibrate wrote, and plain CAM without boxed images."""
+import dataclasses
 import json
 
 import numpy as np
@@ -175,9 +176,9 @@ def boxed_shard(tmp_path_factory):
     return str(shard)
 
 
-def calibrate_maps(model_path, shard, kind):
+def calibrate_maps(model_path, shard, kind, regress=False):
     opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta,
-                                method="coloc" if kind.coloc != "none" else "cam")
+                                method="coloc" if kind.coloc != "none" or regress else "cam")
     model, prep = opened.build(top_k=1), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
     transform = None
@@ -185,11 +186,15 @@ def calibrate_maps(model_path, shard, kind):
         pool = calibrate.coloc_pool(model, examples, np.asarray(model.head.dense.kernel, np.float32))
         transform = calibrate.coloc_transform(pool, kind)
     normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples), transform=transform)
-    return examples, prep, choose.Maps(normed, valid, truths, classes)
+    maps, pool = choose.Maps(normed, valid, truths, classes), None
+    if regress:
+        pool, desc = calibrate.regress_pool(model, examples)
+        maps = choose.Maps(normed, valid, truths, classes, desc)
+    return examples, prep, maps, pool
 
 
 @pytest.mark.parametrize("name", ["cam", "contrast_global", "flip", "cam_union", "cam_stretch",
-                                  "contrast_flip_refine", "coloc", "fused_product"])
+                                  "contrast_flip_refine", "coloc", "fused_product", "regress", "cam+regress"])
 def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(name, tiny_model_path, boxed_shard,
                                                                               tmp_path, capsys):
     thr = tmp_path / "thr.json"
@@ -200,19 +205,26 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
         {k: v for k, v in doc.items() if k != calibrate.REPORT}))
     cand = choose.candidate(name)
     # calibrate's own fit, redone here on the same maps: what label must reproduce.
-    examples, prep, maps = calibrate_maps(tiny_model_path, boxed_shard, cand.maps)
+    regress = cand.post == "regress"
+    examples, prep, maps, pool = calibrate_maps(tiny_model_path, boxed_shard, cand.maps, regress)
     table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
     fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5,
-                        shrink=defaults.THRESHOLD_SHRINK)  # calibrate's default --shrink
+                        shrink=defaults.THRESHOLD_SHRINK, pool=pool)  # calibrate's default --shrink
     stats = "thr.coloc" if cand.maps.coloc != "none" else None  # calibrate's statistics, beside the file
-    assert fitted.thresholds(prep.class_names, coloc_stats=stats).to_json().items() <= doc.items()
-    expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
+    reg_file = "thr.regress.npz" if regress else None  # and its regressor
+    assert fitted.thresholds(prep.class_names, coloc_stats=stats,
+                             regressor_file=reg_file).to_json().items() <= doc.items()
+    expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes, maps.desc)
+    if regress:  # the regressed boxes are not the plain ones: the test below reads the regressor's
+        plain, _ = dataclasses.replace(fitted, regressor=None).boxes(maps.normed, maps.valid, maps.classes)
+        assert np.abs(plain[has] - expected[has]).max() > 0.5
     out = tmp_path / "labels"
     summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(out),
                          "--thresholds", str(thr), "--classes", "labels", f"--runner={RUNNER}"])
     opts = summary["options"]
     assert (opts["flip_tta"], opts["cam_contrast"], opts["boxes"]) == (cand.maps.flip_tta, cand.maps.contrast,
                                                                        cand.boxes)
+    assert opts["box_regressor"] == regress
     if cand.maps.coloc != "none":  # label reused the statistics calibrate wrote beside the file: one pass
         assert opts["method"] == ("coloc" if cand.maps.coloc == "coloc" else "fused")
         assert opts["coloc_stats"] == str(tmp_path / "thr.coloc")
