@@ -141,6 +141,55 @@ def test_calibrate_picks_colocalization_where_cams_box_a_distractor():
     assert doc["method"]["coloc"] == "coloc" and doc["method"]["coloc_stats"] == "t.coloc"
 
 
+def distracted_with_features(n, seed, size=32):
+    """Maps of objects in the left half; every other map also fires, harder and wider, on a distractor in the
+    right half, so its largest component is the distractor at any threshold. Those maps' class scores are low
+    (0.3 against 0.9). Each image's features (1 x 1 x 6) are its true box, normalised, and two noise channels:
+    a regressor self-trained on the confident (clean) maps' pseudo-boxes can box the distracted ones too."""
+    rng = np.random.default_rng(seed)
+    maps, truths, feats, top = [], [], [], []
+    for i in range(n):
+        w, h = rng.integers(5, 9), rng.integers(5, 9)
+        x0, y0 = rng.integers(1, 15 - w), rng.integers(1, size - 1 - h)
+        m = np.zeros((size, size), np.float32)
+        m[y0 : y0 + h, x0 : x0 + w] = 0.9
+        if i % 2:
+            m[2:30, 17:31] = 1.0
+        maps.append(m)
+        truths.append(np.array([[x0, y0, x0 + w, y0 + h]], np.float32))
+        feats.append(np.concatenate([[x0, y0, x0 + w, y0 + h] / np.float32(size), rng.normal(size=2)]))
+        top.append(0.3 if i % 2 else 0.9)
+    normed, valid = boxlib.normalize_cams(np.stack(maps))
+    feats = np.stack(feats).astype(np.float32).reshape(n, 1, 1, 6)
+    return normed, valid, truths, feats, np.array(top, np.float32)
+
+
+def test_calibrate_picks_the_regressor_where_confident_maps_teach_the_doubtful_ones():
+    from weakloc.models import regressor
+
+    normed, valid, truths, feats, top = distracted_with_features(60, seed=0)
+    desc = regressor.descriptors(feats)
+    maps = choose.Maps(normed, valid, truths, np.zeros(60, np.int64), desc)
+    # The images to label: 100 more of the same kind; no true box of theirs is read.
+    p_normed, p_valid, _, p_feats, p_top = distracted_with_features(100, seed=1)
+    pool = choose.RegressPool(np.concatenate([normed, p_normed]), np.concatenate([valid, p_valid]),
+                              np.concatenate([top, p_top]), np.concatenate([desc, regressor.descriptors(p_feats)]))
+    choice = choose.choose({choose.PLAIN: maps}, [choose.candidate(n) for n in ("cam", "cam_global", "cam_refine",
+                                                                                "regress", "cam+regress")],
+                           pool=pool)
+    scores = {s.candidate.name: s for s in choice.scores}
+    # Half the maps box their distractor (IoU 0) whatever the threshold: plain CAM is right on at most half.
+    assert scores["cam"].accuracy[1] <= 0.5 + 1e-6
+    assert scores["regress"].accuracy[1] >= 0.95
+    # Blending with the map's own box keeps the distractor's pull: below the regressed box alone.
+    assert scores["cam+regress"].mean < scores["regress"].mean
+    assert choice.winner.candidate.name == "regress" and choice.winner.regressor is not None
+    # The regressor was self-trained on confident (clean) pseudo-boxes only: at most the clean half of the pool.
+    assert 8 <= choice.winner.regressor.samples <= 80
+    doc = choice.winner.thresholds(["thing"], regressor_file="t.regress.npz").to_json()
+    assert doc["method"]["regressor"] == "t.regress.npz" and doc["method"]["regress_blend"] == 1.0
+
+
 def test_method_round_trip_and_refusals():
     from weakloc.models.thresholds import Method, ThresholdsError
 
