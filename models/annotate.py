@@ -13,6 +13,7 @@ from . import boxes as boxlib
 from .cam import CamOutputs, upsample
 from .classmap import ClassMap
 from .refine import BoxRefiner
+from .regressor import BoxRegressor
 
 CLASS_MODES = ("predicted", "labels", "both")
 BOX_MODES = ("largest", "all", "union", "instances")
@@ -28,6 +29,9 @@ class BoxOptions:
       "instances": one box per object under the `instances` rule, each box's score the class probability times
       the instance's peak (so a detector, and AP, rank a map's weaker peaks below its strongest).
     refine: a BoxRefiner fitted by calibrate (mode "largest" only; replaces the stretch).
+    regressor: a self-trained BoxRegressor (calibrate's regress rows; mode "largest" only, no refinement or
+      stretch): each box becomes regress_blend of the image's regressed box and the rest its own; it reads the
+      batch's feature maps (a method built with features).
     """
 
     classes: str = "predicted"
@@ -42,8 +46,16 @@ class BoxOptions:
     refine: BoxRefiner | None = None
     instances: boxlib.InstanceRule = dataclasses.field(default_factory=boxlib.InstanceRule)
     class_map: ClassMap | None = None  # dataset labels -> model classes; with classes "labels" only
+    regressor: BoxRegressor | None = None
+    regress_blend: float = 1.0
 
     def __post_init__(self):
+        if self.regressor is not None and (self.mode != "largest" or self.refine is not None
+                                           or tuple(self.stretch) != (1.0, 1.0)):
+            raise ValueError("the box regressor was self-trained on largest-component boxes and replaces them: it "
+                             "cannot go with another box rule, a refinement or a stretch")
+        if not 0.0 < float(self.regress_blend) <= 1.0:
+            raise ValueError(f"regress_blend must be within (0, 1], got {self.regress_blend}")
         if self.classes not in CLASS_MODES:
             raise ValueError(f"classes must be one of {CLASS_MODES}, got {self.classes!r}")
         if self.mode not in BOX_MODES:
@@ -181,6 +193,11 @@ def _box_rows(out: CamOutputs, metas: Sequence[ImageMeta], opts: BoxOptions, box
         xyxy, _ = opts.refine.apply(normed[found.map_index], taus[found.map_index], valid[found.map_index])
     if tuple(opts.stretch) != (1.0, 1.0):
         xyxy = boxlib.stretch_boxes(xyxy, opts.stretch, (h_in, w_in))
+    if opts.regressor is not None:
+        if out.features is None:
+            raise ValueError("the box regressor reads the feature maps: build the method with features=True")
+        predicted = opts.regressor.boxes(out.features)[pick_b[found.map_index]]
+        xyxy = regressed(xyxy, predicted, (h_in, w_in), opts.regress_blend)
     # Every box to original pixels at once (boxlib.scale_boxes' arithmetic, vectorised over the batch).
     box_b = pick_b[found.map_index]
     box_c = pick_c[found.map_index]
@@ -205,6 +222,14 @@ def _box_rows(out: CamOutputs, metas: Sequence[ImageMeta], opts: BoxOptions, box
             }
         )
     return boxes_per_image
+
+
+def regressed(base: np.ndarray, predicted: np.ndarray, size, blend: float) -> np.ndarray:
+    """float32 (n, 4): `blend` of the regressor's normalised boxes (n, 4), in pixels of `size` (H, W), and
+    (1 - blend) of the maps' own boxes `base` (n, 4) in those pixels (the one formula calibrate scores too)."""
+    h, w = size
+    return (blend * np.asarray(predicted, np.float32) * np.array([w, h, w, h], np.float32)
+            + (1.0 - blend) * np.asarray(base, np.float32)).astype(np.float32)
 
 
 def pick_maps(out: CamOutputs, extra: np.ndarray, opts: BoxOptions) -> list[tuple[int, int, int]]:

@@ -16,13 +16,17 @@ from typing import Sequence
 import numpy as np
 
 from . import boxes as boxlib
-from . import defaults, metrics, refine
+from . import defaults, metrics, refine, regressor
+from .annotate import regressed
 from .thresholds import COLOC_MAPS, Method, Thresholds
 
 FOLDS = 5
 # Base thresholds the refinement may start from besides the calibrated one: a low base keeps more of the map's
 # falloff in the profile (BENCHMARKS.md: the best base for refined boxes is far below the best one for plain boxes).
 REFINE_BASES = (0.2, 0.3, 0.4, 0.5)
+
+
+POSTS = ("none", "stretch", "refine", "regress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +50,11 @@ class Candidate:
     """One way from maps to boxes.
 
     boxes: the box rule of `boxes.boxes_from_cams` ("largest" or "union", with `min_area` of the map);
-    post: "none", "stretch" (a width/height factor fitted by `metrics.fit_box_stretch`) or "refine"
-      (`refine.fit`, from a base threshold chosen with it);
-    per_class: classes with enough boxed maps get their own threshold (else one threshold for all).
+    post: "none", "stretch" (a width/height factor fitted by `metrics.fit_box_stretch`), "refine"
+      (`refine.fit`, from a base threshold chosen with it) or "regress" (the self-trained box regressor of
+      `regressor.py`, fitted on the confident pseudo-boxes of a `RegressPool` at the fitted threshold);
+    per_class: classes with enough boxed maps get their own threshold (else one threshold for all);
+    blend: post "regress" only, the weight of the regressed box against the map's own (1: the regressed box).
     """
 
     name: str
@@ -56,12 +62,17 @@ class Candidate:
     boxes: str = "largest"
     post: str = "none"
     per_class: bool = True
+    blend: float = 1.0
 
     def __post_init__(self):
+        if not 0.0 < self.blend <= 1.0:
+            raise ValueError(f"candidate {self.name}: blend must be within (0, 1], got {self.blend!r}")
         if self.boxes not in ("largest", "union"):
             raise ValueError(f"candidate {self.name}: boxes must be 'largest' or 'union', got {self.boxes!r}")
-        if self.post not in ("none", "stretch", "refine"):
-            raise ValueError(f"candidate {self.name}: post must be 'none', 'stretch' or 'refine', got {self.post!r}")
+        if self.post not in POSTS:
+            raise ValueError(f"candidate {self.name}: post must be one of {POSTS}, got {self.post!r}")
+        if self.post == "regress" and self.maps.coloc != "none":
+            raise ValueError(f"candidate {self.name}: the box regressor corrects CAM boxes only")
         if self.post != "none" and self.boxes != "largest":
             raise ValueError(f"candidate {self.name}: a {self.post} corrects largest-component boxes only")
 
@@ -94,7 +105,13 @@ COLOC_CANDIDATES = (
     Candidate("fused_product", FUSED_PRODUCT),
     Candidate("coloc_refine", COLOC, post="refine", per_class=False),
 )
-CANDIDATES = CANDIDATES + COLOC_CANDIDATES
+# Issue 17's self-trained box regressor (PSOL-like, models/regressor.py): the calibrated CAM boxes of the
+# confident images teach a ridge regression from pooled features to boxes; label applies it in its one pass.
+REGRESS_CANDIDATES = (
+    Candidate("regress", post="regress", per_class=False),
+    Candidate("cam+regress", post="regress", per_class=False, blend=0.5),
+)
+CANDIDATES = CANDIDATES + COLOC_CANDIDATES + REGRESS_CANDIDATES
 DEFAULT = CANDIDATES[0]  # plain CAM: what label does when nothing was calibrated
 
 
@@ -114,9 +131,43 @@ class Maps:
     valid: np.ndarray
     truths: list
     classes: np.ndarray
+    desc: np.ndarray | None = None  # float32 (N, D) `regressor.descriptors` of each map's image (regress rows)
 
     def take(self, idx: np.ndarray) -> "Maps":
-        return Maps(self.normed[idx], self.valid[idx], [self.truths[i] for i in idx], self.classes[idx])
+        return Maps(self.normed[idx], self.valid[idx], [self.truths[i] for i in idx], self.classes[idx],
+                    None if self.desc is None else self.desc[idx])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RegressPool:
+    """The images a box regressor self-trains on (no true box is read): the normed top-1 class map of each,
+    float32 (P, H, W) in [0, 1], valid bool (P,), its class probability top_scores (P,), desc float32 (P, D) the
+    `regressor.descriptors` of its features on `grid`; `quantile`: which pseudo-boxes count as confident."""
+
+    normed: np.ndarray
+    valid: np.ndarray
+    top_scores: np.ndarray
+    desc: np.ndarray
+    grid: int = 1
+    quantile: float = regressor.CONFIDENT_QUANTILE
+
+    def fit(self, tau: float, min_area: float = defaults.MIN_BOX_AREA) -> regressor.BoxRegressor:
+        """Pass 1 at threshold `tau`, the confident pseudo-boxes, the regression fitted on them.
+        Raises CandidateError when too few are confident."""
+        h, w = self.normed.shape[1:]
+        found = boxlib.boxes_from_cams(self.normed, np.full(len(self.normed), tau, np.float32), valid=self.valid,
+                                       mode="largest", min_area=min_area)
+        has = np.zeros(len(self.normed), bool)
+        has[found.map_index] = True
+        xyxy = np.zeros((len(self.normed), 4), np.float32)
+        xyxy[found.map_index] = found.xyxy / np.array([w, h, w, h], np.float32)
+        box_score = np.zeros(len(self.normed), np.float32)
+        box_score[found.map_index] = found.cam_score
+        keep = regressor.confident(self.top_scores, box_score, has, self.quantile)
+        try:
+            return regressor.fit(self.desc[keep], xyxy[keep], grid=self.grid)
+        except regressor.RegressorError as exc:
+            raise CandidateError(str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,13 +181,16 @@ class Fitted:
     stretch: tuple[float, float] = (1.0, 1.0)
     refiner: refine.BoxRefiner | None = None
     min_area: float = defaults.MIN_BOX_AREA
+    regressor: regressor.BoxRegressor | None = None
 
     def taus(self, classes: np.ndarray) -> np.ndarray:
         return np.array([self.per_class.get(int(c), self.default) for c in classes], np.float32)
 
-    def boxes(self, normed: np.ndarray, valid: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def boxes(self, normed: np.ndarray, valid: np.ndarray, classes: np.ndarray,
+              desc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One box per map, as `annotate.annotate_batch` makes it: (float32 (N, 4) in the maps' pixels, bool (N,)
-        which maps got one; rows without a box are zeros)."""
+        which maps got one; rows without a box are zeros). `desc`: the maps' images' descriptors (N, D), needed
+        with a regressor (which replaces, or is blended into, the boxes of the maps that have one)."""
         n = len(normed)
         taus = self.taus(classes)
         if self.refiner is not None:
@@ -148,11 +202,18 @@ class Fitted:
         has[found.map_index] = True
         if self.stretch != (1.0, 1.0):
             xyxy[has] = boxlib.stretch_boxes(xyxy[has], self.stretch, normed.shape[1:])
+        if self.regressor is not None:
+            if desc is None:
+                raise ValueError("a box regressor needs the descriptors of the maps' images")
+            h, w = normed.shape[1:]
+            xyxy[has] = regressed(xyxy[has], self.regressor.predict(desc[has]), (h, w), self.candidate.blend)
         return xyxy, has
 
-    def thresholds(self, class_names: Sequence[str], coloc_stats: str | None = None) -> Thresholds:
+    def thresholds(self, class_names: Sequence[str], coloc_stats: str | None = None,
+                   regressor_file: str | None = None) -> Thresholds:
         """The thresholds document that makes `label` box as this candidate does (`coloc_stats`: where the
-        statistics of a co-localization candidate's maps are, relative to the file)."""
+        statistics of a co-localization candidate's maps are, relative to the file; `regressor_file`: where a
+        regress candidate's regressor is, likewise)."""
         return Thresholds(
             default=float(self.default),
             per_class={class_names[c]: float(t) for c, t in sorted(self.per_class.items())},
@@ -162,7 +223,9 @@ class Fitted:
             method=Method(name=self.candidate.name, flip_tta=self.candidate.maps.flip_tta,
                           boxes=self.candidate.boxes, min_box_area=float(self.min_area),
                           coloc=self.candidate.maps.coloc,
-                          coloc_stats=None if self.candidate.maps.coloc == "none" else coloc_stats),
+                          coloc_stats=None if self.candidate.maps.coloc == "none" else coloc_stats,
+                          regressor=regressor_file if self.regressor is not None else None,
+                          regress_blend=self.candidate.blend if self.regressor is not None else 1.0),
         )
 
 
@@ -175,8 +238,10 @@ def _best_tau(table: np.ndarray, taus: np.ndarray, idx: np.ndarray, levels) -> f
 
 
 def fit(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, min_per_class: int = defaults.MIN_PER_CLASS,
-        min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Fitted:
+        min_area: float = defaults.MIN_BOX_AREA, levels=metrics.IOU_LEVELS, shrink: float = 0.0,
+        pool: RegressPool | None = None) -> Fitted:
     """Fit `cand` on `maps`, given `table` = metrics.iou_table of these maps with the candidate's box rule.
+    A "regress" candidate self-trains its regressor on `pool` at the threshold fitted here.
 
     A class with at least `min_per_class` maps gets its own threshold, `metrics.shrunk_threshold` of its sweep's
     towards the overall one by `shrink` maps.
@@ -213,6 +278,10 @@ def fit(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, min
                 best = (score, base, refiner)
         fitted = dataclasses.replace(fitted, default=float(best[1]), per_class={}, per_class_fitted={},
                                      refiner=best[2])
+    elif cand.post == "regress":
+        if pool is None or maps.desc is None:
+            raise CandidateError("a box regressor needs the pool of images to self-train on and descriptors")
+        fitted = dataclasses.replace(fitted, regressor=pool.fit(fitted.default, min_area))
     return fitted
 
 
@@ -241,7 +310,7 @@ class Score:
 
 def cross_validate(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndarray, *, folds: int = FOLDS,
                    min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA,
-                   levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Score:
+                   levels=metrics.IOU_LEVELS, shrink: float = 0.0, pool: RegressPool | None = None) -> Score:
     """Fit on all folds but one, box the held-out one, over every fold; accuracy of the held-out boxes."""
     n = len(maps.normed)
     k = max(2, min(folds, n))
@@ -253,9 +322,9 @@ def cross_validate(cand: Candidate, maps: Maps, table: np.ndarray, taus: np.ndar
             if not len(test):
                 continue
             got = fit(cand, maps.take(train), table[:, train], taus, min_per_class=min_per_class,
-                      min_area=min_area, levels=levels, shrink=shrink)
+                      min_area=min_area, levels=levels, shrink=shrink, pool=pool)
             part = maps.take(test)
-            xyxy, has = got.boxes(part.normed, part.valid, part.classes)
+            xyxy, has = got.boxes(part.normed, part.valid, part.classes, part.desc)
             ious[test] = np.where(has, metrics.best_iou(xyxy, part.truths), 0.0)
     except CandidateError as exc:
         return Score(cand, None, str(exc))
@@ -276,8 +345,9 @@ class Choice:
 
 def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, folds: int = FOLDS,
            min_per_class: int = defaults.MIN_PER_CLASS, min_area: float = defaults.MIN_BOX_AREA, taus: np.ndarray | None = None,
-           levels=metrics.IOU_LEVELS, shrink: float = 0.0) -> Choice:
+           levels=metrics.IOU_LEVELS, shrink: float = 0.0, pool: RegressPool | None = None) -> Choice:
     """Cross-validate every candidate whose maps are in `maps_by_kind` ({MapKind: Maps}) and refit the best.
+    Regress candidates need `pool` and the plain maps' `desc` (without them they are skipped).
 
     Ties go to the earlier candidate of the table. Raises CandidateError when none can be fitted.
     """
@@ -285,14 +355,14 @@ def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, 
     tables, scores = {}, []
     for cand in candidates:
         maps = maps_by_kind.get(cand.maps)
-        if maps is None:
+        if maps is None or (cand.post == "regress" and (pool is None or maps.desc is None)):
             continue
         key = (cand.maps, cand.boxes)
         if key not in tables:
             tables[key] = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, taus=taus,
                                             mode=cand.boxes, min_area=min_area)
         scores.append(cross_validate(cand, maps, tables[key], taus, folds=folds, min_per_class=min_per_class,
-                                     min_area=min_area, levels=levels, shrink=shrink))
+                                     min_area=min_area, levels=levels, shrink=shrink, pool=pool))
     ranked = [s for s in scores if s.accuracy is not None]
     if not ranked:
         raise CandidateError("no candidate could be fitted: " + "; ".join(f"{s.candidate.name}: {s.reason}"
@@ -300,5 +370,5 @@ def choose(maps_by_kind: dict, candidates: Sequence[Candidate] = CANDIDATES, *, 
     best = max(ranked, key=lambda s: (round(s.mean, 12), -scores.index(s)))
     cand = best.candidate
     winner = fit(cand, maps_by_kind[cand.maps], tables[(cand.maps, cand.boxes)], taus, min_per_class=min_per_class,
-                 min_area=min_area, levels=levels, shrink=shrink)
+                 min_area=min_area, levels=levels, shrink=shrink, pool=pool)
     return Choice(scores, winner)

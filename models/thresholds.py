@@ -16,8 +16,11 @@
                 "boxes": "largest",            unless a flag says otherwise
                 "min_box_area": 0.01,
                 "coloc": "product",            co-localization maps (models/coloc.py): "coloc", or fused with
-                "coloc_stats": "x.coloc"},     the CAM by "mean"/"product"; their statistics' folder, relative
+                "coloc_stats": "x.coloc",      the CAM by "mean"/"product"; their statistics' folder, relative
                                                to this file (both absent for CAM methods)
+                "regressor": "x.regress.npz",  a self-trained box regressor (models/regressor.py), relative to
+                "regress_blend": 0.5},         this file, and the weight of its box against the map's own
+                                               (both absent without one)
      "candidates": [...],                      every method calibrate tried, cross-validated (a record)
      "calibration": {...}}                     the sweep and where it ran (a record, not read back)
 
@@ -86,6 +89,8 @@ class Method:
     min_box_area: float = defaults.MIN_BOX_AREA
     coloc: str = "none"
     coloc_stats: Optional[str] = None
+    regressor: Optional[str] = None
+    regress_blend: float = 1.0
 
     @classmethod
     def from_json(cls, doc, *, where: str = "thresholds") -> "Method":
@@ -103,12 +108,23 @@ class Method:
         if out.coloc != "none" and not isinstance(out.coloc_stats, str):
             raise ThresholdsError(f"method.coloc_stats in {where} must name the folder of the co-localization "
                                   f"statistics calibrate wrote, got {out.coloc_stats!r}")
-        return dataclasses.replace(out, min_box_area=_unit(f"method.min_box_area in {where}", out.min_box_area))
+        if out.regressor is not None and not isinstance(out.regressor, str):
+            raise ThresholdsError(f"method.regressor in {where} must name the regressor file calibrate wrote, got "
+                                  f"{out.regressor!r}")
+        if out.regressor is not None and (out.coloc != "none" or out.boxes != "largest"):
+            raise ThresholdsError(f"method.regressor in {where} corrects largest-component CAM boxes only")
+        blend = _unit(f"method.regress_blend in {where}", out.regress_blend)
+        if blend == 0.0:
+            raise ThresholdsError(f"method.regress_blend in {where} must be above 0")
+        return dataclasses.replace(out, min_box_area=_unit(f"method.min_box_area in {where}", out.min_box_area),
+                                   regress_blend=blend)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.coloc == "none":  # CAM methods: the file reads as it did before co-localization existed
             del out["coloc"], out["coloc_stats"]
+        if self.regressor is None:  # likewise before the regressor
+            del out["regressor"], out["regress_blend"]
         return out
 
 

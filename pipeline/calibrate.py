@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, choose, coloc, defaults, detection, metrics
+from weakloc.models import cam, choose, coloc, defaults, detection, metrics, regressor
 from weakloc.models.thresholds import Method, Thresholds
 
 from . import coloc_options, engine, ground_truth, inputs, options, progress
@@ -59,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidates", metavar="NAME,...",
                     help="methods to choose among (default: every row of models/choose.py's CANDIDATES: "
                          + ", ".join(c.name for c in choose.CANDIDATES) + ")")
+    ap.add_argument("--unlabelled", action="append", default=[], metavar="PATTERN",
+                    help="more images for the box regressor (regress rows) to self-train on, no box needed: "
+                         "typically the images label will box; the boxed --input images always count too")
+    ap.add_argument("--regress_grid", type=int, default=1, metavar="G",
+                    help="regress rows: the feature map average-pooled on a G x G grid (1: the GAP vector)")
+    ap.add_argument("--regress_quantile", type=float, default=regressor.CONFIDENT_QUANTILE, metavar="Q",
+                    help="regress rows: a pseudo-box trains the regressor when its class score and box score "
+                         "are both at or above this quantile of theirs over the pool")
     ap.add_argument("--batch_size", type=int, default=defaults.CALIBRATE_BATCH_SIZE, help="images per forward pass")
     ap.add_argument("--label_offset", type=int, default=0,
                     help="subtract from integer box labels to get model class ids (as label --label_offset)")
@@ -122,13 +130,20 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
-def coloc_pool(model: cam.CamMethod, examples, kernel: np.ndarray, *, batch_size: int = 64) -> list:
+def coloc_pool(model: cam.CamMethod, examples, kernel: np.ndarray, *, batch_size: int = 64,
+               class_map=None) -> list:
     """Co-localization statistics of the boxed images' own features ([(class id, ClassStats, Component)]): each
     image counts once for each class it has true boxes of, the classes `class_maps` pairs it with. Features are
-    kept as float16, as `label --method coloc` keeps them, so the maps are the ones label makes."""
+    kept as float16, as `label --method coloc` keeps them, so the maps are the ones label makes.
+
+    With a class map the boxes name dataset labels; the statistics are keyed by the model classes mapped from
+    them (a label's images count for each of its model classes), so each model class's map becomes its
+    co-localization map before the class map combines them, as `label --class_map --method coloc` does."""
     pixels, keys = [], []
     for ex in examples:
         known = sorted({int(c) for c in np.asarray(ex.gt_ids[: len(ex.gt_boxes)]) if c >= 0})
+        if class_map is not None:
+            known = sorted({m for c in known for m in class_map.members[c]})
         if known:
             pixels.append(ex.pixels)
             keys.append(known)
@@ -149,6 +164,40 @@ def coloc_transform(pool: list, kind: choose.MapKind):
     return transform
 
 
+def regress_pool(model: cam.CamMethod, boxed, unlabelled=(), *, grid: int = 1,
+                 quantile: float = regressor.CONFIDENT_QUANTILE, batch_size: int = 64, class_map=None):
+    """What the regress rows need, from a method that returns its feature maps: the `choose.RegressPool` of the
+    boxed and the unlabelled examples (each image's top-1 class map, probability and descriptor; no true box is
+    read) and the descriptors of the boxed examples' (image, class) pairs, float32 (N, D) in `class_maps`' order."""
+    def pass_one(examples):
+        normed, valid, top, desc = [], [], [], []
+        for s in range(0, len(examples), batch_size):
+            out = model(np.stack([ex.pixels for ex in examples[s : s + batch_size]]))
+            n_, v_ = boxlib.normalize_cams(out.column(0))
+            normed.append(n_)
+            valid.append(v_)
+            top.append(out.top_scores[:, 0])
+            desc.append(regressor.descriptors(out.features, grid))
+        return normed, valid, top, desc
+
+    boxed, unlabelled = list(boxed), list(unlabelled)
+    parts = pass_one(boxed + unlabelled)
+    normed, valid, top, desc = (np.concatenate(p) for p in parts)
+    pairs = []
+    for ex in boxed:  # the pairs class_maps makes, each with its image's descriptor
+        ids = np.asarray(ex.gt_ids[: len(ex.gt_boxes)])
+        known = {int(c) for c in ids if c >= 0 and (class_map is None or class_map.members[c])}
+        pairs.append(len(known))
+    pair_desc = np.repeat(desc[: len(boxed)], pairs, axis=0)
+    return choose.RegressPool(normed, valid, top, desc, grid=grid, quantile=quantile), pair_desc
+
+
+def regressor_file(output: str) -> str:
+    """Where a regress winner's regressor goes: `<output without .json>.regress.npz` beside the thresholds file
+    (named relatively in it, so the two move together)."""
+    return os.path.splitext(os.path.abspath(output))[0] + ".regress.npz"
+
+
 def _candidates(args, num_classes: int) -> list:
     """The candidates to try: the whole table, those named by --candidates, or the one the method flags force
     (with --refine_boxes, that one with and without the refinement, so it is kept only where it helps)."""
@@ -167,17 +216,20 @@ def _candidates(args, num_classes: int) -> list:
             return [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
         except KeyError as exc:
             raise OptionsError(f"--candidates: {exc.args[0]}") from None
-    # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps.
-    # Co-localization statistics are keyed by model class: not through a class map (label refuses that too).
+    # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps, nor the
+    # GAP head's feature maps that co-localization and the regressor read.
     return [c for c in choose.CANDIDATES if (num_classes >= 2 or not c.maps.contrast)
-            and (args.method == "cam" or c.maps == choose.PLAIN)
-            and (c.maps.coloc == "none" or not getattr(args, "class_map", None))]
+            and (args.method == "cam" or (c.maps == choose.PLAIN and c.post != "regress"))]
 
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:
         raise OptionsError(f"--output {args.output} exists; pass --overwrite to replace it")
+    if args.regress_grid < 1:
+        raise OptionsError(f"--regress_grid must be >= 1, got {args.regress_grid}")
+    if not 0.0 <= args.regress_quantile < 1.0:
+        raise OptionsError(f"--regress_quantile must be within [0, 1), got {args.regress_quantile}")
     if args.min_per_class < 1:
         raise OptionsError(f"--min_per_class must be >= 1, got {args.min_per_class}")
     if not args.shrink >= 0:  # also refuses nan
@@ -208,7 +260,7 @@ def run(argv=None) -> dict:
             spec = dataclasses.replace(spec, method="coloc")
             model = options.build_method(opened, spec, top_k=defaults.TOP_K)
             kernel = np.asarray(model.head.dense.kernel, np.float32)
-            pool = coloc_pool(model, examples, kernel, batch_size=args.batch_size)
+            pool = coloc_pool(model, examples, kernel, batch_size=args.batch_size, class_map=cmap)
             pools[kind] = (pool, coloc_options.extractor(spec, kernel.shape[0]))
             transform = coloc_transform(pool, kind)
         else:
@@ -218,12 +270,25 @@ def run(argv=None) -> dict:
                                                                 class_map=cmap, transform=transform)
         return choose.Maps(normed, valid, truths, classes), top1, used
 
+    def regress_of():
+        """The regress rows' pool and pair descriptors: one more pass, over the boxed and --unlabelled images,
+        on TensorFlow (a converted engine graph returns no features), as label makes them."""
+        spec = dataclasses.replace(opened.spec, contrast=False, flip_tta=False, method="coloc")
+        model = options.build_method(opened, spec, top_k=defaults.TOP_K)
+        extra = []
+        if args.unlabelled:
+            more = inputs.scan(args.unlabelled, input_format=args.input_format, class_names=box_names,
+                               label_offset=args.label_offset, labels_from_folder="no")
+            extra = list(inputs.iterate(more, input_size=prep.input_size, label_offset=args.label_offset))
+        return regress_pool(model, examples, extra, grid=args.regress_grid, quantile=args.regress_quantile,
+                            batch_size=args.batch_size, class_map=cmap)
+
     record = {"model": args.model, "inputs": list(args.input), "min_box_area": args.min_box_area,
               "class_map": cmap.to_json(prep.class_names) if cmap is not None else None}
     if args.boxes == "instances":
         thresholds, text = _calibrate_instances(args, maps_of, box_names, record)
     else:
-        thresholds, text = _choose_method(args, maps_of, box_names, record, pools, prep.class_names)
+        thresholds, text = _choose_method(args, maps_of, box_names, record, pools, prep.class_names, regress_of)
     thresholds.calibration["engine"] = engines_used[0] if engines_used else None
     warnings = edge_warnings(thresholds)
     text += "".join(w + "\n" for w in warnings)
@@ -249,14 +314,19 @@ def render(result: dict) -> str:
     return result[REPORT]
 
 
-def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tuple[Thresholds, str]:
+def _choose_method(args, maps_of, box_names, record, pools, model_classes, regress_of) -> tuple[Thresholds, str]:
     """Every candidate method cross-validated on the boxed maps (models/choose.py); the winner refitted on all.
-    A co-localization winner's statistics are written beside the output (`stats_folder`) for label to reuse."""
+    A co-localization winner's statistics are written beside the output (`stats_folder`) for label to reuse,
+    a regress winner's regressor likewise (`regressor_file`)."""
     candidates = _candidates(args, len(box_names))
     maps_by_kind = {}
     kinds = list(dict.fromkeys(c.maps for c in candidates))
     for kind in progress.counted(kinds, len(kinds), "calibrate: kinds of map computed"):
         maps_by_kind[kind], top1, used = maps_of(kind)
+    pool = None
+    if any(c.post == "regress" for c in candidates):
+        pool, pair_desc = regress_of()
+        maps_by_kind[choose.PLAIN] = dataclasses.replace(maps_by_kind[choose.PLAIN], desc=pair_desc)
     pairs = len(next(iter(maps_by_kind.values())).classes)
     if pairs < choose.FOLDS:
         logger.warning("%d boxed maps are too few to cross-validate methods: calibrating plain CAM only", pairs)
@@ -265,7 +335,7 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tu
             maps_by_kind[choose.DEFAULT.maps], top1, used = maps_of(choose.DEFAULT.maps)
     try:
         choice = choose.choose(maps_by_kind, candidates, min_per_class=args.min_per_class,
-                               min_area=args.min_box_area, shrink=args.shrink)
+                               min_area=args.min_box_area, shrink=args.shrink, pool=pool)
     except choose.CandidateError as exc:
         raise OptionsError(str(exc)) from None
     winner = choice.winner
@@ -280,12 +350,18 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tu
         folder = stats_folder(args.output)
         coloc.write_stats(folder, pool, model_classes, made_by)
         stats_rel = os.path.basename(folder)
+    regress_rel = None
+    if winner.regressor is not None:
+        path = regressor_file(args.output)
+        with open(path, "wb") as f:
+            f.write(winner.regressor.to_bytes())
+        regress_rel = os.path.basename(path)
     thresholds = dataclasses.replace(
-        winner.thresholds(box_names, coloc_stats=stats_rel),
+        winner.thresholds(box_names, coloc_stats=stats_rel, regressor_file=regress_rel),
         per_class_shrink=args.shrink if winner.per_class else None,
         candidates=[{"name": s.candidate.name, "cam_contrast": s.candidate.maps.contrast,
                      "flip_tta": s.candidate.maps.flip_tta, "coloc": s.candidate.maps.coloc,
-                     "boxes": s.candidate.boxes, "post": s.candidate.post,
+                     "boxes": s.candidate.boxes, "post": s.candidate.post, "blend": s.candidate.blend,
                      "per_class": s.candidate.per_class,
                      "cv_accuracy": None if s.accuracy is None else s.accuracy.tolist(), "reason": s.reason or None}
                     for s in choice.scores],
@@ -313,6 +389,11 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes) -> tu
         notes += f"box stretch: width x{winner.stretch[0]:.2f}, height x{winner.stretch[1]:.2f}\n"
     if winner.refiner is not None:
         notes += f"box refinement from base threshold {winner.default:.2f}, penalty {winner.refiner.alpha:g}\n"
+    if regress_rel is not None:
+        r = winner.regressor
+        notes += (f"box regressor ({r.grid}x{r.grid} pooled features, ridge penalty {r.alpha:g}) self-trained on "
+                  f"{r.samples} confident pseudo-boxes of {len(pool.top_scores)} images: "
+                  f"{regressor_file(args.output)}\n")
     if stats_rel is not None:
         notes += f"co-localization statistics of the calibration images: {stats_folder(args.output)}\n"
     text = (f"{_candidates_text(choice)}\n\nthreshold curve of {winner.candidate.name} on all {pairs} maps:\n"

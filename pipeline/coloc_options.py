@@ -82,9 +82,6 @@ def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> 
             if given:
                 raise OptionsError(f"{flag} goes with --method coloc|fused, not --method {args.method}")
         return None
-    if getattr(args, "class_map", None):
-        raise OptionsError("--class_map with --method coloc|fused is not supported yet: statistics are keyed by "
-                           "model class")
     if spec.contrast:
         raise OptionsError("contrast CAMs (--cam_contrast or the thresholds file's cam_contrast) change CAM "
                            "weights; co-localization maps do not use them")

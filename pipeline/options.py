@@ -190,7 +190,8 @@ class LabelConfig:
             # but the mix must be visible to whoever trains on the union.
             "model_differs_from_previous": any(not prev["same_model"] for prev in self.previous),
             "options": {
-                "method": self.spec.method,
+                # A regressor's run builds the feature-returning method for plain CAMs: it is still "cam".
+                "method": "cam" if self.box.regressor is not None and self.coloc is None else self.spec.method,
                 "classes": self.box.classes,
                 "top_k": self.box.top_k,
                 "min_score": self.box.min_score,
@@ -212,6 +213,7 @@ class LabelConfig:
                 "cam_contrast": self.spec.contrast,
                 "box_stretch": list(self.box.stretch),
                 "box_refine": self.box.refine is not None,
+                "box_regressor": self.box.regressor is not None,
                 "max_pixels": self.max_pixels,
                 "max_file_bytes": self.max_file_bytes,
                 "label_offset": self.label_offset,
@@ -358,6 +360,9 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
     box, contrast, flip_tta = box_options(args, opened, thr, thr_path, cmap)
     try:
         spec = dataclasses.replace(opened.spec, contrast=contrast, flip_tta=flip_tta)
+        if box.regressor is not None and spec.method == "cam":
+            # The regressor reads the feature maps: the same CAMs from the method that also returns them.
+            spec = dataclasses.replace(spec, method="coloc")
     except opening.ModelFileError as exc:
         raise OptionsError(str(exc)) from None
     method = build_method(opened, spec, box.top_k)
@@ -535,6 +540,14 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
             stretch = parse_stretch(args.box_stretch, "--box_stretch")
         except ThresholdsError as exc:
             raise OptionsError(str(exc)) from None
+    regressor_model = read_regressor(method, thr_path)
+    if regressor_model is not None:
+        conflicts = [("--box_stretch", args.box_stretch is not None), (f"--boxes {boxes}", boxes != "largest"),
+                     ("--method gradcam", args.method == "gradcam"), ("--cam_threshold", args.cam_threshold is not None)]
+        for what, present in conflicts:
+            if present:
+                raise OptionsError(f"the box regressor in {thr_path} was self-trained on largest-component CAM "
+                                   f"boxes at the file's threshold; it cannot be combined with {what}")
     refiner = None if args.no_box_refine else thr.box_refine
     if refiner is not None:
         # The refinement reads a map's boxes relative to its box at the calibrated threshold: anything that
@@ -568,12 +581,33 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
             refine=refiner,
             instances=instances or boxlib.InstanceRule(),
             class_map=cmap,
+            regressor=regressor_model,
+            regress_blend=method.regress_blend,
         )
     except ThresholdsError:
         raise
     except ValueError as exc:
         raise OptionsError(str(exc)) from None
     return box, contrast, flip_tta
+
+
+def read_regressor(method, thr_path: Optional[str]):
+    """The box regressor a thresholds file's method names (relative to the file, any filesystem), else None."""
+    if method.regressor is None:
+        return None
+    from weakloc.models import regressor
+
+    rel = method.regressor
+    path = rel if "://" in rel else posixpath.join(posixpath.dirname(thr_path), rel)
+    if not FileSystems.exists(path):
+        raise OptionsError(f"{thr_path} names the box regressor {path}, which does not exist (calibrate writes it "
+                           "beside the thresholds file: move the two together)")
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        data = f.read()
+    try:
+        return regressor.BoxRegressor.from_bytes(data, path)
+    except regressor.RegressorError as exc:
+        raise OptionsError(str(exc)) from None
 
 
 def read_class_map(args: argparse.Namespace, class_names) -> Optional[classmap.ClassMap]:

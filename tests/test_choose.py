@@ -1,5 +1,6 @@
 """Choosing the method by cross-validation (models/choose.py, `weakloc calibrate`): synthetic maps whose best
 method is known by construction, label following the file calibrate wrote, and plain CAM without boxed images."""
+import dataclasses
 import json
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_refinement_wins_where_maps_blur_their_objects():
     maps = choose.Maps(normed, valid, truths, np.arange(100) % 4)
     choice = choose.choose({choose.PLAIN: maps})
     scores = {s.candidate.name: s for s in choice.scores}
-    assert set(scores) == {c.name for c in choose.CANDIDATES if c.maps == choose.PLAIN}  # only maps it was given
+    assert set(scores) == {c.name for c in choose.CANDIDATES if c.maps == choose.PLAIN and c.post != "regress"}  # maps it was given (no regression pool)
     assert choice.winner.candidate.name == "cam_refine" and choice.winner.refiner is not None
     assert scores["cam_refine"].mean > scores["cam"].mean + 0.05
     # What was chosen generalises: on new maps of the same blur the refitted winner beats plain CAM's fit.
@@ -140,6 +141,55 @@ def test_calibrate_picks_colocalization_where_cams_box_a_distractor():
     assert doc["method"]["coloc"] == "coloc" and doc["method"]["coloc_stats"] == "t.coloc"
 
 
+def distracted_with_features(n, seed, size=32):
+    """Maps of objects in the left half; every other map also fires, harder and wider, on a distractor in the
+    right half, so its largest component is the distractor at any threshold. Those maps' class scores are low
+    (0.3 against 0.9). Each image's features (1 x 1 x 6) are its true box, normalised, and two noise channels:
+    a regressor self-trained on the confident (clean) maps' pseudo-boxes can box the distracted ones too."""
+    rng = np.random.default_rng(seed)
+    maps, truths, feats, top = [], [], [], []
+    for i in range(n):
+        w, h = rng.integers(5, 9), rng.integers(5, 9)
+        x0, y0 = rng.integers(1, 15 - w), rng.integers(1, size - 1 - h)
+        m = np.zeros((size, size), np.float32)
+        m[y0 : y0 + h, x0 : x0 + w] = 0.9
+        if i % 2:
+            m[2:30, 17:31] = 1.0
+        maps.append(m)
+        truths.append(np.array([[x0, y0, x0 + w, y0 + h]], np.float32))
+        feats.append(np.concatenate([[x0, y0, x0 + w, y0 + h] / np.float32(size), rng.normal(size=2)]))
+        top.append(0.3 if i % 2 else 0.9)
+    normed, valid = boxlib.normalize_cams(np.stack(maps))
+    feats = np.stack(feats).astype(np.float32).reshape(n, 1, 1, 6)
+    return normed, valid, truths, feats, np.array(top, np.float32)
+
+
+def test_calibrate_picks_the_regressor_where_confident_maps_teach_the_doubtful_ones():
+    from weakloc.models import regressor
+
+    normed, valid, truths, feats, top = distracted_with_features(60, seed=0)
+    desc = regressor.descriptors(feats)
+    maps = choose.Maps(normed, valid, truths, np.zeros(60, np.int64), desc)
+    # The images to label: 100 more of the same kind; no true box of theirs is read.
+    p_normed, p_valid, _, p_feats, p_top = distracted_with_features(100, seed=1)
+    pool = choose.RegressPool(np.concatenate([normed, p_normed]), np.concatenate([valid, p_valid]),
+                              np.concatenate([top, p_top]), np.concatenate([desc, regressor.descriptors(p_feats)]))
+    choice = choose.choose({choose.PLAIN: maps}, [choose.candidate(n) for n in ("cam", "cam_global", "cam_refine",
+                                                                                "regress", "cam+regress")],
+                           pool=pool)
+    scores = {s.candidate.name: s for s in choice.scores}
+    # Half the maps box their distractor (IoU 0) whatever the threshold: plain CAM is right on at most half.
+    assert scores["cam"].accuracy[1] <= 0.5 + 1e-6
+    assert scores["regress"].accuracy[1] >= 0.95
+    # Blending with the map's own box keeps the distractor's pull: below the regressed box alone.
+    assert scores["cam+regress"].mean < scores["regress"].mean
+    assert choice.winner.candidate.name == "regress" and choice.winner.regressor is not None
+    # The regressor was self-trained on confident (clean) pseudo-boxes only: at most the clean half of the pool.
+    assert 8 <= choice.winner.regressor.samples <= 80
+    doc = choice.winner.thresholds(["thing"], regressor_file="t.regress.npz").to_json()
+    assert doc["method"]["regressor"] == "t.regress.npz" and doc["method"]["regress_blend"] == 1.0
+
+
 def test_method_round_trip_and_refusals():
     from weakloc.models.thresholds import Method, ThresholdsError
 
@@ -175,9 +225,9 @@ def boxed_shard(tmp_path_factory):
     return str(shard)
 
 
-def calibrate_maps(model_path, shard, kind):
+def calibrate_maps(model_path, shard, kind, regress=False):
     opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta,
-                                method="coloc" if kind.coloc != "none" else "cam")
+                                method="coloc" if kind.coloc != "none" or regress else "cam")
     model, prep = opened.build(top_k=1), opened.spec.prep
     examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
     transform = None
@@ -185,11 +235,15 @@ def calibrate_maps(model_path, shard, kind):
         pool = calibrate.coloc_pool(model, examples, np.asarray(model.head.dense.kernel, np.float32))
         transform = calibrate.coloc_transform(pool, kind)
     normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples), transform=transform)
-    return examples, prep, choose.Maps(normed, valid, truths, classes)
+    maps, pool = choose.Maps(normed, valid, truths, classes), None
+    if regress:
+        pool, desc = calibrate.regress_pool(model, examples)
+        maps = choose.Maps(normed, valid, truths, classes, desc)
+    return examples, prep, maps, pool
 
 
 @pytest.mark.parametrize("name", ["cam", "contrast_global", "flip", "cam_union", "cam_stretch",
-                                  "contrast_flip_refine", "coloc", "fused_product"])
+                                  "contrast_flip_refine", "coloc", "fused_product", "regress", "cam+regress"])
 def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(name, tiny_model_path, boxed_shard,
                                                                               tmp_path, capsys):
     thr = tmp_path / "thr.json"
@@ -200,19 +254,26 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
         {k: v for k, v in doc.items() if k != calibrate.REPORT}))
     cand = choose.candidate(name)
     # calibrate's own fit, redone here on the same maps: what label must reproduce.
-    examples, prep, maps = calibrate_maps(tiny_model_path, boxed_shard, cand.maps)
+    regress = cand.post == "regress"
+    examples, prep, maps, pool = calibrate_maps(tiny_model_path, boxed_shard, cand.maps, regress)
     table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
     fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5,
-                        shrink=defaults.THRESHOLD_SHRINK)  # calibrate's default --shrink
+                        shrink=defaults.THRESHOLD_SHRINK, pool=pool)  # calibrate's default --shrink
     stats = "thr.coloc" if cand.maps.coloc != "none" else None  # calibrate's statistics, beside the file
-    assert fitted.thresholds(prep.class_names, coloc_stats=stats).to_json().items() <= doc.items()
-    expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes)
+    reg_file = "thr.regress.npz" if regress else None  # and its regressor
+    assert fitted.thresholds(prep.class_names, coloc_stats=stats,
+                             regressor_file=reg_file).to_json().items() <= doc.items()
+    expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes, maps.desc)
+    if regress:  # the regressed boxes are not the plain ones: the test below reads the regressor's
+        plain, _ = dataclasses.replace(fitted, regressor=None).boxes(maps.normed, maps.valid, maps.classes)
+        assert np.abs(plain[has] - expected[has]).max() > 0.5
     out = tmp_path / "labels"
     summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(out),
                          "--thresholds", str(thr), "--classes", "labels", f"--runner={RUNNER}"])
     opts = summary["options"]
     assert (opts["flip_tta"], opts["cam_contrast"], opts["boxes"]) == (cand.maps.flip_tta, cand.maps.contrast,
                                                                        cand.boxes)
+    assert opts["box_regressor"] == regress
     if cand.maps.coloc != "none":  # label reused the statistics calibrate wrote beside the file: one pass
         assert opts["method"] == ("coloc" if cand.maps.coloc == "coloc" else "fused")
         assert opts["coloc_stats"] == str(tmp_path / "thr.coloc")
