@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from weakloc.models import classmap, detection, metrics
 
-from . import ground_truth, results, storage
+from . import ground_truth, progress, results, storage
 from .args import Parser, annotations_flag, ground_truth_flag
 from .options import OptionsError, read_class_map
 
@@ -147,10 +147,12 @@ def run(argv=None) -> dict:
         for r in rows:
             r["gt_boxes"] = [g for g in r["gt_boxes"] if g["class_id"] >= 0]
     try:
-        ev = metrics.evaluate_rows(rows, class_names)
-        ev["detection"] = detection.detection_scores(rows)
+        # Each pass is one loop over the rows: counted() shows it moving, with a total and an ETA, on long runs.
+        ev = metrics.evaluate_rows(progress.counted(rows, len(rows), "evaluate: rows scored"), class_names)
+        ev["detection"] = detection.detection_scores(progress.counted(rows, len(rows), "evaluate: rows matched"))
         for kind in metrics.BASELINES:
-            ev["baselines"][kind]["detection"] = detection.detection_scores(detection.baseline_rows(rows, kind))
+            ev["baselines"][kind]["detection"] = detection.detection_scores(progress.counted(
+                detection.baseline_rows(rows, kind), len(rows), f"evaluate: {kind} baseline rows matched"))
     except ValueError as exc:
         hint = ""
         if "nothing to evaluate" in str(exc) and not args.ground_truth:

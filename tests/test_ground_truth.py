@@ -280,6 +280,12 @@ def test_calibrate_and_export_show_progress_with_a_total(tmp_path, caplog, monke
                          str(tmp_path / "yolo")]) == 0
         lines = [r.getMessage() for r in caplog.records]
         assert any(line.startswith("export: pictures copied: 20/40 (50%)") for line in lines), lines
+        caplog.clear()
+        ev = cli.main(["evaluate", "--annotations", str(labels), "--ground_truth", str(voc_folder / "photos")])
+        assert ev == 0
+        lines = [r.getMessage() for r in caplog.records]
+        for what in ("rows scored", "rows matched", "full_image baseline rows matched"):
+            assert any(line.startswith(f"evaluate: {what}: 20/40 (50%)") for line in lines), (what, lines)
 
 
 @pytest.fixture(scope="module")
