@@ -133,3 +133,16 @@ def small_shard(tmp_path_factory):
     path.write_bytes(b"".join(
         records.frame_record(records.make_example(png_bytes(data.images[i]), source_id=f"s{i}")) for i in range(3)))
     return str(path)
+
+
+@pytest.fixture
+def engine_shards(tmp_path_factory):
+    """For the engine tests: six 40x40 shape pictures with their labels in one TFRecord shard."""
+    from weakloc.models import records, synthetic
+
+    d = tmp_path_factory.mktemp("engine_shards")
+    data = synthetic.make_shapes(6, size=40, seed=9)
+    (d / "a.tfrecord").write_bytes(b"".join(
+        records.frame_record(records.make_example(synthetic.encode_png(img), source_id=f"s{i}", labels=[i % 3]))
+        for i, img in enumerate(data.images)))
+    return str(d / "*.tfrecord")

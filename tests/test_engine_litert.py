@@ -12,38 +12,21 @@ import pytest
 
 from weakloc.models import annotate, cam, engines, files
 from weakloc.models.engines import cache
-from weakloc.pipeline import cli, label, results
+from weakloc.pipeline import cli, label
 from weakloc.transforms import inference
 from tests.helpers import RUNNER, tiny_gap_model
+from tests.test_engines import _boxes, _label, boxes_of, converted
 from tests.worker import run_pickled_worker
 
 LT = engines.get("litert")
 needs_litert = pytest.mark.skipif(not LT.available(), reason="needs ai-edge-litert (pip install ai-edge-litert)")
-NAMES = ("cat", "dog", "bird")
-
-
-def converted(method, tmp_path) -> engines.EngineCam:
-    path = str(tmp_path / "graph.tflite")
-    LT.convert(cache.fused_function(method), path)
-    with open(path, "rb") as f:
-        forward = LT.load(f.read(), "f32")
-    return engines.EngineCam(forward, input_size=method.input_size, num_classes=method.num_classes,
-                             engine="litert", precision="f32")
-
-
-def boxes_of(out, extra):
-    metas = [annotate.ImageMeta(f"i{i}", "s", 64, 48) for i in range(len(out.scores))]
-    rows = annotate.annotate_batch(out, metas, NAMES, annotate.BoxOptions(classes="both", top_k=2), "m", extra)
-    return [[(b["class_id"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in r["boxes"]] for r in rows]
-
-
 @needs_litert
 @pytest.mark.parametrize("activation,flip_tta,contrast", [("softmax", False, False), ("linear", True, True)])
 def test_litert_gives_tensorflows_scores_cams_and_boxes_at_any_batch_size(tmp_path, activation, flip_tta, contrast):
     model = tiny_gap_model(activation=activation, seed=3)
     tf_cam = cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=2, flip_tta=flip_tta,
                           contrast=contrast)
-    lt_cam = converted(tf_cam, tmp_path)
+    lt_cam = converted(tf_cam, tmp_path, engine=LT)
     images = np.random.default_rng(7).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     extra = np.array([[1, -1], [0, 2], [-1, -1], [2, 1], [0, -1]], np.int32)
     want, got = tf_cam(images, extra), lt_cam(images, extra)
@@ -92,54 +75,31 @@ def test_litert_conversions_are_cached_apart_from_openvinos(tmp_path, monkeypatc
     assert "+tf-" in LT.version()
 
 
-@pytest.fixture
-def shards(tmp_path_factory):
-    """Six 40x40 shape pictures with their labels in one TFRecord shard."""
-    from weakloc.models import records, synthetic
-
-    d = tmp_path_factory.mktemp("litert_shards")
-    data = synthetic.make_shapes(6, size=40, seed=9)
-    (d / "a.tfrecord").write_bytes(b"".join(
-        records.frame_record(records.make_example(synthetic.encode_png(img), source_id=f"s{i}", labels=[i % 3]))
-        for i, img in enumerate(data.images)))
-    return str(d / "*.tfrecord")
-
-
-def _label(shards, model, out, *extra):
-    return label.run(["--input", shards, "--model", model, "--output", str(out), "--classes", "both",
-                      f"--runner={RUNNER}", *extra])
-
-
-def _boxes(out):
-    rows = sorted(results.read_table(str(out)).to_pylist(), key=lambda r: r["image_id"])
-    return [[(b["class_id"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in r["boxes"]] for r in rows]
-
-
 @needs_litert
-def test_label_on_litert_records_it_and_matches_tensorflow(shards, tiny_model_path, tmp_path, monkeypatch):
+def test_label_on_litert_records_it_and_matches_tensorflow(engine_shards, tiny_model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("WEAKLOC_CACHE_DIR", str(tmp_path / "cache"))
-    run = _label(shards, tiny_model_path, tmp_path / "lt", "--engine", "litert")
+    run = _label(engine_shards, tiny_model_path, tmp_path / "lt", "--engine", "litert")
     eng = json.loads((tmp_path / "lt" / "summary.json").read_text())["engine"]
     assert (eng["name"], eng["precision"], eng["requested"], eng["cache_hit"]) == ("litert", "f32", "litert", False)
     assert eng["converted"].endswith(".tflite")
     with open(eng["converted"], "rb") as f:
         assert eng["converted_sha256_16"] == files.file_fingerprint(f.read())
     assert run["metrics"]["images_litert_f32"] == run["counts"]["annotated"] == 6
-    _label(shards, tiny_model_path, tmp_path / "tf", "--engine", "tensorflow")
+    _label(engine_shards, tiny_model_path, tmp_path / "tf", "--engine", "tensorflow")
     for mine, theirs in zip(_boxes(tmp_path / "lt"), _boxes(tmp_path / "tf")):
         assert [b[0] for b in mine] == [b[0] for b in theirs]
         np.testing.assert_allclose([b[1:] for b in mine], [b[1:] for b in theirs], atol=1e-3)
 
 
-def test_bf16_and_a_missing_litert_are_one_line_at_launch(shards, tiny_model_path, tmp_path, monkeypatch, capsys):
+def test_bf16_and_a_missing_litert_are_one_line_at_launch(engine_shards, tiny_model_path, tmp_path, monkeypatch, capsys):
     if LT.available():
-        code = cli.main(["label", "--input", shards, "--model", tiny_model_path, "--output", str(tmp_path / "bf"),
+        code = cli.main(["label", "--input", engine_shards, "--model", tiny_model_path, "--output", str(tmp_path / "bf"),
                          "--engine", "litert", "--precision", "bf16", f"--runner={RUNNER}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith("weakloc label: error: --engine litert runs f32 only")
         assert not (tmp_path / "bf").exists()
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if it were not installed
-    code = cli.main(["label", "--input", shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
+    code = cli.main(["label", "--input", engine_shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
                      "--engine", "litert", f"--runner={RUNNER}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("weakloc label: error: --engine litert needs the 'ai_edge_litert'")
@@ -150,20 +110,20 @@ def test_bf16_and_a_missing_litert_are_one_line_at_launch(shards, tiny_model_pat
 
 
 @needs_litert
-def test_gradcam_on_litert_is_refused_at_launch(shards, tiny_model_path, tmp_path):
+def test_gradcam_on_litert_is_refused_at_launch(engine_shards, tiny_model_path, tmp_path):
     with pytest.raises(engines.ConversionError,
                        match=r"--engine litert: LiteRT runs one graph .*GradCamModel.*--engine tensorflow"):
-        _label(shards, tiny_model_path, tmp_path / "named", "--method", "gradcam", "--engine", "litert")
+        _label(engine_shards, tiny_model_path, tmp_path / "named", "--method", "gradcam", "--engine", "litert")
     assert not (tmp_path / "named").exists()
 
 
 @needs_litert
-def test_litert_worker_never_imports_tensorflow(shards, tiny_model_path, tmp_path, monkeypatch):
+def test_litert_worker_never_imports_tensorflow(engine_shards, tiny_model_path, tmp_path, monkeypatch):
     from weakloc.models import synthetic
     from weakloc.transforms.decode import DecodedInput
 
     monkeypatch.setenv("WEAKLOC_CACHE_DIR", str(tmp_path / "cache"))
-    config, _ = label.prepare(["--input", shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
+    config, _ = label.prepare(["--input", engine_shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
                                "--classes", "both", "--engine", "litert", f"--runner={RUNNER}"])
     assert config.spec.converted is not None and config.spec.converted.engine == "litert"
     handler = inference.CamModelHandler(config.spec, config.box, batch_size=4)

@@ -25,13 +25,14 @@ needs_openvino = pytest.mark.skipif(not OV.available(), reason="needs openvino (
 NAMES = ("cat", "dog", "bird")
 
 
-def converted(method, tmp_path, precision="f32") -> engines.EngineCam:
-    path = str(tmp_path / "graph.ovir.tar")
-    OV.convert(cache.fused_function(method), path)
+def converted(method, tmp_path, precision="f32", engine=OV) -> engines.EngineCam:
+    """`method`'s fused graph converted by `engine` and loaded back, as a worker gets it."""
+    path = str(tmp_path / f"graph{engine.suffix}")
+    engine.convert(cache.fused_function(method), path)
     with open(path, "rb") as f:
-        forward = OV.load(f.read(), precision)
+        forward = engine.load(f.read(), precision)
     return engines.EngineCam(forward, input_size=method.input_size, num_classes=method.num_classes,
-                             engine="openvino", precision=precision)
+                             engine=engine.name, precision=precision)
 
 
 def boxes_of(out, extra):
@@ -131,21 +132,8 @@ def test_unconvertible_graph_is_a_clear_conversion_error(tmp_path):
     assert not (tmp_path / "x.ovir.tar").exists()
 
 
-@pytest.fixture
-def shards(tmp_path_factory):
-    """Six 40x40 shape pictures with their labels in one TFRecord shard."""
-    from weakloc.models import records, synthetic
-
-    d = tmp_path_factory.mktemp("engine_shards")
-    data = synthetic.make_shapes(6, size=40, seed=9)
-    (d / "a.tfrecord").write_bytes(b"".join(
-        records.frame_record(records.make_example(synthetic.encode_png(img), source_id=f"s{i}", labels=[i % 3]))
-        for i, img in enumerate(data.images)))
-    return str(d / "*.tfrecord")
-
-
-def _label(shards, model, out, *extra):
-    return label.run(["--input", shards, "--model", model, "--output", str(out), "--classes", "both",
+def _label(engine_shards, model, out, *extra):
+    return label.run(["--input", engine_shards, "--model", model, "--output", str(out), "--classes", "both",
                       f"--runner={RUNNER}", *extra])
 
 
@@ -155,10 +143,10 @@ def _boxes(out):
 
 
 @needs_openvino
-def test_label_runs_openvino_by_default_records_it_and_matches_tensorflow(shards, tiny_model_path, tmp_path,
+def test_label_runs_openvino_by_default_records_it_and_matches_tensorflow(engine_shards, tiny_model_path, tmp_path,
                                                                           monkeypatch):
     monkeypatch.setenv("WEAKLOC_CACHE_DIR", str(tmp_path / "cache"))
-    first = _label(shards, tiny_model_path, tmp_path / "ov")
+    first = _label(engine_shards, tiny_model_path, tmp_path / "ov")
     on_disk = json.loads((tmp_path / "ov" / "summary.json").read_text())
     eng = on_disk["engine"]
     assert (eng["name"], eng["precision"], eng["requested"], eng["cache_hit"]) == ("openvino", "f32", "auto", False)
@@ -166,24 +154,24 @@ def test_label_runs_openvino_by_default_records_it_and_matches_tensorflow(shards
         assert eng["converted_sha256_16"] == files.file_fingerprint(f.read())
     # What the workers ran, counted by them.
     assert first["metrics"]["images_openvino_f32"] == first["counts"]["annotated"] == 6
-    second = _label(shards, tiny_model_path, tmp_path / "ov2")
+    second = _label(engine_shards, tiny_model_path, tmp_path / "ov2")
     assert second["engine"]["cache_hit"] is True and second["engine"]["converted"] == eng["converted"]
-    tf_run = _label(shards, tiny_model_path, tmp_path / "tf", "--engine", "tensorflow")
+    tf_run = _label(engine_shards, tiny_model_path, tmp_path / "tf", "--engine", "tensorflow")
     assert tf_run["engine"]["name"] == "tensorflow" and tf_run["metrics"]["images_tensorflow_f32"] == 6
     for mine, theirs in zip(_boxes(tmp_path / "ov"), _boxes(tmp_path / "tf")):
         assert [b[0] for b in mine] == [b[0] for b in theirs]
         np.testing.assert_allclose([b[1:] for b in mine], [b[1:] for b in theirs], atol=1e-3)
 
 
-def test_missing_engine_is_one_line_naming_the_install(shards, tiny_model_path, tmp_path, monkeypatch, capsys):
+def test_missing_engine_is_one_line_naming_the_install(engine_shards, tiny_model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
-    code = cli.main(["label", "--input", shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
+    code = cli.main(["label", "--input", engine_shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
                      "--engine", "openvino", f"--runner={RUNNER}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("weakloc label: error: --engine openvino needs the 'openvino' package")
     assert "pip install openvino" in err[-1] and not (tmp_path / "out").exists()
     # auto goes on with TensorFlow and says why.
-    summary = _label(shards, tiny_model_path, tmp_path / "auto")
+    summary = _label(engine_shards, tiny_model_path, tmp_path / "auto")
     assert summary["engine"]["name"] == "tensorflow" and "not installed" in summary["engine"]["reason"]
     # A worker handed a converted graph where the engine is absent refuses with the same line.
     fake = engines.ConvertedModel("openvino", "x.ovir.tar", "", "f32", "k", (32, 32), 3)
@@ -192,14 +180,14 @@ def test_missing_engine_is_one_line_naming_the_install(shards, tiny_model_path, 
 
 
 @needs_openvino
-def test_model_the_engine_cannot_convert_fails_at_launch_or_falls_back(shards, tiny_model_path, tmp_path):
+def test_model_the_engine_cannot_convert_fails_at_launch_or_falls_back(engine_shards, tiny_model_path, tmp_path):
     # Grad-CAM's graph holds gradient ops OpenVINO has no rule for: refused at launch when asked for by name...
     with pytest.raises(engines.ConversionError, match=r"--engine openvino: OpenVINO cannot convert .*No "
                                                       r"conversion rule .*Grad.*--engine tensorflow"):
-        _label(shards, tiny_model_path, tmp_path / "named", "--method", "gradcam", "--engine", "openvino")
+        _label(engine_shards, tiny_model_path, tmp_path / "named", "--method", "gradcam", "--engine", "openvino")
     assert not (tmp_path / "named").exists()
     # ...and run on TensorFlow with --engine auto, as documented.
-    summary = _label(shards, tiny_model_path, tmp_path / "auto", "--method", "gradcam")
+    summary = _label(engine_shards, tiny_model_path, tmp_path / "auto", "--method", "gradcam")
     assert summary["engine"]["name"] == "tensorflow" and "gradcam" in summary["engine"]["reason"]
     assert summary["counts"]["annotated"] == 6
 
@@ -219,13 +207,13 @@ def test_auto_takes_tensorflow_for_gpu_workers():
 
 
 @needs_openvino
-def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(shards, tiny_model_path, tmp_path,
+def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(engine_shards, tiny_model_path, tmp_path,
                                                                            monkeypatch):
     from weakloc.models import synthetic
     from weakloc.transforms.decode import DecodedInput
 
     monkeypatch.setenv("WEAKLOC_CACHE_DIR", str(tmp_path / "cache"))
-    config, _ = label.prepare(["--input", shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
+    config, _ = label.prepare(["--input", engine_shards, "--model", tiny_model_path, "--output", str(tmp_path / "out"),
                                "--classes", "both", f"--runner={RUNNER}"])
     assert config.spec.converted is not None
     handler = inference.CamModelHandler(config.spec, config.box, batch_size=4)

@@ -28,6 +28,7 @@ AUTO_BF16 = False
 
 # (images uint8 (B, H, W, 3), extra int32 (B, M)) -> (scores, top classes, top scores, classes, low-res maps).
 Forward = Callable[[np.ndarray, np.ndarray], tuple]
+FORWARD_OUTPUTS = 5  # the length of that tuple: what every converted graph must return
 
 
 class EngineError(RuntimeError):

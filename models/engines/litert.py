@@ -15,11 +15,10 @@ import threading
 
 import numpy as np
 
-from .base import ConversionError, Engine, EngineError
+from .base import FORWARD_OUTPUTS, ConversionError, Engine, EngineError
 
 logger = logging.getLogger(__name__)
 
-_OUTPUTS = 5  # scores, top classes, top scores, classes, low-res maps
 
 
 def cpu_count() -> int:
@@ -74,8 +73,8 @@ class LiteRtEngine(Engine):
         except Exception as exc:  # the converter raises ConverterError with a multi-line MLIR report
             raise ConversionError(f"LiteRT cannot convert the forward graph: {_one_line(exc)}") from exc
         outputs = len(concrete.structured_outputs)
-        if outputs != _OUTPUTS:
-            raise ConversionError(f"the converted graph has {outputs} outputs, expected {_OUTPUTS}")
+        if outputs != FORWARD_OUTPUTS:
+            raise ConversionError(f"the converted graph has {outputs} outputs, expected {FORWARD_OUTPUTS}")
         with open(path, "wb") as f:
             f.write(flatbuffer)
 

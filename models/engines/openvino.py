@@ -15,12 +15,11 @@ import threading
 
 import numpy as np
 
-from .base import ConversionError, Engine, EngineError
+from .base import FORWARD_OUTPUTS, ConversionError, Engine, EngineError
 
 logger = logging.getLogger(__name__)
 
 _XML, _BIN = "model.xml", "model.bin"
-_OUTPUTS = 5  # scores, top classes, top scores, classes, low-res maps
 
 
 class OpenVinoEngine(Engine):
@@ -60,8 +59,8 @@ class OpenVinoEngine(Engine):
             model = ov.convert_model(forward.get_concrete_function())
         except Exception as exc:  # the converter raises its own types, with a multi-line report
             raise ConversionError(f"OpenVINO cannot convert the forward graph: {_one_line(exc)}") from exc
-        if len(model.outputs) != _OUTPUTS:
-            raise ConversionError(f"the converted graph has {len(model.outputs)} outputs, expected {_OUTPUTS}")
+        if len(model.outputs) != FORWARD_OUTPUTS:
+            raise ConversionError(f"the converted graph has {len(model.outputs)} outputs, expected {FORWARD_OUTPUTS}")
         with tempfile.TemporaryDirectory(prefix="weakloc-ov-") as tmp:
             # Weights stay f32 in the file: the precision is chosen when a worker compiles, for its own CPU.
             ov.save_model(model, os.path.join(tmp, _XML), compress_to_fp16=False)
@@ -102,7 +101,7 @@ class _Compiled:
             request = self._local.request = self._compiled.create_infer_request()
         request.infer([images, extra])
         # Copies: the request's output buffers are overwritten by its next batch.
-        return tuple(np.array(request.get_output_tensor(i).data) for i in range(_OUTPUTS))
+        return tuple(np.array(request.get_output_tensor(i).data) for i in range(FORWARD_OUTPUTS))
 
 
 def _one_line(exc: BaseException) -> str:
