@@ -180,6 +180,22 @@ def test_folder_labels_naming_no_class_warn_and_an_empty_run_exits_1_quietly(tmp
     assert allowed.returncode == 0, allowed.stderr
 
 
+def _interrupted(proc: subprocess.Popen, ready, *, settle: float = 1.0, timeout: float = 60) -> tuple[str, str]:
+    """SIGINT `proc` once `ready(proc)` has returned (the text it read on the way, if any, is put before stderr)
+    and `settle` seconds have passed; returns its (stdout, stderr). A process still running at the end is killed."""
+    try:
+        early = ready(proc) or ""
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {early}"
+        time.sleep(settle)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out, early + err
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_no_beam_temp(tmp_path, fruit_like_model):
     write_images(tmp_path / "in", 1500, seed=1)
@@ -188,18 +204,13 @@ def test_ctrl_c_exits_130_with_one_line_and_no_beam_temp(tmp_path, fruit_like_mo
                              str(tmp_path / "in" / "*.png"), "--model", fruit_like_model, "--output", str(out),
                              "--batch_size", "1", "--decode_threads", "0", f"--runner={RUNNER}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
+
+    def beam_temp_made(proc):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("beam-temp-*")):
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    _, err = _interrupted(proc, beam_temp_made)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     lines = [line for line in err.splitlines() if "interrupted" in line]
@@ -234,22 +245,16 @@ def test_ctrl_c_in_calibrate_or_train_exits_130_and_says_nothing_was_written(tmp
     proc = subprocess.Popen([sys.executable, "-m", "weakloc.pipeline.cli", command, "--input", str(pics / "*.png"),
                              *argv[command], "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
-    err = []
-    try:
+
+    def launch_line_out(proc):
+        err = []
         for line in proc.stderr:
             err.append(line)
             if marker in line:
                 break
-        assert proc.poll() is None, "".join(err)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)[::-1]
-        err.append(rest)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    err = "".join(err)
+        return "".join(err)
+
+    _, err = _interrupted(proc, launch_line_out)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     lines = [line for line in err.splitlines() if "interrupted" in line]
@@ -315,15 +320,11 @@ def test_a_swallowed_ctrl_c_still_ends_the_run_with_one_line_and_130(tmp_path, h
     code = _SWALLOWER.format(output=str(tmp_path / "m.keras"), body=_SWALLOWS[how])
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
-    try:
+
+    def says_ready(proc):
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    out, err = _interrupted(proc, says_ready, settle=0.5, timeout=20)
     assert proc.returncode == 130, err
     assert "the run went on" not in out
     assert err.strip().splitlines() == ["weakloc train: interrupted; no output written"], err
