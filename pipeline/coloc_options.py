@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import posixpath
 from typing import Optional
 
 import numpy as np
@@ -16,7 +15,7 @@ from weakloc.models import coloc
 from weakloc.models.coloc import MAPS, ColocConfig
 from weakloc.models.opening import ModelSpec, OpenedModel
 
-from .options import OptionsError
+from .options import OptionsError, beside_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +47,7 @@ def follow_thresholds(args: argparse.Namespace, thr, thr_path: Optional[str]) ->
     if method.coloc != "coloc":
         out.fuse = method.coloc
     if not args.coloc_stats:
-        # Relative to the file's folder, on any filesystem (posixpath.join keeps an absolute or gs:// name).
-        rel = method.coloc_stats
-        out.coloc_stats = rel if "://" in rel else posixpath.join(posixpath.dirname(thr_path), rel)
+        out.coloc_stats = beside_thresholds(thr_path, method.coloc_stats)
     logger.info("%s names %s: --method %s with the statistics %s", thr_path, method.name, out.method,
                 out.coloc_stats)
     return out

@@ -591,14 +591,19 @@ def box_options(args: argparse.Namespace, opened: opening.OpenedModel, thr: Opti
     return box, contrast, flip_tta
 
 
+def beside_thresholds(thr_path: str, rel: str) -> str:
+    """A file a thresholds file names (calibrate writes it beside the file): relative to the file's folder, on any
+    filesystem (posixpath.join keeps an absolute or gs:// name)."""
+    return rel if "://" in rel else posixpath.join(posixpath.dirname(thr_path), rel)
+
+
 def read_regressor(method, thr_path: Optional[str]):
     """The box regressor a thresholds file's method names (relative to the file, any filesystem), else None."""
     if method.regressor is None:
         return None
     from weakloc.models import regressor
 
-    rel = method.regressor
-    path = rel if "://" in rel else posixpath.join(posixpath.dirname(thr_path), rel)
+    path = beside_thresholds(thr_path, method.regressor)
     if not FileSystems.exists(path):
         raise OptionsError(f"{thr_path} names the box regressor {path}, which does not exist (calibrate writes it "
                            "beside the thresholds file: move the two together)")
