@@ -22,43 +22,50 @@ import numpy as np
 
 from weakloc.models import boxes as boxlib
 from weakloc.models import cam, coloc, metrics, opening
-from weakloc.pipeline import inputs
+from weakloc.pipeline import coloc_options, inputs
 
 CLASS_MAP = {"apple": "Granny Smith", "banana": "banana", "orange": "orange", "kangaroo": "wallaby, brush kangaroo"}
 PHOTO_CLASSES = ("apple", "banana", "kangaroo", "orange", "raccoon")
 
 
 def _split(data, split, model, names, batch=32):
-    """Per image of a split: features float16 (h, w, K), top-1 class, model class ids of its labels, and per
-    true class its boxes in model-input pixels."""
+    """Per image of a split: features float16 (h, w, K) (the head's or `--coloc_layer`'s), top-1 class, model class
+    ids of its labels with their CAMs (the head's grid), and per true class its boxes in model-input pixels."""
     h, w = model.input_size
     scale = np.array([w, h, w, h], np.float32)
     idx = {n: names.index(CLASS_MAP[n]) for n in CLASS_MAP}
     source = inputs.scan([f"{data}/{split}-*.tfrecord"], class_names=PHOTO_CLASSES)
     exs = list(inputs.iterate(source, input_size=model.input_size))
-    feats, top1 = [], []
+    labels = [sorted({idx[PHOTO_CLASSES[c]] for c in e.label_ids if PHOTO_CLASSES[c] in idx}) for e in exs]
+    feats, top1, cams = [], [], []
     for s in range(0, len(exs), batch):
-        out = model(np.stack([e.pixels for e in exs[s : s + batch]]))
+        rows = labels[s : s + batch]
+        extra = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
+        for i, r in enumerate(rows):
+            extra[i, : len(r)] = r
+        out = model(np.stack([e.pixels for e in exs[s : s + batch]]), extra)
         feats.append(out.features.astype(np.float16))
         top1.append(out.top_classes[:, 0])
-    labels, truths = [], []
+        k = out.top_classes.shape[1]
+        cams.extend({c: out.low_res[i, k + j] for j, c in enumerate(r)} for i, r in enumerate(rows))
+    truths = []
     for e in exs:
-        labels.append(sorted({idx[PHOTO_CLASSES[c]] for c in e.label_ids if PHOTO_CLASSES[c] in idx}))
         per = {}
         for c, b in zip(e.gt_ids, e.gt_boxes):
             if c >= 0 and PHOTO_CLASSES[c] in idx:
                 per.setdefault(idx[PHOTO_CLASSES[c]], []).append(b * scale)
         truths.append({c: np.array(v, np.float32) for c, v in per.items()})
-    return dict(features=np.concatenate(feats), top1=np.concatenate(top1), labels=labels, truths=truths)
+    return dict(features=np.concatenate(feats), top1=np.concatenate(top1), labels=labels, cams=cams, truths=truths)
 
 
-def _stats(split, kernel):
-    """{class id: Component} from the labelled images of a split (each image counts for each of its labels)."""
+def _stats(split):
+    """{class id: Component} from the labelled images of a split (each image counts for each of its labels, its
+    CAM of that label signing the component)."""
     acc = {}
-    for f, labs in zip(split["features"], split["labels"]):
+    for f, labs, cams in zip(split["features"], split["labels"], split["cams"]):
         for c in labs:
-            acc.setdefault(c, coloc.ClassStats.zeros(f.shape[-1])).add(coloc.ClassStats.of(f))
-    return {c: coloc.principal_component(s, kernel[:, c]) for c, s in acc.items()}
+            acc.setdefault(c, coloc.ClassStats.zeros(f.shape[-1])).add(coloc.ClassStats.of(f, cams[c]))
+    return {c: coloc.principal_component(s) for c, s in acc.items()}
 
 
 def _pairs(split):
@@ -66,11 +73,11 @@ def _pairs(split):
     return np.array([p[0] for p in out]), np.array([p[1] for p in out]), [p[2] for p in out]
 
 
-def _maps(split, kernel, comps, img, cls, size):
+def _maps(split, comps, img, cls, size):
     """Low-res maps of each pair for every method, upsampled and normalised: {method: (normed, valid)}.
     The co-localization and fused maps come from coloc.colocalized, as `label` makes them."""
     f = split["features"][img].astype(np.float32)  # (n, h, w, K)
-    cams = np.einsum("nhwk,kn->nhw", f, kernel[:, cls])
+    cams = np.stack([split["cams"][i][c] for i, c in zip(img, cls)])
     low = {"cam": cams}
     if comps is not None:
         out = cam.CamOutputs(None, None, None, cls[:, None].astype(np.int32), cams[:, None], size, f)
@@ -87,13 +94,13 @@ def _boxes_iou(normed, valid, taus, truths):
     return ious
 
 
-def evaluate(splits, kernel, comps_for, size, min_per_class=5):
+def evaluate(splits, comps_for, size, min_per_class=5):
     """{method: figures} calibrated on calib, scored on test."""
     cal, test = splits["calib"], splits["test"]
     ci, cc, ct = _pairs(cal)
     ti, tc, tt = _pairs(test)
-    cal_maps = _maps(cal, kernel, comps_for["calib"], ci, cc, size)
-    test_maps = _maps(test, kernel, comps_for["test"], ti, tc, size)
+    cal_maps = _maps(cal, comps_for["calib"], ci, cc, size)
+    test_maps = _maps(test, comps_for["test"], ti, tc, size)
     top1_ok = test["top1"][ti] == tc
     out = {}
     for m in cal_maps:
@@ -131,7 +138,7 @@ def _cached(folder, tta, compute):
     import os
     import pickle
 
-    path = os.path.join(folder, f"features-{tta.replace(':', '_').replace(',', '+')}.pkl")
+    path = os.path.join(folder, f"features-{tta.replace(':', '_').replace(',', '+').replace('@', '-')}.pkl")
     if os.path.exists(path):
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -150,27 +157,35 @@ def main(argv=None):
                     help="SCALES[:flip], e.g. 1 or 1,1.5:flip (repeatable; default: 1, 1:flip, 2, 1,2:flip)")
     ap.add_argument("--output", help="JSON of every figure")
     ap.add_argument("--cache", help="folder to keep each TTA setting's features in, to re-score without the forward")
+    ap.add_argument("--coloc_layer", action="append",
+                    help="co-localize on this layer's map (repeatable; 'auto' as label's; 'head' or absent: the GAP "
+                         "head's features)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     opened = opening.open_model(args.model)
     keras_model, prep = opened.keras_model, opened.spec.prep
     names = list(prep.class_names)
     results = {}
-    for tta in args.tta or ["1", "1:flip", "2", "1,2:flip"]:
-        scales_s, _, flip = tta.partition(":")
+    settings = [(t, layer) for layer in (args.coloc_layer or ["head"]) for t in (args.tta or ["1", "1:flip", "2",
+                                                                                              "1,2:flip"])]
+    for tta_only, layer_arg in settings:
+        scales_s, _, flip = tta_only.partition(":")
         scales = tuple(float(v) for v in scales_s.split(","))
-        model = cam.CamModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
-                             scales=scales, flip_tta=flip == "flip", features=True)
+        layer = None
+        if layer_arg not in (None, "head"):
+            layer = coloc_options.resolve_layer(keras_model, opened.spec, layer_arg)
+        tta = tta_only if layer is None else f"{tta_only}@{layer}"
+        model = coloc.ColocModel(keras_model, input_size=prep.input_size, scale=prep.scale, offset=prep.offset,
+                                 scales=scales, flip_tta=flip == "flip", coloc_layer=layer)
         t0 = time.time()
         splits = _cached(args.cache, tta, lambda: {s: _split(args.data, s, model, names)
                                                    for s in ("train", "calib", "test")})
         seconds = time.time() - t0
-        kernel = np.asarray(model.head.dense.kernel, np.float32)
         size = model.input_size
-        from_train = _stats(splits["train"], kernel)
-        from_test = _stats(splits["test"], kernel)
+        from_train = _stats(splits["train"])
+        from_test = _stats(splits["test"])
         for stats_name, comps in (("train", from_train), ("test", from_test)):
-            res = evaluate(splits, kernel, {"calib": from_train, "test": comps}, size)
+            res = evaluate(splits, {"calib": from_train, "test": comps}, size)
             results[f"{tta} stats={stats_name}"] = res
         results[f"{tta} stats=train"]["_seconds_forward"] = seconds
         print(f"\n== TTA {tta}  (forward + features of {sum(len(s['top1']) for s in splits.values())} photos: "

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .graph import GapHead, ModelStructureError, find_gap_head, model_input_size  # noqa: F401  (public API)
+from .graph import GapHead, ModelStructureError, find_gap_head, layer_features, model_input_size  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,20 +231,25 @@ class CamModel(CamMethod):
     With `scales` other than (1,), each batch also runs resized by each factor (multi-scale test-time averaging,
     on a copy of the model whose input takes any size, sharing its weights): the feature maps are resized
     bilinearly to the grid of the largest scale and averaged, and the scores too. With `features`, the (averaged)
-    feature map is returned as well (`CamOutputs.features`).
+    feature map is returned as well (`CamOutputs.features`): the GAP head's, or with `features_layer` that of
+    another top-level layer (`graph.layer_features`; co-localization on a finer map), averaged alike.
     """
 
     name = "cam"
 
     def __init__(self, model, *, input_size: tuple[int, int], scale: float, offset: float, top_k: int = 1,
                  feature_layer: str | None = None, dense_layer: str | None = None, flip_tta: bool = False,
-                 contrast: bool = False, scales: tuple[float, ...] = (1.0,), features: bool = False):
+                 contrast: bool = False, scales: tuple[float, ...] = (1.0,), features: bool = False,
+                 features_layer: str | None = None):
         self.flip_tta = bool(flip_tta)
         self.contrast = bool(contrast)
         self.scales = tuple(float(f) for f in scales)
         if not self.scales or any(not 0.25 <= f <= 4.0 for f in self.scales):
             raise ValueError(f"test-time scales must be within [0.25, 4], got {self.scales}")
         self.features = bool(features)
+        if features_layer and not self.features:
+            raise ValueError("features_layer names the feature map returned with features=True")
+        self.features_layer = features_layer or None
         self._head_options = {"feature_layer": feature_layer, "dense_layer": dense_layer}
         super().__init__(model, input_size=input_size, scale=scale, offset=offset, top_k=top_k,
                          feature_layer=feature_layer, dense_layer=dense_layer)
@@ -259,44 +264,54 @@ class CamModel(CamMethod):
 
         if self.contrast and self.num_classes < 2:
             raise ValueError("contrast CAMs need a model with at least two classes")
-        self._cam_model = keras.Model(model.inputs, [self.head.feature, model.outputs[0]])
+        extra = [layer_features(model, self.features_layer)] if self.features_layer else []
+        self._cam_model = keras.Model(model.inputs, [self.head.feature, model.outputs[0], *extra])
         if self.scales != (1.0,):
-            self._cam_model = _any_size(model, self._head_options)
+            self._cam_model = _any_size(model, self._head_options, self.features_layer)
         kernel_t = tf.transpose(tf.convert_to_tensor(self.head.dense.kernel))  # (C, K)
         if self.contrast:
             kernel_t = kernel_t - tf.reduce_mean(kernel_t, axis=0, keepdims=True)
         self._kernel_t = kernel_t
 
     def _averaged(self, x):
-        """Feature map and probabilities averaged over the scales, on the largest scale's grid."""
+        """Feature map, probabilities and the `features_layer` map (None without one), averaged over the
+        scales, each map on its largest scale's grid."""
         import tensorflow as tf
+
+        def mean_map(maps):
+            grid = max((tuple(m.shape[1:3]) for m in maps), key=lambda g: g[0] * g[1])
+            return tf.add_n([m if tuple(m.shape[1:3]) == grid else tf.image.resize(m, grid) for m in maps]) / len(maps)
 
         h_in, w_in = self.input_size
         runs = []
         for f in self.scales:
             xs = x if f == 1.0 else tf.image.resize(x, (max(1, round(h_in * f)), max(1, round(w_in * f))))
-            fmap, scores = self._cam_model(xs, training=False)
-            runs.append((tf.cast(fmap, tf.float32), self._probabilities(scores)))
+            fmap, scores, *extra = self._cam_model(xs, training=False)
+            runs.append((tf.cast(fmap, tf.float32), self._probabilities(scores),
+                         tf.cast(extra[0], tf.float32) if extra else None))
         if len(runs) == 1:
             return runs[0]
-        grid = max((tuple(r[0].shape[1:3]) for r in runs), key=lambda g: g[0] * g[1])
-        fmaps = [r[0] if tuple(r[0].shape[1:3]) == grid else tf.image.resize(r[0], grid) for r in runs]
-        return tf.add_n(fmaps) / len(runs), tf.add_n([r[1] for r in runs]) / len(runs)
+        return (mean_map([r[0] for r in runs]), tf.add_n([r[1] for r in runs]) / len(runs),
+                mean_map([r[2] for r in runs]) if self.features_layer else None)
 
     def _scores(self, x):
         import tensorflow as tf
 
-        fmap, scores = self._averaged(x)
+        fmap, scores, layer_map = self._averaged(x)
         if self.flip_tta:
             # CAMs are linear in the feature map, so averaging the maps (the mirrored one flipped back) averages
             # the CAMs of the picture and of its mirror image.
-            fmap_f, scores_f = self._averaged(tf.reverse(x, axis=[2]))
+            fmap_f, scores_f, layer_f = self._averaged(tf.reverse(x, axis=[2]))
             fmap = (fmap + tf.reverse(fmap_f, axis=[2])) / 2.0
             scores = (scores + scores_f) / 2.0
-        return scores, {"fmap": fmap}
+            if layer_map is not None:
+                layer_map = (layer_map + tf.reverse(layer_f, axis=[2])) / 2.0
+        return scores, {"fmap": fmap, "layer": layer_map}
 
     def _extras(self, state) -> tuple:
-        return (state["fmap"],) if self.features else ()
+        if not self.features:
+            return ()
+        return (state["layer"] if self.features_layer else state["fmap"],)
 
     def _maps(self, state, classes):
         import tensorflow as tf
@@ -305,9 +320,9 @@ class CamModel(CamMethod):
         return tf.einsum("bhwk,bmk->bmhw", state["fmap"], weights)
 
 
-def _any_size(model, head_options):
-    """The (features, scores) model of `model` on an input of any size, sharing its layers and weights (for
-    multi-scale averaging: a saved model's input is usually fixed at its training size)."""
+def _any_size(model, head_options, features_layer=None):
+    """The (features, scores[, `features_layer` map]) model of `model` on an input of any size, sharing its
+    layers and weights (for multi-scale averaging: a saved model's input is usually fixed at its training size)."""
     import keras
 
     try:
@@ -316,4 +331,5 @@ def _any_size(model, head_options):
     except Exception as exc:  # Keras raises many kinds; the message says which
         raise ModelStructureError(f"test-time scales need the model on other input sizes, which failed: {exc}") from exc
     head = find_gap_head(free, **head_options)
-    return keras.Model(free.inputs, [head.feature, free.outputs[0]])
+    extra = [layer_features(free, features_layer)] if features_layer else []
+    return keras.Model(free.inputs, [head.feature, free.outputs[0], *extra])

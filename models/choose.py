@@ -31,18 +31,22 @@ POSTS = ("none", "stretch", "refine", "regress")
 
 @dataclasses.dataclass(frozen=True)
 class MapKind:
-    """Which forward pass the maps come from (`cam.CamModel`'s `contrast` and `flip_tta`) and whether they are
-    co-localization maps (`coloc`: thresholds.COLOC_MAPS; "none" = CAMs)."""
+    """Which forward pass the maps come from (`cam.CamModel`'s `contrast` and `flip_tta`), whether they are
+    co-localization maps (`coloc`: thresholds.COLOC_MAPS; "none" = CAMs) and of which layer's features
+    (`coloc_layer`: a layer name or "auto", as `label --coloc_layer`; None: the GAP head's)."""
 
     contrast: bool = False
     flip_tta: bool = False
     coloc: str = "none"
+    coloc_layer: str | None = None
 
     def __post_init__(self):
         if self.coloc not in COLOC_MAPS:
             raise ValueError(f"map kind: coloc must be one of {COLOC_MAPS}, got {self.coloc!r}")
         if self.coloc != "none" and self.contrast:
             raise ValueError("co-localization maps do not use contrast CAM weights")
+        if self.coloc_layer and self.coloc == "none":
+            raise ValueError("coloc_layer names the features of co-localization maps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,11 @@ PLAIN, CONTRAST, FLIP, CONTRAST_FLIP = MapKind(), MapKind(contrast=True), MapKin
 # Co-localization (DDT, models/coloc.py; issue 17): calibrate pools the statistics of its own boxed images'
 # features per class, writes them beside the thresholds file, and label reuses them (one pass, the same maps).
 COLOC, FUSED_MEAN, FUSED_PRODUCT = MapKind(coloc="coloc"), MapKind(coloc="mean"), MapKind(coloc="product")
+# The same on the residual stream at twice the head's resolution (graph.finer_layer: MobileNetV2's 14 x 14
+# block_12_add), which boxes real photos far better than the head's own 7 x 7 map (BENCHMARKS.md).
+COLOC_FINE = MapKind(coloc="coloc", coloc_layer="auto")
+FUSED_FINE_MEAN, FUSED_FINE_PRODUCT = MapKind(coloc="mean", coloc_layer="auto"), MapKind(coloc="product",
+                                                                                      coloc_layer="auto")
 
 # The one table of what calibrate tries. Order matters only on ties: the earlier (simpler) candidate wins.
 CANDIDATES: tuple[Candidate, ...] = (
@@ -104,6 +113,11 @@ COLOC_CANDIDATES = (
     Candidate("fused_mean", FUSED_MEAN),
     Candidate("fused_product", FUSED_PRODUCT),
     Candidate("coloc_refine", COLOC, post="refine", per_class=False),
+    Candidate("coloc_fine", COLOC_FINE),
+    Candidate("coloc_fine_global", COLOC_FINE, per_class=False),
+    Candidate("fused_fine_mean", FUSED_FINE_MEAN),
+    Candidate("fused_fine_product", FUSED_FINE_PRODUCT),
+    Candidate("coloc_fine_refine", COLOC_FINE, post="refine", per_class=False),
 )
 # Issue 17's self-trained box regressor (PSOL-like, models/regressor.py): the calibrated CAM boxes of the
 # confident images teach a ridge regression from pooled features to boxes; label applies it in its one pass.
@@ -210,10 +224,10 @@ class Fitted:
         return xyxy, has
 
     def thresholds(self, class_names: Sequence[str], coloc_stats: str | None = None,
-                   regressor_file: str | None = None) -> Thresholds:
+                   regressor_file: str | None = None, coloc_layer: str | None = None) -> Thresholds:
         """The thresholds document that makes `label` box as this candidate does (`coloc_stats`: where the
-        statistics of a co-localization candidate's maps are, relative to the file; `regressor_file`: where a
-        regress candidate's regressor is, likewise)."""
+        statistics of a co-localization candidate's maps are, relative to the file; `coloc_layer`: the layer
+        name its maps read, "auto" resolved; `regressor_file`: where a regress candidate's regressor is, likewise)."""
         return Thresholds(
             default=float(self.default),
             per_class={class_names[c]: float(t) for c, t in sorted(self.per_class.items())},
@@ -224,6 +238,7 @@ class Fitted:
                           boxes=self.candidate.boxes, min_box_area=float(self.min_area),
                           coloc=self.candidate.maps.coloc,
                           coloc_stats=None if self.candidate.maps.coloc == "none" else coloc_stats,
+                          coloc_layer=None if self.candidate.maps.coloc == "none" else coloc_layer,
                           regressor=regressor_file if self.regressor is not None else None,
                           regress_blend=self.candidate.blend if self.regressor is not None else 1.0),
         )

@@ -9,9 +9,12 @@ pool and v the first eigenvector of S, the co-localization map of an image of th
 positive where the cell looks like what the class's images share, i.e. the common object. The statistics are
 sufficient and additive (count, sum, sum of outer products), so a Beam CombineFn merges them in any grouping
 (transforms/coloc.py). The sign of an eigenvector is arbitrary: we fix it so that P correlates positively with
-the class's CAM over the class's descriptors. Over the pool, Cov(P, CAM_c) = v' S w_c = lambda v . w_c (w_c the
-class's Dense weights), so the rule is sign(v . w_c), read off the statistics alone. (The mean of P over the pool
-is zero by construction, so "make the mean projection positive" cannot fix a sign.)
+the class's CAM over the class's descriptors. With r the CAM resized to the feature grid, Cov(P, r) =
+v . (E[x r] - m E[r]), so the statistics also sum x r and r over the cells (`cross`, `map_total`), and the rule is
+read off them alone. On the GAP head's own features r = x . w_c and this is lambda v . w_c; the same rule holds
+for an earlier, finer feature map (`--coloc_layer`, e.g. MobileNetV2's 14 x 14 block_13_expand_relu), whose
+channels the Dense weights do not weigh. (The mean of P over the pool is zero by construction, so "make the mean
+projection positive" cannot fix a sign.)
 
 The statistics travel as one declared format: an `.npz` of arrays and a JSON manifest beside it (`encode`/`decode`;
 the Beam side reads and writes them on any filesystem).
@@ -30,12 +33,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from . import files
 from .boxes import normalize_cams
-from .cam import CamModel
+from .cam import CamModel, upsample
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "weakloc.coloc_stats"
-VERSION = 1
+VERSION = 2  # 2: the sums `cross` and `map_total` that sign a component on any feature layer
 STATS_FILE = "coloc_stats.npz"
 MANIFEST_FILE = "coloc_stats.json"
 FUSE_MODES = ("mean", "product")
@@ -48,13 +51,14 @@ class ColocError(ValueError):
 
 class ColocModel(CamModel):
     """The forward pass of co-localization: CamModel (CAMs, scores, flip and multi-scale averaging) that also
-    returns the feature map, whose descriptors the statistics pool and the projection reads."""
+    returns a feature map, whose descriptors the statistics pool and the projection reads: the GAP head's, or
+    with `coloc_layer` that of an earlier (finer) layer of the model (`graph.layer_features`)."""
 
     name = "coloc"
 
-    def __init__(self, model, **options):
+    def __init__(self, model, *, coloc_layer: str | None = None, **options):
         options.pop("features", None)
-        super().__init__(model, features=True, **options)
+        super().__init__(model, features=True, features_layer=coloc_layer, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +66,12 @@ class ColocConfig:
     """How `label --method coloc|fused` makes its maps (validated at launch; picklable).
 
     maps: "coloc" (the projection alone) or "fused" (with the CAM, by `fuse`).
-    kernel: float32 (K, C) the Dense kernel, whose column c signs class c's component.
     extractor: what made the features (model, layer, channels, TTA), written into and checked against the file.
     components: {class id: Component} read from `--coloc_stats` (then nothing is recomputed), else None.
     """
 
     maps: str
     fuse: str
-    kernel: np.ndarray
     extractor: dict
     stats_path: Optional[str] = None
     components: Optional[dict] = None
@@ -80,23 +82,36 @@ class ClassStats:
     """Sufficient statistics of one class's descriptors (float64, additive).
 
     images: how many images contributed; count: how many descriptors (cells); total: (K,) their sum;
-    outer: (K, K) the sum of their outer products x x'.
+    outer: (K, K) the sum of their outer products x x'; cross: (K,) the sum of x r and map_total the sum of r,
+    r being the class's CAM at each cell (what signs the component, `principal_component`).
     """
 
     images: int
     count: int
     total: np.ndarray
     outer: np.ndarray
+    cross: np.ndarray
+    map_total: float = 0.0
 
     @classmethod
     def zeros(cls, k: int) -> "ClassStats":
-        return cls(0, 0, np.zeros(k, np.float64), np.zeros((k, k), np.float64))
+        return cls(0, 0, np.zeros(k, np.float64), np.zeros((k, k), np.float64), np.zeros(k, np.float64))
 
     @classmethod
-    def of(cls, features: np.ndarray) -> "ClassStats":
-        """Statistics of one image's feature map, float (h, w, K), or of any (..., K) stack of descriptors."""
-        x = np.asarray(features, np.float64).reshape(-1, np.shape(features)[-1])
-        return cls(1, len(x), x.sum(axis=0), x.T @ x)
+    def of(cls, features: np.ndarray, class_map: np.ndarray) -> "ClassStats":
+        """Statistics of one image's feature map float (h, w, K) with the class's map (its CAM) on any grid,
+        resized bilinearly onto the feature grid; or of any (..., K) stack of descriptors with one map value
+        per descriptor (class_map of shape (...))."""
+        features = np.asarray(features)
+        k = features.shape[-1]
+        x = features.astype(np.float64).reshape(-1, k)
+        r = np.asarray(class_map, np.float32)
+        if features.ndim == 3 and r.ndim == 2 and r.shape != features.shape[:2]:
+            r = upsample(r[None], features.shape[:2])[0]
+        r = r.astype(np.float64).reshape(-1)
+        if len(r) != len(x):
+            raise ValueError(f"a map of shape {np.shape(class_map)} does not go with features {features.shape}")
+        return cls(1, len(x), x.sum(axis=0), x.T @ x, x.T @ r, float(r.sum()))
 
     def add(self, other: "ClassStats") -> "ClassStats":
         """Merge `other` into self (in place; returns self)."""
@@ -106,11 +121,17 @@ class ClassStats:
         self.count += other.count
         self.total += other.total
         self.outer += other.outer
+        self.cross += other.cross
+        self.map_total += other.map_total
         return self
 
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
+
+    def map_covariance(self) -> np.ndarray:
+        """(K,) covariance of each channel with the class's map over the descriptors: Cov(x, r)."""
+        return self.cross / max(self.count, 1) - self.mean * (self.map_total / max(self.count, 1))
 
     def covariance(self) -> np.ndarray:
         """(K, K) population covariance of the descriptors."""
@@ -129,13 +150,12 @@ class Component:
     explained: float
 
 
-def principal_component(stats: ClassStats, class_weights: np.ndarray | None = None) -> Component:
-    """The first principal component of a class's descriptors, signed so that the object is positive.
+def principal_component(stats: ClassStats) -> Component:
+    """The first principal component of a class's descriptors, signed so that the object is positive: the
+    projection correlates positively with the class's CAM over the descriptors (see the module docstring).
 
     Args:
       stats: the class's statistics; needs at least two descriptors.
-      class_weights: (K,) the class's Dense weights w_c. The sign makes v . w_c >= 0, i.e. the projection
-        correlates positively with the class's CAM (see the module docstring). None keeps the solver's sign.
 
     Raises:
       ColocError: fewer than two descriptors, or descriptors that do not vary.
@@ -160,32 +180,35 @@ def principal_component(stats: ClassStats, class_weights: np.ndarray | None = No
     top, v = float(vals[0]), vecs[:, 0]
     if not trace > 0 or not top > 0:
         raise ColocError("the descriptors do not vary: no principal component")
-    if class_weights is not None and float(np.dot(v, class_weights)) < 0:
+    if float(np.dot(v, stats.map_covariance())) < 0:
         v = -v
     return Component(stats.mean.astype(np.float32), v.astype(np.float32), top, top / trace)
 
 
-def pooled_components(features: np.ndarray, keys: Sequence[Sequence[int]], kernel: np.ndarray):
+def pooled_components(features: np.ndarray, keys: Sequence[Sequence[int]], class_maps: Sequence[np.ndarray]):
     """Per-class statistics and components of a stack of feature maps, as the Beam combine makes them.
 
     Args:
       features: float (N, h, w, K) feature maps.
       keys: for each map, the class ids its descriptors count for (once each).
-      kernel: float (K, C) the Dense kernel, whose column c signs class c's component.
+      class_maps: for each map, float (len(keys[i]), h', w') the CAMs of those classes (any grid), which sign
+        the components.
 
     Returns:
       [(class id, ClassStats, Component)] in increasing class id; a class whose descriptors have no component is
       left out (logged), its maps stay CAMs.
     """
     pools: dict[int, ClassStats] = {}
-    for f, row in zip(features, keys):
-        one = ClassStats.of(f)
-        for c in dict.fromkeys(int(c) for c in row):
-            pools.setdefault(c, ClassStats.zeros(one.total.shape[0])).add(one)
+    for f, row, maps in zip(features, keys, class_maps):
+        seen = set()
+        for c, m in zip((int(c) for c in row), maps):
+            if c not in seen:
+                seen.add(c)
+                pools.setdefault(c, ClassStats.zeros(f.shape[-1])).add(ClassStats.of(f, m))
     out = []
     for c in sorted(pools):
         try:
-            out.append((c, pools[c], principal_component(pools[c], kernel[:, c])))
+            out.append((c, pools[c], principal_component(pools[c])))
         except ColocError as exc:
             logger.warning("class %d: no co-localization component (%s); its maps stay CAMs", c, exc)
     return out
@@ -238,7 +261,8 @@ def fuse(cams: np.ndarray, colocs: np.ndarray, mode: str = "mean") -> np.ndarray
 
 def colocalized(out, components: Mapping[int, Component], maps: str = "coloc", fuse_mode: str = "mean"):
     """A batch's CAMs replaced by co-localization maps (`maps` "coloc") or CAMs fused with them ("fused"), at the
-    feature-map resolution, for whatever then boxes CAMs (annotate.annotate_batch, calibration).
+    resolution of the features (finer than the CAMs' with `--coloc_layer`: the CAMs are resized onto it), for
+    whatever then boxes CAMs (annotate.annotate_batch, calibration).
 
     Args:
       out: cam.CamOutputs with `features` (a CamModel built with features=True).
@@ -260,11 +284,14 @@ def colocalized(out, components: Mapping[int, Component], maps: str = "coloc", f
             if known[b, j]:
                 means[b, j], dirs[b, j] = components[c].mean, components[c].direction
     projected = project(out.features, means, dirs)
+    cams = out.low_res
+    if cams.shape[2:] != projected.shape[2:]:  # features of a finer layer (--coloc_layer): CAMs onto their grid
+        cams = upsample(cams.reshape(n * m, *cams.shape[2:]), projected.shape[2:]).reshape(n, m, *projected.shape[2:])
     if maps == "fused":
-        projected = fuse(out.low_res, projected, fuse_mode)
+        projected = fuse(cams, projected, fuse_mode)
     elif maps != "coloc":
         raise ValueError(f"maps must be 'coloc' or 'fused', got {maps!r}")
-    low = np.where(known[:, :, None, None], projected, out.low_res).astype(np.float32)
+    low = np.where(known[:, :, None, None], projected, cams).astype(np.float32)
     return dataclasses.replace(out, low_res=low, features=None), int((~known).sum())
 
 
@@ -275,7 +302,7 @@ def encode(stats: Mapping[int, ClassStats], components: Mapping[int, Component],
     """The bytes of `coloc_stats.npz` and the `coloc_stats.json` manifest that describes them.
 
     The npz holds, for the C classes in increasing class id: class_ids int64 (C,), images and count int64 (C,),
-    total float64 (C, K), outer float64 (C, K, K), and each class's component: mean float32 (C, K), direction
+    total float64 (C, K), outer float64 (C, K, K), cross float64 (C, K), map_total float64 (C,), and each class's component: mean float32 (C, K), direction
     float32 (C, K), eigenvalue and explained float64 (C,). Classes without a component (too few descriptors)
     are left out. `extractor` describes how the features were made (model fingerprint, feature layer, K, TTA);
     `decode` refuses statistics made by another one.
@@ -290,6 +317,8 @@ def encode(stats: Mapping[int, ClassStats], components: Mapping[int, Component],
         count=np.array([stats[c].count for c in ids], np.int64),
         total=np.stack([stats[c].total for c in ids]),
         outer=np.stack([stats[c].outer for c in ids]),
+        cross=np.stack([stats[c].cross for c in ids]),
+        map_total=np.array([stats[c].map_total for c in ids], np.float64),
         mean=np.stack([components[c].mean for c in ids]).astype(np.float32),
         direction=np.stack([components[c].direction for c in ids]).astype(np.float32),
         eigenvalue=np.array([components[c].eigenvalue for c in ids], np.float64),
@@ -345,9 +374,10 @@ def decode(manifest: dict, npz: bytes, where: str = "coloc stats", *, with_stats
     check_manifest(manifest, where, **check)
     try:
         with np.load(io.BytesIO(npz)) as z:
-            a = {k: z[k] for k in z.files if with_stats or k not in ("total", "outer")}
+            a = {k: z[k] for k in z.files if with_stats or k not in ("total", "outer", "cross")}
         ids = a["class_ids"].tolist()
-        stats = {c: ClassStats(int(a["images"][i]), int(a["count"][i]), a["total"][i], a["outer"][i])
+        stats = {c: ClassStats(int(a["images"][i]), int(a["count"][i]), a["total"][i], a["outer"][i],
+                               a["cross"][i], float(a["map_total"][i]))
                  for i, c in enumerate(ids)} if with_stats else {}
         comps = {c: Component(a["mean"][i], a["direction"][i], float(a["eigenvalue"][i]), float(a["explained"][i]))
                  for i, c in enumerate(ids)}

@@ -111,10 +111,13 @@ class ModelSpec:
     contrast: bool = False  # CAMs of each class's margin over the mean class (models/cam.py)
     converted: Optional[engines.ConvertedModel] = None  # the graph converted at launch (--engine); None: Keras
     tta_scales: tuple[float, ...] = (1.0,)  # multi-scale averaging of the feature maps (models/cam.py)
+    coloc_layer: Optional[str] = None  # coloc|fused: the layer whose map co-localization reads; None: the head's
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ModelFileError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.coloc_layer and self.method not in ("coloc", "fused"):
+            raise ModelFileError(f"--coloc_layer goes with --method coloc|fused, not --method {self.method}")
         if self.method == "gradcam":
             if self.flip_tta:
                 raise ModelFileError("--flip_tta averages CAMs of the one-pass method; it is not available with "
@@ -166,6 +169,8 @@ class ModelSpec:
         options = dict(self.head_options())
         if self.method != "gradcam":
             options.update(flip_tta=self.flip_tta, contrast=self.contrast, scales=self.tta_scales)
+        if self.coloc_layer:
+            options.update(coloc_layer=self.coloc_layer)
         return METHODS[self.method](keras_model, input_size=self.input_size, scale=self.scale, offset=self.offset,
                                     top_k=top_k, **options)
 

@@ -17,7 +17,8 @@
                 "min_box_area": 0.01,
                 "coloc": "product",            co-localization maps (models/coloc.py): "coloc", or fused with
                 "coloc_stats": "x.coloc",      the CAM by "mean"/"product"; their statistics' folder, relative
-                                               to this file (both absent for CAM methods)
+                "coloc_layer": "block_13_expand_relu",  to this file, and the layer whose map they read (null:
+                                               the GAP head's); all three absent for CAM methods
                 "regressor": "x.regress.npz",  a self-trained box regressor (models/regressor.py), relative to
                 "regress_blend": 0.5},         this file, and the weight of its box against the map's own
                                                (both absent without one)
@@ -89,6 +90,7 @@ class Method:
     min_box_area: float = defaults.MIN_BOX_AREA
     coloc: str = "none"
     coloc_stats: Optional[str] = None
+    coloc_layer: Optional[str] = None  # the layer the co-localization maps read; None: the GAP head's features
     regressor: Optional[str] = None
     regress_blend: float = 1.0
 
@@ -108,6 +110,10 @@ class Method:
         if out.coloc != "none" and not isinstance(out.coloc_stats, str):
             raise ThresholdsError(f"method.coloc_stats in {where} must name the folder of the co-localization "
                                   f"statistics calibrate wrote, got {out.coloc_stats!r}")
+        if out.coloc_layer is not None and (out.coloc == "none" or not isinstance(out.coloc_layer, str)
+                                            or not out.coloc_layer):
+            raise ThresholdsError(f"method.coloc_layer in {where} must name the layer of co-localization maps "
+                                  f"(method.coloc {out.coloc!r}), got {out.coloc_layer!r}")
         if out.regressor is not None and not isinstance(out.regressor, str):
             raise ThresholdsError(f"method.regressor in {where} must name the regressor file calibrate wrote, got "
                                   f"{out.regressor!r}")
@@ -122,7 +128,7 @@ class Method:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.coloc == "none":  # CAM methods: the file reads as it did before co-localization existed
-            del out["coloc"], out["coloc_stats"]
+            del out["coloc"], out["coloc_stats"], out["coloc_layer"]
         if self.regressor is None:  # likewise before the regressor
             del out["regressor"], out["regress_blend"]
         return out

@@ -130,11 +130,11 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
-def coloc_pool(model: cam.CamMethod, examples, kernel: np.ndarray, *, batch_size: int = 64,
-               class_map=None) -> list:
+def coloc_pool(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None) -> list:
     """Co-localization statistics of the boxed images' own features ([(class id, ClassStats, Component)]): each
-    image counts once for each class it has true boxes of, the classes `class_maps` pairs it with. Features are
-    kept as float16, as `label --method coloc` keeps them, so the maps are the ones label makes.
+    image counts once for each class it has true boxes of, the classes `class_maps` pairs it with, and the CAM of
+    that class signs its component. Features are kept as float16, as `label --method coloc` keeps them, so the
+    maps are the ones label makes.
 
     With a class map the boxes name dataset labels; the statistics are keyed by the model classes mapped from
     them (a label's images count for each of its model classes), so each model class's map becomes its
@@ -147,9 +147,17 @@ def coloc_pool(model: cam.CamMethod, examples, kernel: np.ndarray, *, batch_size
         if known:
             pixels.append(ex.pixels)
             keys.append(known)
-    feats = [model(np.stack(pixels[s : s + batch_size])).features.astype(np.float16)
-             for s in range(0, len(pixels), batch_size)]
-    return coloc.pooled_components(np.concatenate(feats) if feats else np.zeros((0, 1, 1, 1)), keys, kernel)
+    feats, maps = [], []
+    for s in range(0, len(pixels), batch_size):
+        rows = keys[s : s + batch_size]
+        extra = np.full((len(rows), max(len(r) for r in rows)), -1, np.int32)
+        for i, r in enumerate(rows):
+            extra[i, : len(r)] = r
+        out = model(np.stack(pixels[s : s + batch_size]), extra)
+        k = out.top_classes.shape[1]
+        feats.extend(out.features.astype(np.float16))
+        maps.extend(out.low_res[i, k : k + len(r)] for i, r in enumerate(rows))
+    return coloc.pooled_components(feats, keys, maps)
 
 
 def coloc_transform(pool: list, kind: choose.MapKind):
@@ -198,9 +206,10 @@ def regressor_file(output: str) -> str:
     return os.path.splitext(os.path.abspath(output))[0] + ".regress.npz"
 
 
-def _candidates(args, num_classes: int) -> list:
+def _candidates(args, num_classes: int, finer_layer: str | None = None) -> list:
     """The candidates to try: the whole table, those named by --candidates, or the one the method flags force
-    (with --refine_boxes, that one with and without the refinement, so it is kept only where it helps)."""
+    (with --refine_boxes, that one with and without the refinement, so it is kept only where it helps). The
+    table's rows on a finer feature map need one (`finer_layer`: what `--coloc_layer auto` resolves to)."""
     forced = args.flip_tta or args.cam_contrast or args.boxes != "largest" or args.fit_box_stretch or args.refine_boxes
     if forced and args.candidates:
         raise OptionsError("--candidates chooses among methods; the method flags (--flip_tta, --cam_contrast, "
@@ -219,7 +228,8 @@ def _candidates(args, num_classes: int) -> list:
     # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps, nor the
     # GAP head's feature maps that co-localization and the regressor read.
     return [c for c in choose.CANDIDATES if (num_classes >= 2 or not c.maps.contrast)
-            and (args.method == "cam" or (c.maps == choose.PLAIN and c.post != "regress"))]
+            and (args.method == "cam" or (c.maps == choose.PLAIN and c.post != "regress"))
+            and (finer_layer is not None or not c.maps.coloc_layer)]
 
 
 def run(argv=None) -> dict:
@@ -257,11 +267,11 @@ def run(argv=None) -> dict:
         transform = None
         if kind.coloc != "none":
             # The feature maps come from TensorFlow's graph (a converted engine graph returns no features).
-            spec = dataclasses.replace(spec, method="coloc")
+            layer = coloc_options.resolve_layer(opened.keras_model, spec, kind.coloc_layer)
+            spec = dataclasses.replace(spec, method="coloc", coloc_layer=layer)
             model = options.build_method(opened, spec, top_k=defaults.TOP_K)
-            kernel = np.asarray(model.head.dense.kernel, np.float32)
-            pool = coloc_pool(model, examples, kernel, batch_size=args.batch_size, class_map=cmap)
-            pools[kind] = (pool, coloc_options.extractor(spec, kernel.shape[0]))
+            pool = coloc_pool(model, examples, batch_size=args.batch_size, class_map=cmap)
+            pools[kind] = (pool, coloc_options.extractor(spec, opened.keras_model))
             transform = coloc_transform(pool, kind)
         else:
             model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
@@ -288,7 +298,13 @@ def run(argv=None) -> dict:
     if args.boxes == "instances":
         thresholds, text = _calibrate_instances(args, maps_of, box_names, record)
     else:
-        thresholds, text = _choose_method(args, maps_of, box_names, record, pools, prep.class_names, regress_of)
+        try:
+            finer = coloc_options.resolve_layer(opened.keras_model, opened.spec, "auto")
+        except OptionsError as exc:
+            finer = None
+            logger.info("no co-localization on a finer map: %s", exc)
+        thresholds, text = _choose_method(args, maps_of, box_names, record, pools, prep.class_names, regress_of,
+                                          finer)
     thresholds.calibration["engine"] = engines_used[0] if engines_used else None
     warnings = edge_warnings(thresholds)
     text += "".join(w + "\n" for w in warnings)
@@ -314,11 +330,12 @@ def render(result: dict) -> str:
     return result[REPORT]
 
 
-def _choose_method(args, maps_of, box_names, record, pools, model_classes, regress_of) -> tuple[Thresholds, str]:
+def _choose_method(args, maps_of, box_names, record, pools, model_classes, regress_of,
+                   finer_layer=None) -> tuple[Thresholds, str]:
     """Every candidate method cross-validated on the boxed maps (models/choose.py); the winner refitted on all.
     A co-localization winner's statistics are written beside the output (`stats_folder`) for label to reuse,
     a regress winner's regressor likewise (`regressor_file`)."""
-    candidates = _candidates(args, len(box_names))
+    candidates = _candidates(args, len(box_names), finer_layer)
     maps_by_kind = {}
     kinds = list(dict.fromkeys(c.maps for c in candidates))
     for kind in progress.counted(kinds, len(kinds), "calibrate: kinds of map computed"):
@@ -344,12 +361,12 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes, regre
     sweep = metrics.sweep_thresholds(maps.normed, maps.truths, valid=maps.valid, mode=winner.candidate.boxes,
                                      min_area=args.min_box_area)
     counts = {int(c): int((maps.classes == c).sum()) for c in np.unique(maps.classes)}
-    stats_rel = None
+    stats_rel, coloc_layer = None, None
     if winner.candidate.maps.coloc != "none":
         pool, made_by = pools[winner.candidate.maps]
         folder = stats_folder(args.output)
         coloc.write_stats(folder, pool, model_classes, made_by)
-        stats_rel = os.path.basename(folder)
+        stats_rel, coloc_layer = os.path.basename(folder), made_by["coloc_layer"]
     regress_rel = None
     if winner.regressor is not None:
         path = regressor_file(args.output)
@@ -357,10 +374,11 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes, regre
             f.write(winner.regressor.to_bytes())
         regress_rel = os.path.basename(path)
     thresholds = dataclasses.replace(
-        winner.thresholds(box_names, coloc_stats=stats_rel, regressor_file=regress_rel),
+        winner.thresholds(box_names, coloc_stats=stats_rel, regressor_file=regress_rel, coloc_layer=coloc_layer),
         per_class_shrink=args.shrink if winner.per_class else None,
         candidates=[{"name": s.candidate.name, "cam_contrast": s.candidate.maps.contrast,
                      "flip_tta": s.candidate.maps.flip_tta, "coloc": s.candidate.maps.coloc,
+                     "coloc_layer": pools[s.candidate.maps][1]["coloc_layer"] if s.candidate.maps in pools else None,
                      "boxes": s.candidate.boxes, "post": s.candidate.post, "blend": s.candidate.blend,
                      "per_class": s.candidate.per_class,
                      "cv_accuracy": None if s.accuracy is None else s.accuracy.tolist(), "reason": s.reason or None}

@@ -2,16 +2,16 @@
 
     weakloc label ... --method coloc                       # statistics of this input, written beside the rows
     weakloc label ... --method fused --coloc_stats PREV/    # a later run reuses them: one pass, nothing recomputed
+    weakloc label ... --method coloc --coloc_layer auto     # on a 2x finer map (MobileNetV2: block_13_expand_relu)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Optional
 
-import numpy as np
-
-from weakloc.models import coloc
+from weakloc.models import coloc, graph
 from weakloc.models.coloc import MAPS, ColocConfig
 from weakloc.models.opening import ModelSpec, OpenedModel
 
@@ -24,6 +24,10 @@ def add_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--fuse", choices=coloc.FUSE_MODES, default="mean",
                        help="--method fused: the mean, or the geometric mean (product), of the min-max normalised "
                             "CAM and co-localization maps")
+    group.add_argument("--coloc_layer", metavar="NAME|auto",
+                       help="--method coloc|fused: co-localize on this top-level layer's feature map instead of the "
+                            "GAP head's; auto: the last layer with a map twice as fine (stride 16, e.g. MobileNetV2 "
+                            "block_13_expand_relu, 14x14 at 224)")
     group.add_argument("--coloc_stats", metavar="PATH",
                        help="--method coloc|fused: reuse the co-localization statistics an earlier run wrote "
                             "(its output folder or coloc_stats.json) instead of computing them from this input")
@@ -46,6 +50,8 @@ def follow_thresholds(args: argparse.Namespace, thr, thr_path: Optional[str]) ->
     out.method = "coloc" if method.coloc == "coloc" else "fused"
     if method.coloc != "coloc":
         out.fuse = method.coloc
+    if not args.coloc_layer:
+        out.coloc_layer = method.coloc_layer
     if not args.coloc_stats:
         out.coloc_stats = beside_thresholds(thr_path, method.coloc_stats)
     logger.info("%s names %s: --method %s with the statistics %s", thr_path, method.name, out.method,
@@ -65,11 +71,45 @@ def parse_scales(value: Optional[str]) -> tuple[float, ...]:
     return scales
 
 
-def extractor(spec: ModelSpec, channels: int) -> dict:
+def extractor(spec: ModelSpec, keras_model) -> dict:
     """What makes the descriptors: statistics from another extractor do not apply."""
+    if spec.coloc_layer:
+        channels = graph.layer_features(keras_model, spec.coloc_layer).shape[-1]
+    else:
+        channels = coloc.ColocModel.find_head(keras_model, **spec.head_options()).dense.kernel.shape[0]
     return {"model_sha256_16": spec.fingerprint or spec.name, "feature_layer": spec.feature_layer,
-            "channels": int(channels), "input_size": list(spec.input_size), "flip_tta": bool(spec.flip_tta),
-            "tta_scales": list(spec.tta_scales)}
+            "coloc_layer": spec.coloc_layer, "channels": int(channels), "input_size": list(spec.input_size),
+            "flip_tta": bool(spec.flip_tta), "tta_scales": list(spec.tta_scales)}
+
+
+def resolve_layer(keras_model, spec: ModelSpec, layer: Optional[str]) -> Optional[str]:
+    """The concrete layer name of `--coloc_layer` (auto: `graph.finer_layer`), checked to give a feature map.
+
+    Raises:
+      OptionsError: no such layer, or no map of the kind asked for.
+    """
+    if not layer:
+        return None
+    try:
+        if layer == "auto":
+            head = coloc.ColocModel.find_head(keras_model, **spec.head_options())
+            layer = graph.finer_layer(keras_model, head)
+        graph.layer_features(keras_model, layer)
+    except graph.ModelStructureError as exc:
+        raise OptionsError(str(exc)) from None
+    return layer
+
+
+def with_layer(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> ModelSpec:
+    """`spec` with the layer `--coloc_layer` names (auto resolved and logged); refused with other methods."""
+    if not getattr(args, "coloc_layer", None):
+        return spec
+    if args.method not in MAPS:
+        raise OptionsError(f"--coloc_layer goes with --method coloc|fused, not --method {args.method}")
+    layer = resolve_layer(opened.keras_model, spec, args.coloc_layer)
+    if args.coloc_layer == "auto":
+        logger.info("--coloc_layer auto: co-localizing on %s", layer)
+    return dataclasses.replace(spec, coloc_layer=layer)
 
 
 def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> Optional[ColocConfig]:
@@ -82,9 +122,7 @@ def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> 
     if spec.contrast:
         raise OptionsError("contrast CAMs (--cam_contrast or the thresholds file's cam_contrast) change CAM "
                            "weights; co-localization maps do not use them")
-    head = coloc.ColocModel.find_head(opened.keras_model, **spec.head_options())
-    kernel = np.asarray(head.dense.kernel, np.float32)
-    made_by = extractor(spec, kernel.shape[0])
+    made_by = extractor(spec, opened.keras_model)
     components = None
     if args.coloc_stats:
         try:
@@ -94,5 +132,5 @@ def validate(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> 
             raise OptionsError(str(exc)) from None
         components = loaded.components
         logger.info("co-localization statistics of %d classes from %s", len(components), args.coloc_stats)
-    return ColocConfig(maps=args.method, fuse=args.fuse, kernel=kernel, extractor=made_by,
+    return ColocConfig(maps=args.method, fuse=args.fuse, extractor=made_by,
                        stats_path=args.coloc_stats, components=components)

@@ -210,6 +210,7 @@ class LabelConfig:
                 "tta_scales": list(self.spec.tta_scales),
                 "fuse": self.coloc.fuse if self.coloc is not None and self.coloc.maps == "fused" else None,
                 "coloc_stats": self.coloc.stats_path if self.coloc is not None else None,
+                "coloc_layer": self.spec.coloc_layer,
                 "cam_contrast": self.spec.contrast,
                 "box_stretch": list(self.box.stretch),
                 "box_refine": self.box.refine is not None,
@@ -359,7 +360,8 @@ def validate(args: argparse.Namespace, *, runner: Optional[str] = None) -> tuple
         check_input_labels(args, cmap)
     box, contrast, flip_tta = box_options(args, opened, thr, thr_path, cmap)
     try:
-        spec = dataclasses.replace(opened.spec, contrast=contrast, flip_tta=flip_tta)
+        spec = coloc_options.with_layer(args, opened,
+                                        dataclasses.replace(opened.spec, contrast=contrast, flip_tta=flip_tta))
         if box.regressor is not None and spec.method == "cam":
             # The regressor reads the feature maps: the same CAMs from the method that also returns them.
             spec = dataclasses.replace(spec, method="coloc")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import choose, defaults, metrics, opening, records, synthetic
+from weakloc.models import choose, defaults, graph, metrics, opening, records, synthetic
+from weakloc.models.graph import find_gap_head
 from weakloc.pipeline import calibrate, cli, inputs, label, results
 
 from tests.helpers import RUNNER, png_bytes
@@ -125,8 +126,8 @@ def test_calibrate_picks_colocalization_where_cams_box_a_distractor():
     cams = np.einsum("nhwk,k->nhw", feats, kernel[:, 0])[:, None]
     classes = np.zeros(n, int)
     # The statistics and maps as calibrate makes them: pooled per class, projected by coloc.colocalized.
-    pool = coloc.pooled_components(feats, [[0]] * n, kernel)
-    assert [c for c, _, _ in pool] == [0] and pool[0][2].direction[0] > 0.95  # signed by w: object +
+    pool = coloc.pooled_components(feats, [[0]] * n, cams)
+    assert [c for c, _, _ in pool] == [0] and pool[0][2].direction[0] > 0.95  # signed by the CAM: object +
     out = cam.CamOutputs(np.ones((n, 1), np.float32), np.zeros((n, 1), np.int32), np.ones((n, 1), np.float32),
                          np.zeros((n, 1), np.int32), cams, (16, 16), feats)
     colocs = coloc.colocalized(out, {0: pool[0][2]}, "coloc")[0].low_res[:, 0]
@@ -228,22 +229,28 @@ def boxed_shard(tmp_path_factory):
 def calibrate_maps(model_path, shard, kind, regress=False):
     opened = opening.open_model(model_path, contrast=kind.contrast, flip_tta=kind.flip_tta,
                                 method="coloc" if kind.coloc != "none" or regress else "cam")
-    model, prep = opened.build(top_k=1), opened.spec.prep
+    spec = opened.spec
+    if kind.coloc_layer == "auto":  # what calibrate resolves it to (tiny_gap_model: c1, twice the head's grid)
+        spec = dataclasses.replace(spec, coloc_layer=graph.finer_layer(opened.keras_model, find_gap_head(
+            opened.keras_model)))
+        assert spec.coloc_layer == "c1"
+    model, prep = spec.build(opened.keras_model, top_k=1), spec.prep
     examples = list(inputs.iterate(inputs.scan([shard], class_names=prep.class_names), input_size=prep.input_size))
     transform = None
     if kind.coloc != "none":
-        pool = calibrate.coloc_pool(model, examples, np.asarray(model.head.dense.kernel, np.float32))
+        pool = calibrate.coloc_pool(model, examples)
         transform = calibrate.coloc_transform(pool, kind)
     normed, valid, truths, classes, _, _ = calibrate.class_maps(model, iter(examples), transform=transform)
     maps, pool = choose.Maps(normed, valid, truths, classes), None
     if regress:
         pool, desc = calibrate.regress_pool(model, examples)
         maps = choose.Maps(normed, valid, truths, classes, desc)
-    return examples, prep, maps, pool
+    return examples, prep, maps, pool, spec.coloc_layer
 
 
 @pytest.mark.parametrize("name", ["cam", "contrast_global", "flip", "cam_union", "cam_stretch",
-                                  "contrast_flip_refine", "coloc", "fused_product", "regress", "cam+regress"])
+                                  "contrast_flip_refine", "coloc", "fused_product", "coloc_fine", "fused_fine_mean",
+                                  "regress", "cam+regress"])
 def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(name, tiny_model_path, boxed_shard,
                                                                               tmp_path, capsys):
     thr = tmp_path / "thr.json"
@@ -255,14 +262,14 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
     cand = choose.candidate(name)
     # calibrate's own fit, redone here on the same maps: what label must reproduce.
     regress = cand.post == "regress"
-    examples, prep, maps, pool = calibrate_maps(tiny_model_path, boxed_shard, cand.maps, regress)
+    examples, prep, maps, pool, layer = calibrate_maps(tiny_model_path, boxed_shard, cand.maps, regress)
     table = metrics.iou_table(maps.normed, maps.truths, valid=maps.valid, mode=cand.boxes, min_area=0.01)
     fitted = choose.fit(cand, maps, table, metrics.DEFAULT_TAUS, min_per_class=5,
                         shrink=defaults.THRESHOLD_SHRINK, pool=pool)  # calibrate's default --shrink
     stats = "thr.coloc" if cand.maps.coloc != "none" else None  # calibrate's statistics, beside the file
     reg_file = "thr.regress.npz" if regress else None  # and its regressor
-    assert fitted.thresholds(prep.class_names, coloc_stats=stats,
-                             regressor_file=reg_file).to_json().items() <= doc.items()
+    assert fitted.thresholds(prep.class_names, coloc_stats=stats, regressor_file=reg_file,
+                             coloc_layer=layer).to_json().items() <= doc.items()
     expected, has = fitted.boxes(maps.normed, maps.valid, maps.classes, maps.desc)
     if regress:  # the regressed boxes are not the plain ones: the test below reads the regressor's
         plain, _ = dataclasses.replace(fitted, regressor=None).boxes(maps.normed, maps.valid, maps.classes)
@@ -277,6 +284,7 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
     if cand.maps.coloc != "none":  # label reused the statistics calibrate wrote beside the file: one pass
         assert opts["method"] == ("coloc" if cand.maps.coloc == "coloc" else "fused")
         assert opts["coloc_stats"] == str(tmp_path / "thr.coloc")
+        assert opts["coloc_layer"] == layer and doc["method"]["coloc_layer"] == layer
     rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
     assert has.sum() >= 20
     for i, ex in enumerate(examples):

@@ -16,9 +16,14 @@ def _descriptors(rng, n=400, k=12):
     return rng.normal(size=(n, k)) * scales @ basis + 2.0
 
 
+def _unsigned(x):
+    """Statistics of descriptors with a flat class map: the sign rule has nothing to go by."""
+    return coloc.ClassStats.of(x, np.zeros(x.shape[:-1]))
+
+
 def test_component_matches_numpy_pca(rng):
     x = _descriptors(rng)
-    stats = coloc.ClassStats.of(x)
+    stats = _unsigned(x)
     comp = coloc.principal_component(stats)
     # Reference: numpy's covariance (population) and full eigendecomposition, independent of the sums kept.
     cov = np.cov(x, rowvar=False, bias=True)
@@ -37,36 +42,40 @@ def test_component_matches_numpy_pca(rng):
 
 def test_merging_in_any_grouping_gives_the_same_statistics(rng):
     x = _descriptors(rng, n=600)
-    parts = np.array_split(x, 7)
-    one = coloc.ClassStats.of(x)
+    r = x @ rng.normal(size=x.shape[1])  # a CAM of the descriptors
+    parts = np.array_split(np.arange(600), 7)
+    one = coloc.ClassStats.of(x, r)
     serial = coloc.ClassStats.zeros(x.shape[1])
     for p in parts:
-        serial.add(coloc.ClassStats.of(p))
+        serial.add(coloc.ClassStats.of(x[p], r[p]))
     left = coloc.ClassStats.zeros(x.shape[1])
     for p in parts[:3]:
-        left.add(coloc.ClassStats.of(p))
+        left.add(coloc.ClassStats.of(x[p], r[p]))
     right = coloc.ClassStats.zeros(x.shape[1])
     for p in parts[3:][::-1]:
-        right.add(coloc.ClassStats.of(p))
+        right.add(coloc.ClassStats.of(x[p], r[p]))
     tree = coloc.ClassStats.zeros(x.shape[1]).add(right).add(left)
     for s in (serial, tree):
         assert (s.images, s.count) == (7, 600)
         np.testing.assert_allclose(s.total, one.total, rtol=1e-12)
         np.testing.assert_allclose(s.outer, one.outer, rtol=1e-10)
+        np.testing.assert_allclose(s.cross, one.cross, rtol=1e-10)
+        assert s.map_total == pytest.approx(one.map_total, rel=1e-12)
     a, b = coloc.principal_component(serial), coloc.principal_component(tree)
     np.testing.assert_allclose(np.abs(a.direction), np.abs(b.direction), atol=1e-5)
 
 
-def test_sign_follows_the_class_weights(rng):
+def test_sign_follows_the_class_map(rng):
     x = _descriptors(rng)
-    stats = coloc.ClassStats.of(x)
-    free = coloc.principal_component(stats)
+    free = coloc.principal_component(_unsigned(x))
     for w in (free.direction, -free.direction):
-        comp = coloc.principal_component(stats, class_weights=w + 0.01 * rng.normal(size=w.shape))
+        cam = x @ (w + 0.01 * rng.normal(size=w.shape))  # the CAM of class weights near +-v
+        comp = coloc.principal_component(coloc.ClassStats.of(x, cam))
+        # On the head's own features the rule is v . w_c >= 0 (the module docstring) ...
         assert float(np.dot(comp.direction, w)) > 0
-        # The rule's reason: the projection then correlates positively with the CAM w . x over the pool.
+        # ... because the projection then correlates positively with the CAM over the pool.
         p = (x - x.mean(0)) @ comp.direction
-        assert np.corrcoef(p, x @ w)[0, 1] > 0
+        assert np.corrcoef(p, cam)[0, 1] > 0
 
 
 def test_map_on_hand_made_features_marks_the_shared_object():
@@ -84,11 +93,15 @@ def test_map_on_hand_made_features_marks_the_shared_object():
         feats.append(f)
         truths.append(np.array([[x0, y0, x0 + 5, y0 + 4]], np.float32))
     stats = coloc.ClassStats.zeros(k)
-    for f in feats:
-        stats.add(coloc.ClassStats.of(f))
+    for f, t in zip(feats, truths):
+        # The class's CAM comes on a coarser grid (a 6 x 6 head over this 12 x 12 layer, as --coloc_layer
+        # reads an earlier map): a blurred blob over the object, which only has to sign the component.
+        x0, y0, x1, y1 = t[0].astype(int)
+        coarse = np.zeros((size // 2, size // 2))
+        coarse[y0 // 2 : (y1 + 1) // 2, x0 // 2 : (x1 + 1) // 2] = 1.0
+        stats.add(coloc.ClassStats.of(f, coarse))
     assert stats.images == 10 and stats.count == 10 * size * size
-    weights = pattern / 10  # a CAM that likes the object's channels
-    comp = coloc.principal_component(stats, class_weights=weights)
+    comp = coloc.principal_component(stats)
     maps = coloc.project(np.stack(feats), np.tile(comp.mean, (10, 1, 1)),
                          np.tile(comp.direction, (10, 1, 1)))[:, 0]
     normed, valid = boxlib.normalize_cams(maps)
@@ -104,9 +117,11 @@ def test_map_on_hand_made_features_marks_the_shared_object():
 
 def test_principal_component_refuses_degenerate_pools():
     with pytest.raises(coloc.ColocError, match="at least 2 descriptors"):
-        coloc.principal_component(coloc.ClassStats.of(np.ones((1, 4))))
+        coloc.principal_component(_unsigned(np.ones((1, 4))))
     with pytest.raises(coloc.ColocError, match="do not vary"):
-        coloc.principal_component(coloc.ClassStats.of(np.ones((5, 4))))
+        coloc.principal_component(_unsigned(np.ones((5, 4))))
+    with pytest.raises(ValueError, match="does not go with"):
+        coloc.ClassStats.of(np.ones((5, 4)), np.ones(4))
     with pytest.raises(coloc.ColocError, match="channels"):
         coloc.ClassStats.zeros(3).add(coloc.ClassStats.zeros(4))
 
@@ -151,7 +166,8 @@ def _saved(tmp_path, rng):
     from weakloc.models.coloc import write_stats
 
     x = _descriptors(rng, k=6)
-    stats = {2: coloc.ClassStats.of(x[:200]), 0: coloc.ClassStats.of(x[200:])}
+    r = x @ rng.normal(size=6)
+    stats = {2: coloc.ClassStats.of(x[:200], r[:200]), 0: coloc.ClassStats.of(x[200:], r[200:])}
     comps = {c: coloc.principal_component(s) for c, s in stats.items()}
     extractor = {"model_sha256_16": "abc", "feature_layer": "out_relu", "channels": 6, "flip_tta": False}
     write_stats(str(tmp_path), [(c, stats[c], comps[c]) for c in stats], ["a", "b", "c"], extractor)
@@ -166,6 +182,8 @@ def test_file_round_trip(tmp_path, rng):
     assert sorted(back.stats) == [0, 2]
     for c in (0, 2):
         np.testing.assert_array_equal(back.stats[c].outer, stats[c].outer)
+        np.testing.assert_array_equal(back.stats[c].cross, stats[c].cross)
+        assert back.stats[c].map_total == stats[c].map_total
         np.testing.assert_array_equal(back.components[c].direction, comps[c].direction)
         assert back.stats[c].count == stats[c].count
     light = read_stats(str(tmp_path), with_stats=False)
@@ -204,7 +222,7 @@ def test_colocalized_replaces_known_classes_and_keeps_cams_of_others(rng):
     feats = rng.uniform(0, 2, size=(2, 3, 4, 5)).astype(np.float32)
     low = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
     classes = np.array([[1, 0], [0, 1]], np.int32)
-    comp = coloc.principal_component(coloc.ClassStats.of(feats))
+    comp = coloc.principal_component(_unsigned(feats))
     out = CamOutputs(None, None, None, classes, low, (6, 8), feats)
     got, missing = coloc.colocalized(out, {1: comp}, "coloc")
     assert missing == 2 and got.features is None
@@ -217,3 +235,23 @@ def test_colocalized_replaces_known_classes_and_keeps_cams_of_others(rng):
     np.testing.assert_allclose(fused.low_res[0, 0], coloc.fuse(low[0, 0], expected[0]), atol=1e-6)
     with pytest.raises(ValueError, match="features=True"):
         coloc.colocalized(CamOutputs(None, None, None, classes, low, (6, 8)), {1: comp})
+
+
+def test_colocalized_on_a_finer_layer_puts_every_map_on_its_grid(rng):
+    """Features of a layer twice as fine as the CAMs (--coloc_layer): projections at the features' grid, the
+    CAMs of classes without a component resized onto it (bilinear, as cam.upsample), fused maps alike."""
+    from weakloc.models.cam import CamOutputs, upsample
+
+    feats = rng.uniform(0, 2, size=(2, 6, 8, 5)).astype(np.float32)
+    low = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
+    classes = np.array([[1, 0], [0, 1]], np.int32)
+    comp = coloc.principal_component(_unsigned(feats))
+    out = CamOutputs(None, None, None, classes, low, (12, 16), feats)
+    got, missing = coloc.colocalized(out, {1: comp}, "coloc")
+    assert got.low_res.shape == (2, 2, 6, 8) and missing == 2
+    expected = np.einsum("bhwk,k->bhw", feats - comp.mean, comp.direction)
+    np.testing.assert_allclose(got.low_res[0, 0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(got.low_res[0, 1], upsample(low[0, 1:2], (6, 8))[0], atol=1e-6)
+    fused, _ = coloc.colocalized(out, {1: comp}, "fused", "product")
+    np.testing.assert_allclose(fused.low_res[1, 1], coloc.fuse(upsample(low[1, 1:2], (6, 8))[0], expected[1],
+                                                               "product"), atol=1e-6)

@@ -120,7 +120,7 @@ def test_fused_run_labels_every_image(shard, tiny_model_path, coloc_run, tmp_pat
 
 def test_combine_fn_in_any_grouping(rng):
     fn = ColocCombineFn()
-    maps = [rng.uniform(0, 3, size=(4, 5, 6)) for _ in range(9)]
+    maps = [(rng.uniform(0, 3, size=(4, 5, 6)), rng.normal(size=(2, 3))) for _ in range(9)]
 
     def combined(groups):
         accs = []
@@ -137,6 +137,7 @@ def test_combine_fn_in_any_grouping(rng):
         assert (other.images, other.count) == (9, 9 * 20)
         np.testing.assert_allclose(other.outer, one.outer, rtol=1e-12)
         np.testing.assert_allclose(other.total, one.total, rtol=1e-12)
+        np.testing.assert_allclose(other.cross, one.cross, rtol=1e-12)
 
 
 def test_refuses_statistics_of_another_model_and_misplaced_flags(shard, tiny_model_path, coloc_run, tmp_path):
@@ -185,3 +186,67 @@ def test_multi_scale_averaging_matches_a_direct_computation(rng):
     assert not np.allclose(one.scores, out.scores)  # the scores are averaged over both scales too
     with pytest.raises(ValueError, match="scales"):
         cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, scales=(0.1,))
+
+
+def test_finer_layer_statistics_are_numpys_pca_signed_by_the_cam(shard, tiny_model_path, coloc_run, tmp_path):
+    """`--coloc_layer auto` on tiny_gap_model is c1 (32 x 32, twice the head's 16 x 16 grid): the statistics are
+    those of c1's descriptors, each component signed so that its projection correlates positively with the class's
+    CAM resized onto c1's grid; the maps and boxes are at that grid; stats of the head's features are refused."""
+    import cv2
+    import keras
+
+    out = tmp_path / "fine"
+    summary = _run(shard[0], tiny_model_path, out, "--method", "coloc", "--coloc_layer", "auto")
+    assert summary["counts"]["annotated"] == 24 and summary["options"]["coloc_layer"] == "c1"
+    loaded = read_stats(str(out), class_names=NAMES)
+    man = json.loads((out / coloc.MANIFEST_FILE).read_text())
+    assert man["extractor"]["coloc_layer"] == "c1" and man["extractor"]["channels"] == 8
+    model = keras.models.load_model(tiny_model_path)
+    two = keras.Model(model.inputs, [model.get_layer("c1").output, model.get_layer("features").output])
+    pixels = [images.decode_image(r.encoded, (32, 32)).pixels
+              for r in (records.parse_example(data) for _, data in records.iter_records(open(shard[0], "rb")))]
+    fine, head = (a.astype(np.float16) for a in two.predict(np.stack(pixels).astype(np.float32) / 255, verbose=0))
+    w = model.get_layer("head").get_weights()[0]
+    for c in range(3):
+        x = fine[c::3].reshape(-1, 8).astype(np.float64)
+        vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+        comp = loaded.components[c]
+        assert loaded.stats[c].count == 8 * 32 * 32
+        assert abs(float(np.dot(comp.direction, vecs[:, -1]))) == pytest.approx(1.0, abs=1e-4)
+        cams = np.stack([cv2.resize(np.einsum("hwk,k->hw", h.astype(np.float32), w[:, c]), (32, 32),
+                                    interpolation=cv2.INTER_LINEAR) for h in head[c::3]]).reshape(-1)
+        assert np.corrcoef((x - x.mean(0)) @ comp.direction, cams)[0, 1] > 0
+    # Boxes differ from those of the head's features, and reusing the head's statistics is refused.
+    assert _boxes(out) != _boxes(coloc_run[0])
+    with pytest.raises(OptionsError, match="coloc_layer: file None, this run 'c1'"):
+        _run(shard[0], tiny_model_path, tmp_path / "o1", "--method", "coloc", "--coloc_layer", "c1",
+             "--coloc_stats", str(coloc_run[0]))
+    with pytest.raises(OptionsError, match="--coloc_layer goes with --method coloc"):
+        _run(shard[0], tiny_model_path, tmp_path / "o2", "--coloc_layer", "auto")
+    with pytest.raises(OptionsError, match="'nope' is not a top-level layer"):
+        _run(shard[0], tiny_model_path, tmp_path / "o3", "--method", "coloc", "--coloc_layer", "nope")
+    with pytest.raises(OptionsError, match="'gap' gives shape"):
+        _run(shard[0], tiny_model_path, tmp_path / "o4", "--method", "coloc", "--coloc_layer", "gap")
+
+
+def test_layer_features_are_averaged_over_flip_and_scales_like_the_head_map(rng):
+    import keras
+    import tensorflow as tf
+
+    model = tiny_gap_model(num_classes=3, seed=2)
+    imgs = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    x = imgs.astype(np.float32) / 255
+    c1 = keras.Model(model.inputs, model.get_layer("c1").output)
+    flipped = c1.predict(x[:, :, ::-1], verbose=0)[:, :, ::-1]
+    out = coloc.ColocModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, flip_tta=True,
+                           coloc_layer="c1")(imgs)
+    np.testing.assert_allclose(out.features, (c1.predict(x, verbose=0) + flipped) / 2, atol=1e-5)
+    assert out.low_res.shape[2:] == (16, 16)  # the CAMs stay on the head's grid
+    big_in = keras.Input((64, 64, 3))
+    f64 = keras.Model(big_in, model.get_layer("c1")(big_in)).predict(tf.image.resize(x, (64, 64)).numpy(), verbose=0)
+    multi = coloc.ColocModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, scales=(1.0, 2.0),
+                             coloc_layer="c1")(imgs)
+    expected = (tf.image.resize(c1.predict(x, verbose=0), (64, 64)).numpy() + f64) / 2
+    np.testing.assert_allclose(multi.features, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="features=True"):
+        cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, features_layer="c1")

@@ -76,13 +76,14 @@ class FeatureHandler(CamModelHandler):
 
 
 class ColocCombineFn(beam.CombineFn):
-    """Feature maps float (h, w, K) of one class -> their `coloc.ClassStats`, mergeable in any grouping."""
+    """(feature map float (h, w, K), the class's CAM (h', w')) of one class -> their `coloc.ClassStats`,
+    mergeable in any grouping."""
 
     def create_accumulator(self):
         return None  # K is known from the first input
 
-    def add_input(self, acc, features):
-        stats = coloc.ClassStats.of(features)
+    def add_input(self, acc, features_and_map):
+        stats = coloc.ClassStats.of(*features_and_map)
         return stats if acc is None else acc.add(stats)
 
     def merge_accumulators(self, accs):
@@ -96,12 +97,19 @@ class ColocCombineFn(beam.CombineFn):
         return acc
 
 
-def _with_component(kv, kernel):
+def _descriptor_keys(it: Inferred):
+    """(class id, (features, that class's CAM)) for each class the image is boxed for, once each."""
+    for c in dict.fromkeys(it.boxed):
+        col = int(np.flatnonzero(it.cam_classes == c)[0])  # pick_maps boxes columns of cam_classes
+        yield c, (it.features, it.low_res[col])
+
+
+def _with_component(kv):
     """(class id, stats) -> [(class id, stats, component)], or nothing (counted, logged) when the class's
     descriptors have no principal component."""
     c, stats = kv
     try:
-        yield c, stats, coloc.principal_component(stats, kernel[:, c])
+        yield c, stats, coloc.principal_component(stats)
     except coloc.ColocError as exc:
         _COMPONENT_FAILED.inc()
         logger.warning("class %d: no co-localization component (%s); its maps stay CAMs", c, exc)
@@ -168,12 +176,11 @@ class Colocalize(beam.PTransform):
         if self.cfg.components is not None:
             comps = images.pipeline | "ReusedComponents" >> beam.Create(sorted(self.cfg.components.items()))
         else:
-            kernel = self.cfg.kernel
             combined = (
                 inferred
-                | "DescriptorKeys" >> beam.FlatMap(lambda it: ((c, it.features) for c in dict.fromkeys(it.boxed)))
+                | "DescriptorKeys" >> beam.FlatMap(_descriptor_keys)
                 | "CombineStats" >> beam.CombinePerKey(ColocCombineFn())
-                | "Components" >> beam.FlatMap(_with_component, kernel)
+                | "Components" >> beam.FlatMap(_with_component)
             )
             _ = (combined | "AllStats" >> beam.combiners.ToList()
                  | "WriteStats" >> beam.Map(_write, self.output, self.spec.class_names, self.cfg.extractor))
