@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -60,8 +61,10 @@ def parser() -> argparse.ArgumentParser:
                     help="methods to choose among (default: every row of models/choose.py's CANDIDATES: "
                          + ", ".join(c.name for c in choose.CANDIDATES) + ")")
     ap.add_argument("--unlabelled", action="append", default=[], metavar="PATTERN",
-                    help="more images for the box regressor (regress rows) to self-train on, no box needed: "
-                         "typically the images label will box; the boxed --input images always count too")
+                    help="more images, no box needed, typically the images label will box: the box regressor "
+                         "(regress rows) self-trains on them, and their image-level labels add to the "
+                         "co-localization statistics (coloc and fused rows); the boxed --input images always count "
+                         "too. Only the boxed images score the candidates")
     ap.add_argument("--regress_grid", type=int, default=1, metavar="G",
                     help="regress rows: the feature map average-pooled on a G x G grid (1: the GAP vector)")
     ap.add_argument("--regress_quantile", type=float, default=regressor.CONFIDENT_QUANTILE, metavar="Q",
@@ -130,18 +133,20 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     return np.concatenate(normed), np.concatenate(valid), truths, classes, np.concatenate(top1), used
 
 
-def coloc_pool(model: cam.CamMethod, examples, *, batch_size: int = 64, class_map=None) -> list:
-    """Co-localization statistics of the boxed images' own features ([(class id, ClassStats, Component)]): each
-    image counts once for each class it has true boxes of, the classes `class_maps` pairs it with, and the CAM of
-    that class signs its component. Features are kept as float16, as `label --method coloc` keeps them, so the
-    maps are the ones label makes.
+def coloc_pool(model: cam.CamMethod, examples, unlabelled=(), *, batch_size: int = 64, class_map=None) -> list:
+    """Co-localization statistics ([(class id, ClassStats, Component)]) of the boxed images' own features and of
+    the `unlabelled` ones': a boxed image counts once for each class it has true boxes of (the classes
+    `class_maps` pairs it with), an unlabelled one for each of its image-level labels (no box is read), and the
+    CAM of that class signs its component. Features are kept as float16, as `label --method coloc` keeps them,
+    so the maps are the ones label makes.
 
     With a class map the boxes name dataset labels; the statistics are keyed by the model classes mapped from
     them (a label's images count for each of its model classes), so each model class's map becomes its
     co-localization map before the class map combines them, as `label --class_map --method coloc` does."""
     pixels, keys = [], []
-    for ex in examples:
-        known = sorted({int(c) for c in np.asarray(ex.gt_ids[: len(ex.gt_boxes)]) if c >= 0})
+    for ex, boxed in [(ex, True) for ex in examples] + [(ex, False) for ex in unlabelled]:
+        ids = ex.gt_ids[: len(ex.gt_boxes)] if boxed else ex.label_ids
+        known = sorted({int(c) for c in np.asarray(ids) if c >= 0})
         if class_map is not None:
             known = sorted({m for c in known for m in class_map.members[c]})
         if known:
@@ -262,6 +267,16 @@ def run(argv=None) -> dict:
     engines_used = []
     pools = {}  # MapKind -> (coloc_pool's triples, extractor) of the co-localization kinds tried
 
+    @functools.lru_cache(maxsize=None)
+    def unlabelled():
+        """The --unlabelled images, read once (image-level labels kept, boxes not needed)."""
+        if not args.unlabelled:
+            return ()
+        more = inputs.scan(args.unlabelled, input_format=args.input_format, class_names=box_names,
+                           label_offset=args.label_offset, labels_from_folder="no")
+        return tuple(progress.counted(inputs.iterate(more, input_size=prep.input_size, label_offset=args.label_offset),
+                                      more.count, "calibrate: unlabelled pictures read"))
+
     def maps_of(kind):
         spec = dataclasses.replace(opened.spec, contrast=kind.contrast, flip_tta=kind.flip_tta)
         transform = None
@@ -270,7 +285,7 @@ def run(argv=None) -> dict:
             layer = coloc_options.resolve_layer(opened.keras_model, spec, kind.coloc_layer)
             spec = dataclasses.replace(spec, method="coloc", coloc_layer=layer)
             model = options.build_method(opened, spec, top_k=defaults.TOP_K)
-            pool = coloc_pool(model, examples, batch_size=args.batch_size, class_map=cmap)
+            pool = coloc_pool(model, examples, unlabelled(), batch_size=args.batch_size, class_map=cmap)
             pools[kind] = (pool, coloc_options.extractor(spec, opened.keras_model))
             transform = coloc_transform(pool, kind)
         else:
@@ -285,12 +300,7 @@ def run(argv=None) -> dict:
         on TensorFlow (a converted engine graph returns no features), as label makes them."""
         spec = dataclasses.replace(opened.spec, contrast=False, flip_tta=False, method="coloc")
         model = options.build_method(opened, spec, top_k=defaults.TOP_K)
-        extra = []
-        if args.unlabelled:
-            more = inputs.scan(args.unlabelled, input_format=args.input_format, class_names=box_names,
-                               label_offset=args.label_offset, labels_from_folder="no")
-            extra = list(inputs.iterate(more, input_size=prep.input_size, label_offset=args.label_offset))
-        return regress_pool(model, examples, extra, grid=args.regress_grid, quantile=args.regress_quantile,
+        return regress_pool(model, examples, unlabelled(), grid=args.regress_grid, quantile=args.regress_quantile,
                             batch_size=args.batch_size, class_map=cmap)
 
     record = {"model": args.model, "inputs": list(args.input), "min_box_area": args.min_box_area,

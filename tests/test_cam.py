@@ -188,3 +188,14 @@ def test_flip_tta_averages_the_cams_of_the_picture_and_its_mirror(rng):
     # The requested class's map (column 1): mean of the map and the mirror's map flipped back.
     np.testing.assert_allclose(t.low_res[:, 1], (a.low_res[:, 1] + b.low_res[:, 1, :, ::-1]) / 2, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_finer_layer_refuses_a_model_without_a_finer_map():
+    from weakloc.models import graph
+
+    inp = keras.Input((16, 16, 3))
+    x = layers.Conv2D(4, 3, strides=4, padding="same", name="feat")(inp)  # 16 -> 4: no 8 x 8 map anywhere
+    out = layers.Dense(2, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    with pytest.raises(cam.ModelStructureError, match="no top-level layer has a 8 x 8 map"):
+        graph.finer_layer(model, cam.find_gap_head(model))

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from weakloc.models import cam, images, synthetic, zoo
+from weakloc.models import cam, graph, images, synthetic, zoo
 from weakloc.models.opening import ModelSpec
 from weakloc.models.sidecar import Preprocessing
 from weakloc.pipeline import label, results
@@ -21,12 +21,17 @@ def test_imagenet_names_ship_with_the_package():
     assert {"crane_n02012849", "crane_n03126707"} <= set(names)  # the one lemma naming two synsets, told apart
 
 
-@pytest.mark.parametrize("name, channels", [("MobileNetV2", 1280), ("ResNet50", 2048), ("EfficientNetB0", 1280)])
-def test_applications_have_a_gap_head_that_cam_finds(name, channels):
+@pytest.mark.parametrize("name, channels, finer, finer_channels", [
+    ("MobileNetV2", 1280, "block_12_add", 96), ("ResNet50", 2048, "conv4_block6_add", 1024),
+    ("EfficientNetB0", 1280, "block5c_add", 112)])
+def test_applications_have_a_gap_head_that_cam_finds(name, channels, finer, finer_channels):
     model, prep = zoo.build(f"keras:{name}", weights=None)
     head = cam.find_gap_head(model)
     assert head.dense.name == "predictions" and head.output_activation == "softmax"
     assert tuple(head.feature.shape[1:]) == (7, 7, channels)
+    # --coloc_layer auto: the residual stream at stride 16, not a wider expansion or padding after it.
+    assert graph.finer_layer(model, head) == finer
+    assert tuple(graph.layer_features(model, finer).shape[1:]) == (14, 14, finer_channels)
     assert prep.input_size == (224, 224) and (prep.scale, prep.offset) == (1.0, 0.0)
     assert prep.class_names == zoo.imagenet_class_names()
 
