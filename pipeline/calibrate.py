@@ -285,8 +285,12 @@ def run(argv=None) -> dict:
             layer = coloc_options.resolve_layer(opened.keras_model, spec, kind.coloc_layer)
             spec = dataclasses.replace(spec, method="coloc", coloc_layer=layer)
             model = options.build_method(opened, spec, top_k=defaults.TOP_K)
-            pool = coloc_pool(model, examples, unlabelled(), batch_size=args.batch_size, class_map=cmap)
-            pools[kind] = (pool, coloc_options.extractor(spec, opened.keras_model))
+            made_by = coloc_options.extractor(spec, opened.keras_model)
+            # coloc, fused mean and fused product maps of one extractor share their statistics: pooled once.
+            same = next((p for p, m in pools.values() if m == made_by), None)
+            pool = same if same is not None else coloc_pool(model, examples, unlabelled(),
+                                                            batch_size=args.batch_size, class_map=cmap)
+            pools[kind] = (pool, made_by)
             transform = coloc_transform(pool, kind)
         else:
             model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
