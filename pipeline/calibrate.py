@@ -281,10 +281,10 @@ def run(argv=None) -> dict:
         spec = dataclasses.replace(opened.spec, contrast=kind.contrast, flip_tta=kind.flip_tta)
         transform = None
         if kind.coloc != "none":
-            # The feature maps come from TensorFlow's graph (a converted engine graph returns no features).
             layer = coloc_options.resolve_layer(opened.keras_model, spec, kind.coloc_layer)
             spec = dataclasses.replace(spec, method="coloc", coloc_layer=layer)
-            model = options.build_method(opened, spec, top_k=defaults.TOP_K)
+            # On the engine label's --method coloc runs on, which returns the feature maps too.
+            model, ran = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
             made_by = coloc_options.extractor(spec, opened.keras_model)
             # coloc, fused mean and fused product maps of one extractor share their statistics: pooled once.
             same = next((p for p, m in pools.values() if m == made_by), None)
@@ -301,9 +301,9 @@ def run(argv=None) -> dict:
 
     def regress_of():
         """The regress rows' pool and pair descriptors: one more pass, over the boxed and --unlabelled images,
-        on TensorFlow (a converted engine graph returns no features), as label makes them."""
+        on the engine label runs the regressor's feature-returning method on, as label makes them."""
         spec = dataclasses.replace(opened.spec, contrast=False, flip_tta=False, method="coloc")
-        model = options.build_method(opened, spec, top_k=defaults.TOP_K)
+        model, _ = engine.in_process(args, spec, options.build_method(opened, spec, top_k=defaults.TOP_K))
         return regress_pool(model, examples, unlabelled(), grid=args.regress_grid, quantile=args.regress_quantile,
                             batch_size=args.batch_size, class_map=cmap)
 

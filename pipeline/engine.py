@@ -76,7 +76,8 @@ def method_options(spec, top_k: int) -> dict[str, Any]:
     """Everything besides the weights that decides the fused graph (part of the conversion's cache key)."""
     return {"method": spec.method, "input_size": list(spec.input_size), "scale": spec.scale, "offset": spec.offset,
             "top_k": int(top_k), "feature_layer": spec.feature_layer, "dense_layer": spec.dense_layer,
-            "flip_tta": spec.flip_tta, "contrast": spec.contrast, "tta_scales": list(spec.tta_scales)}
+            "flip_tta": spec.flip_tta, "contrast": spec.contrast, "tta_scales": list(spec.tta_scales),
+            "coloc_layer": spec.coloc_layer}
 
 
 def choose(args, method, *, model_digest: Callable[[], str], options: dict[str, Any], gpu: bool) -> EngineChoice:

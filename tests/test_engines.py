@@ -68,6 +68,26 @@ def test_openvino_gives_tensorflows_scores_cams_and_boxes_at_any_batch_size(tmp_
 
 
 @needs_openvino
+@pytest.mark.parametrize("layer", [None, "c1"])
+def test_openvino_returns_the_feature_map_co_localization_reads(tmp_path, layer):
+    """A co-localization method's graph (the head's features, or --coloc_layer's) converts with its feature map
+    as a sixth output, equal to TensorFlow's; the plain CAM graph keeps five and returns no features."""
+    from weakloc.models import coloc
+
+    model = tiny_gap_model(seed=4)
+    tf_col = coloc.ColocModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=2, coloc_layer=layer)
+    ov_col = converted(tf_col, tmp_path)
+    images = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    extra = np.array([[1], [-1], [2], [0]], np.int32)
+    want, got = tf_col(images, extra), ov_col(images, extra)
+    assert got.features.shape == want.features.shape == (4, *((32, 32) if layer else (16, 16)), 8)
+    np.testing.assert_allclose(got.features, want.features, atol=1e-5 * np.abs(want.features).max())
+    np.testing.assert_allclose(got.low_res, want.low_res, atol=1e-5 * np.abs(want.low_res).max())
+    plain = converted(cam.CamModel(model, input_size=(32, 32), scale=1 / 255, offset=0.0), tmp_path)
+    assert plain(images).features is None
+
+
+@needs_openvino
 def test_bf16_runs_the_same_graph_close_to_f32(tmp_path):
     tf_cam = cam.CamModel(tiny_gap_model(seed=4), input_size=(32, 32), scale=1 / 255, offset=0.0)
     images = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

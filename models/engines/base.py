@@ -26,9 +26,12 @@ PRECISIONS = ("auto", "f32", "bf16")
 # bf16 stays available by name (--precision bf16) for models where it measures well.
 AUTO_BF16 = False
 
-# (images uint8 (B, H, W, 3), extra int32 (B, M)) -> (scores, top classes, top scores, classes, low-res maps).
+# (images uint8 (B, H, W, 3), extra int32 (B, M)) -> (scores, top classes, top scores, classes, low-res maps
+# [, feature map]).
 Forward = Callable[[np.ndarray, np.ndarray], tuple]
 FORWARD_OUTPUTS = 5  # the length of that tuple: what every converted graph must return
+# ... and a co-localization method's graph (coloc.ColocModel) returns its feature map after them.
+FEATURE_OUTPUTS = FORWARD_OUTPUTS + 1
 
 
 class EngineError(RuntimeError):
@@ -139,7 +142,9 @@ class EngineCam:
     def __call__(self, images: np.ndarray, extra: Optional[np.ndarray] = None) -> CamOutputs:
         """Run one batch; same contract as `cam.CamModel.__call__`."""
         images, extra = check_batch(images, extra, self.input_size, self.num_classes)
-        scores, top_c, top_s, classes, low = self._forward(images, extra)
+        out = self._forward(images, extra)
+        scores, top_c, top_s, classes, low = out[:FORWARD_OUTPUTS]
+        features = np.asarray(out[FORWARD_OUTPUTS], np.float32) if len(out) == FEATURE_OUTPUTS else None
         return CamOutputs(np.asarray(scores, np.float32), np.asarray(top_c, np.int32),
                           np.asarray(top_s, np.float32), np.asarray(classes, np.int32),
-                          np.asarray(low, np.float32), self.input_size)
+                          np.asarray(low, np.float32), self.input_size, features)

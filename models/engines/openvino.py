@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .base import FORWARD_OUTPUTS, ConversionError, Engine, EngineError
+from .base import FEATURE_OUTPUTS, FORWARD_OUTPUTS, ConversionError, Engine, EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ class OpenVinoEngine(Engine):
     install = "pip install openvino (or pip install 'weakloc[openvino]')"
     suffix = ".ovir.tar"
     # Forward-only graphs: Grad-CAM's gradient ops (BiasAddGrad, Conv2DBackpropFilter, ReluGrad) have no
-    # conversion rule in OpenVINO 2026.4, so --engine auto runs --method gradcam on TensorFlow.
-    methods = ("cam",)
+    # conversion rule in OpenVINO 2026.4, so --engine auto runs --method gradcam on TensorFlow. Co-localization's
+    # graph is CAM's with the feature map as one more output.
+    methods = ("cam", "coloc", "fused")
 
     def __init__(self):
         self._core = None
@@ -59,8 +60,9 @@ class OpenVinoEngine(Engine):
             model = ov.convert_model(forward.get_concrete_function())
         except Exception as exc:  # the converter raises its own types, with a multi-line report
             raise ConversionError(f"OpenVINO cannot convert the forward graph: {_one_line(exc)}") from exc
-        if len(model.outputs) != FORWARD_OUTPUTS:
-            raise ConversionError(f"the converted graph has {len(model.outputs)} outputs, expected {FORWARD_OUTPUTS}")
+        if len(model.outputs) not in (FORWARD_OUTPUTS, FEATURE_OUTPUTS):
+            raise ConversionError(f"the converted graph has {len(model.outputs)} outputs, expected {FORWARD_OUTPUTS} "
+                                  f"(or {FEATURE_OUTPUTS} with the feature map)")
         with tempfile.TemporaryDirectory(prefix="weakloc-ov-") as tmp:
             # Weights stay f32 in the file: the precision is chosen when a worker compiles, for its own CPU.
             ov.save_model(model, os.path.join(tmp, _XML), compress_to_fp16=False)
@@ -93,6 +95,7 @@ class _Compiled:
 
     def __init__(self, compiled):
         self._compiled = compiled
+        self._outputs = len(compiled.outputs)  # FORWARD_OUTPUTS, or FEATURE_OUTPUTS with the feature map
         self._local = threading.local()
 
     def __call__(self, images: np.ndarray, extra: np.ndarray) -> tuple:
@@ -101,7 +104,7 @@ class _Compiled:
             request = self._local.request = self._compiled.create_infer_request()
         request.infer([images, extra])
         # Copies: the request's output buffers are overwritten by its next batch.
-        return tuple(np.array(request.get_output_tensor(i).data) for i in range(FORWARD_OUTPUTS))
+        return tuple(np.array(request.get_output_tensor(i).data) for i in range(self._outputs))
 
 
 def _one_line(exc: BaseException) -> str:
