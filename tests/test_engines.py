@@ -222,6 +222,8 @@ def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(engi
              for i in range(4)]
     worker = run_pickled_worker(handler, batch, str(tmp_path), timeout=300)
     assert worker["modules"] == [] and worker["engine"] == ["openvino", "f32"]
+    # Nor scipy (0.25-0.45 s of start-up): the default box mode never needs it.
+    assert worker["optional_modules"] == []
     # Its boxes are TensorFlow's (run here, from the Keras file).
     tf_spec = dataclasses.replace(config.spec, converted=None)
     want = inference.CamModelHandler(tf_spec, config.box).run_inference(
