@@ -2,6 +2,7 @@
 engine's own forward limit, a fresh worker's start-up and memory, and the stage shares once the forward pass is faster.
 
     python benchmarks/engine_throughput.py [--images 512] [--rounds 2] [--batch_size 32] [--out figures.json]
+    python benchmarks/engine_throughput.py --startup_only [--startup_reps 3]   # fresh workers' start-up alone
 
 MobileNetV2-224 (random weights: speed does not depend on them) on 640x480 JPEG TFRecords, as
 tests/benchmarks/throughput.py. Everything in one run, in interleaved rounds: each round measures every limit in
@@ -153,6 +154,9 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--workdir")
     ap.add_argument("--out")
+    ap.add_argument("--startup_only", action="store_true", help="measure the fresh workers' start-up and stop")
+    ap.add_argument("--startup_reps", type=int, default=1,
+                    help="fresh workers per engine, interleaved; the median is printed (the host is shared)")
     args = ap.parse_args(argv)
     d = args.workdir or tempfile.mkdtemp(prefix="weakloc-engines-")
     os.makedirs(d, exist_ok=True)
@@ -176,12 +180,22 @@ def main(argv=None):
     batch = [DecodedInput(annotate.ImageMeta(f"i{i}", "s", x.width, x.height), x.pixels)
              for i, x in enumerate(decoded[: args.batch_size])]
     print("== start-up of a fresh worker (process start to first batch)", flush=True)
-    start = {name: startup(big, model_path, batch, d, flags) for name, flags in
-             (("tensorflow", VARIANTS["tensorflow"]), ("openvino", VARIANTS["openvino_default"]),
-              ("litert", VARIANTS["litert"]))}
-    for name, row in start.items():
-        print(f"  {name:10s} " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in row.items()), flush=True)
+    engines_started = (("tensorflow", VARIANTS["tensorflow"]), ("openvino", VARIANTS["openvino_default"]),
+                       ("litert", VARIANTS["litert"]))
+    reps = {name: [] for name, _ in engines_started}
+    for _ in range(max(args.startup_reps, 1)):
+        for name, flags in engines_started:
+            reps[name].append(startup(big, model_path, batch, d, flags))
+            print(f"  {name:10s} " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in reps[name][-1].items()), flush=True)
+    # The median worker of each engine, field by field.
+    start = {name: {k: (float(np.median([r[k] for r in rows])) if isinstance(v, float) else v)
+                    for k, v in rows[0].items()} for name, rows in reps.items()}
+    if args.startup_reps > 1:
+        for name, row in start.items():
+            print(f"  median {name:10s} " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+    if args.startup_only:
+        return {"startup": start, "startup_reps": reps}
     rounds = []
     for r in range(args.rounds):
         limits = {name: _call("_limit_main", [name, model_path, prep, pixels_path, args.batch_size, cache_dir],

@@ -7,6 +7,7 @@ Format: uint64 length, uint32 masked crc32c(length), data, uint32 masked crc32c(
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from typing import BinaryIO, Iterator
 
@@ -116,15 +117,50 @@ def _text(values, key):
     return out
 
 
+# tf.train.Example's schema (tensorflow/core/example/{example,feature}.proto: the same messages, field numbers and
+# types), declared here so that workers parse records without importing TensorFlow: its example_pb2 lives inside
+# the tensorflow package, and importing it runs all of TensorFlow's and Keras's start-up (3 s and 600 MB on a worker
+# that runs OpenVINO). Its own pool, so it never meets TensorFlow's registration of the same names in one process.
+_EXAMPLE_PROTO = """
+name: "weakloc_example.proto" package: "weakloc.example" syntax: "proto3"
+message_type { name: "BytesList" field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_BYTES } }
+message_type { name: "FloatList" field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_FLOAT } }
+message_type { name: "Int64List" field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_INT64 } }
+message_type { name: "Feature" oneof_decl { name: "kind" }
+  field { name: "bytes_list" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".weakloc.example.BytesList" oneof_index: 0 }
+  field { name: "float_list" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".weakloc.example.FloatList" oneof_index: 0 }
+  field { name: "int64_list" number: 3 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".weakloc.example.Int64List" oneof_index: 0 } }
+message_type { name: "Features"
+  field { name: "feature" number: 1 label: LABEL_REPEATED type: TYPE_MESSAGE
+          type_name: ".weakloc.example.Features.FeatureEntry" }
+  nested_type { name: "FeatureEntry" options { map_entry: true }
+    field { name: "key" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+    field { name: "value" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".weakloc.example.Feature" } } }
+message_type { name: "Example"
+  field { name: "features" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".weakloc.example.Features" } }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def example_message():
+    """The tf.train.Example message class, built from `_EXAMPLE_PROTO` with protobuf alone (once per process)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(text_format.Parse(_EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("weakloc.example.Example"))
+
+
 def parse_example(data: bytes) -> ParsedExample:
     """Parse a serialized tf.train.Example.
 
     Raises:
       ExampleError: the bytes do not parse, a feature has the wrong type, or image/encoded is missing or empty.
     """
-    from tensorflow.core.example import example_pb2
-
-    ex = example_pb2.Example()
+    ex = example_message()()
     try:
         ex.ParseFromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError and friends

@@ -137,6 +137,31 @@ def test_conversion_cache_hits_and_misses_by_content_hash(tmp_path, monkeypatch)
     assert cache.model_digest(spec()) != cache.model_digest(spec(keras_weights="w.h5"))
 
 
+@needs_openvino
+def test_openvino_keeps_what_it_compiled_for_the_next_worker_on_the_host(tmp_path, caplog):
+    tf_cam = cam.CamModel(tiny_gap_model(seed=5), input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=2)
+    path = str(tmp_path / "graph.ovir.tar")
+    OV.convert(cache.fused_function(tf_cam), path)
+    with open(path, "rb") as f:
+        data = f.read()
+    folder = cache.compiled_dir(OV, files.file_fingerprint(data), str(tmp_path / "cache"))
+    first, again, plain = (OV.load(data, "f32", cache_dir=folder), OV.load(data, "f32", cache_dir=folder),
+                           OV.load(data, "f32"))
+    assert (first.loaded_from_cache, again.loaded_from_cache, plain.loaded_from_cache) == (False, True, False)
+    assert os.listdir(folder), "the compiled graph is kept in the artifact's own folder"
+    # A folder that cannot be made: compiled without the cache, with a warning, never a failed worker.
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"")
+    unwritable = OV.load(data, "f32", cache_dir=str(blocked / "compiled"))
+    assert not unwritable.loaded_from_cache and "compiling without it" in caplog.text
+    images = np.random.default_rng(9).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    extra = np.zeros((3, 0), np.int32)
+    want = plain(images, extra)
+    for forward in (first, again, unwritable):
+        for mine, theirs in zip(forward(images, extra), want):
+            np.testing.assert_array_equal(mine, theirs)
+
+
 def test_unconvertible_graph_is_a_clear_conversion_error(tmp_path):
     if not OV.available():
         pytest.skip("needs openvino (pip install openvino)")
@@ -242,6 +267,8 @@ def test_openvino_worker_never_imports_tensorflow_and_checks_the_graph_hash(engi
              for i in range(4)]
     worker = run_pickled_worker(handler, batch, str(tmp_path), timeout=300)
     assert worker["modules"] == [] and worker["engine"] == ["openvino", "f32"]
+    # Nor scipy (0.25-0.45 s of start-up): the default box mode never needs it.
+    assert worker["optional_modules"] == []
     # Its boxes are TensorFlow's (run here, from the Keras file).
     tf_spec = dataclasses.replace(config.spec, converted=None)
     want = inference.CamModelHandler(tf_spec, config.box).run_inference(

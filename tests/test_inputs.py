@@ -2,6 +2,8 @@
 import gzip
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -189,6 +191,38 @@ def test_parse_example_fields_and_errors():
         "image/encoded": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[1]))}))
     with pytest.raises(records.ExampleError, match="has type int64_list, expected bytes_list"):
         records.parse_example(wrong.SerializeToString())
+
+
+def test_example_schema_is_tensorflows_and_parsing_never_imports_it():
+    from google.protobuf import json_format
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    # The same messages, field numbers, types and labels as TensorFlow's own declaration.
+    ours = records.example_message().DESCRIPTOR.file
+    for theirs in (example_pb2.DESCRIPTOR, feature_pb2.DESCRIPTOR):
+        for name, message in theirs.message_types_by_name.items():
+            if name not in ours.message_types_by_name:
+                continue  # SequenceExample and its FeatureLists: never read here
+            mine = ours.message_types_by_name[name]
+            assert {f.name: (f.number, f.type, f.is_repeated) for f in mine.fields} == \
+                   {f.name: (f.number, f.type, f.is_repeated) for f in message.fields}, name
+    assert set(ours.message_types_by_name) == {"BytesList", "FloatList", "Int64List", "Feature", "Features", "Example"}
+    # Records TensorFlow wrote read back as TensorFlow reads them.
+    data = records.make_example(b"\xff\xd8IMG", source_id="s1", labels=[2, 7], label_texts=["dog", "caf\u00e9"],
+                                boxes=[[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]], box_labels=[2, 7],
+                                box_texts=["dog", "cat"])
+    mine, theirs = records.example_message()(), example_pb2.Example()
+    mine.ParseFromString(data)
+    theirs.ParseFromString(data)
+    assert json_format.MessageToDict(mine) == json_format.MessageToDict(theirs)
+    assert mine.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+    # A worker parsing records imports no TensorFlow (its import is a worker's largest start-up cost).
+    code = ("import sys; from weakloc.models import records; "
+            f"p = records.parse_example({data!r}); assert p.labels == [2, 7], p; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]"]
 
 
 def test_sidecar_resolution_and_mismatch_errors():

@@ -63,6 +63,7 @@ def open_converted(converted: ConvertedModel) -> EngineCam:
       EngineMissingError: the engine is not installed here. RuntimeError: the file changed since launch.
     """
     from ..files import fetch_checked
+    from .cache import compiled_dir
 
     engine = get(converted.engine)
     engine.require()
@@ -70,8 +71,10 @@ def open_converted(converted: ConvertedModel) -> EngineCam:
     with open(fetch_checked(converted.path, converted.fingerprint), "rb") as f:
         data = f.read()
     precision = engine.resolve_precision(converted.precision)
-    model = EngineCam(engine.load(data, precision), input_size=converted.input_size,
-                      num_classes=converted.num_classes, engine=engine.name, precision=precision)
-    logger.info("%s graph compiled at %s in %.2f s (%s)", engine.name, precision, time.perf_counter() - started,
+    forward = engine.load(data, precision, cache_dir=compiled_dir(engine, converted.fingerprint))
+    model = EngineCam(forward, input_size=converted.input_size, num_classes=converted.num_classes,
+                      engine=engine.name, precision=precision)
+    how = "loaded from this host's compiled cache" if getattr(forward, "loaded_from_cache", False) else "compiled"
+    logger.info("%s graph %s at %s in %.2f s (%s)", engine.name, how, precision, time.perf_counter() - started,
                 converted.path)
     return model

@@ -117,8 +117,12 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def load(self, data: bytes, precision: str) -> Forward:
-        """On a worker: the artifact's bytes -> a Forward compiled for this host at `precision` (f32 or bf16)."""
+    def load(self, data: bytes, precision: str, *, cache_dir: Optional[str] = None) -> Forward:
+        """On a worker: the artifact's bytes -> a Forward compiled for this host at `precision` (f32 or bf16).
+
+        cache_dir: a local folder for this one artifact where the engine may keep what it compiled for this host,
+        so the next process on the host loads instead of compiling (None: compile every time). An engine
+        without such a cache ignores it."""
 
 
 class EngineCam:

@@ -66,6 +66,12 @@ def converted_path(engine: Engine, key: str, directory: str | None = None) -> st
     return os.path.join(directory or default_dir(), "engines", engine.name, key + engine.suffix)
 
 
+def compiled_dir(engine: Engine, fingerprint: str, directory: str | None = None) -> str:
+    """The local folder where `engine` keeps what it compiled on this host from the artifact with this content
+    hash (beside the converted graphs, one folder per artifact, so a new conversion never meets a stale one)."""
+    return os.path.join(directory or default_dir(), "engines", engine.name, "compiled", fingerprint)
+
+
 def cached_convert(engine: Engine, key: str, method, *, directory: str | None = None) -> tuple[str, bool]:
     """(path of the converted graph, whether it was already there). On a miss the graph of `method` (a
     cam.CamMethod) is converted, checked against TensorFlow on a probe batch and written atomically; on a hit

@@ -78,7 +78,8 @@ class LiteRtEngine(Engine):
         with open(path, "wb") as f:
             f.write(flatbuffer)
 
-    def load(self, data: bytes, precision: str) -> "_Interpreted":
+    def load(self, data: bytes, precision: str, *, cache_dir=None) -> "_Interpreted":
+        # LiteRT prepares its kernels on the first call; it has nothing to keep in cache_dir.
         self.require()
         if precision != "f32":
             raise EngineError(f"--engine litert runs f32 only, got precision {precision!r}")

@@ -73,7 +73,7 @@ class OpenVinoEngine(Engine):
                     with open(os.path.join(tmp, name), "rb") as f:
                         tar.addfile(info, f)
 
-    def load(self, data: bytes, precision: str) -> "_Compiled":
+    def load(self, data: bytes, precision: str, *, cache_dir: str | None = None) -> "_Compiled":
         ov = self._ov()
         if precision not in ("f32", "bf16"):
             raise EngineError(f"precision must be f32 or bf16 when compiling, got {precision!r}")
@@ -87,7 +87,17 @@ class OpenVinoEngine(Engine):
         model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
         # LATENCY: one stream with every core on the batch, as TensorFlow runs it; the batch is already 32 images.
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        return _Compiled(core.compile_model(model, "CPU", config))
+        if cache_dir is None:
+            return _Compiled(core.compile_model(model, "CPU", config))
+        # OpenVINO's own compiled-model cache: the plugin's graph, as compiled for this CPU and precision, kept in
+        # a blob named by OpenVINO's hash of the graph and the config, so the next worker on this host imports it
+        # (0.08 s against 0.2-0.3 s for MobileNetV2). A blob it cannot read is dropped and compiled afresh.
+        try:
+            return _Compiled(core.compile_model(model, "CPU", {**config, "CACHE_DIR": cache_dir}))
+        except RuntimeError as exc:  # the folder cannot be made or written: compile as without a cache
+            logger.warning("OpenVINO cannot use %s as its compiled-model cache, compiling without it: %s",
+                           cache_dir, _one_line(exc))
+            return _Compiled(core.compile_model(model, "CPU", config))
 
 
 class _Compiled:
@@ -97,6 +107,8 @@ class _Compiled:
         self._compiled = compiled
         self._outputs = len(compiled.outputs)  # FORWARD_OUTPUTS, or FEATURE_OUTPUTS with the feature map
         self._local = threading.local()
+        # True when OpenVINO imported the graph from its cache folder instead of compiling it.
+        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE"))
 
     def __call__(self, images: np.ndarray, extra: np.ndarray) -> tuple:
         request = getattr(self._local, "request", None)

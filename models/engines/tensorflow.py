@@ -27,7 +27,7 @@ class TensorflowEngine(Engine):
     def convert(self, forward, path: str) -> None:
         raise EngineError("the TensorFlow engine runs the Keras model itself; it has nothing to convert")
 
-    def load(self, data: bytes, precision: str):
+    def load(self, data: bytes, precision: str, *, cache_dir=None):
         raise EngineError("the TensorFlow engine runs the Keras model itself; it has no artifact to load")
 
 
