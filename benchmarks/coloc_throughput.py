@@ -1,7 +1,7 @@
 """What co-localization costs beside a plain `label` run (issue 17: at most 1.5x), measured in one run.
 
     python benchmarks/coloc_throughput.py --input 'W/data/train-*.tfrecord' \
-        --model ../shared/models/mobilenet_v2_imagenet.keras [--rounds 3]
+        --model ../shared/models/mobilenet_v2_imagenet.keras [--rounds 3] [--coloc_flags '--coloc_layer auto']
 
 Each round runs, each as its own `weakloc label` process on the local runner (FnApiRunner), one after another:
 plain CAM; `--method coloc` computing the statistics in the job (features kept, combined, side input, boxes);
@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--extra", default="--classes labels", help="flags for every run")
+    ap.add_argument("--coloc_flags", default="", help="flags for the two co-localization runs only (e.g. "
+                    "'--coloc_layer auto')")
     ap.add_argument("--out", help="JSON of every timing")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="weakloc-coloc-bench-")
@@ -41,9 +43,9 @@ def main(argv=None):
     stats_dir = os.path.join(work, "coloc")
     runs = {
         "cam": base + ["--output", os.path.join(work, "cam")],
-        "coloc (statistics in the job)": base + ["--output", stats_dir, "--method", "coloc"],
+        "coloc (statistics in the job)": base + ["--output", stats_dir, "--method", "coloc", *args.coloc_flags.split()],
         "coloc --coloc_stats (reused)": base + ["--output", os.path.join(work, "reuse"), "--method", "coloc",
-                                                 "--coloc_stats", stats_dir],
+                                                 "--coloc_stats", stats_dir, *args.coloc_flags.split()],
     }
     rounds = []
     for r in range(args.rounds):
