@@ -302,8 +302,8 @@ def encode(stats: Mapping[int, ClassStats], components: Mapping[int, Component],
     """The bytes of `coloc_stats.npz` and the `coloc_stats.json` manifest that describes them.
 
     The npz holds, for the C classes in increasing class id: class_ids int64 (C,), images and count int64 (C,),
-    total float64 (C, K), outer float64 (C, K, K), cross float64 (C, K), map_total float64 (C,), and each class's component: mean float32 (C, K), direction
-    float32 (C, K), eigenvalue and explained float64 (C,). Classes without a component (too few descriptors)
+    total float64 (C, K), outer float64 (C, K, K), cross float64 (C, K), map_total float64 (C,), and each
+    class's component: mean float32 (C, K), direction float32 (C, K), eigenvalue and explained float64 (C,). Classes without a component (too few descriptors)
     are left out. `extractor` describes how the features were made (model fingerprint, feature layer, K, TTA);
     `decode` refuses statistics made by another one.
     """

@@ -304,7 +304,7 @@ def layer_features(model, name: str):
 def _output_in_graph(model, layer):
     """The tensor `layer` produces on the path to `model`'s output (walking the call nodes back, so a model
     cloned on another input with shared layers gives its own tensor, not the original's `layer.output`), or None
-    when it produces several or none there."""
+    when it produces none there."""
     seen, todo = set(), list(model.outputs)
     while todo:
         t = todo.pop()

@@ -17,7 +17,7 @@
                 "min_box_area": 0.01,
                 "coloc": "product",            co-localization maps (models/coloc.py): "coloc", or fused with
                 "coloc_stats": "x.coloc",      the CAM by "mean"/"product"; their statistics' folder, relative
-                "coloc_layer": "block_13_expand_relu",  to this file, and the layer whose map they read (null:
+                "coloc_layer": "block_12_add", to this file, and the layer whose map they read (null:
                                                the GAP head's); all three absent for CAM methods
                 "regressor": "x.regress.npz",  a self-trained box regressor (models/regressor.py), relative to
                 "regress_blend": 0.5},         this file, and the weight of its box against the map's own

@@ -2,7 +2,7 @@
 
     weakloc label ... --method coloc                       # statistics of this input, written beside the rows
     weakloc label ... --method fused --coloc_stats PREV/    # a later run reuses them: one pass, nothing recomputed
-    weakloc label ... --method coloc --coloc_layer auto     # on a 2x finer map (MobileNetV2: block_13_expand_relu)
+    weakloc label ... --method coloc --coloc_layer auto     # on a 2x finer map (MobileNetV2: block_12_add)
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                             "CAM and co-localization maps")
     group.add_argument("--coloc_layer", metavar="NAME|auto",
                        help="--method coloc|fused: co-localize on this top-level layer's feature map instead of the "
-                            "GAP head's; auto: the last layer with a map twice as fine (stride 16, e.g. MobileNetV2 "
-                            "block_13_expand_relu, 14x14 at 224)")
+                            "GAP head's; auto: the residual stream (last Add layer) at twice the head's resolution "
+                            "(stride 16, e.g. MobileNetV2 block_12_add, 14x14 at 224)")
     group.add_argument("--coloc_stats", metavar="PATH",
                        help="--method coloc|fused: reuse the co-localization statistics an earlier run wrote "
                             "(its output folder or coloc_stats.json) instead of computing them from this input")
