@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, coloc, metrics, opening
+from weakloc.models import annotate, cam, coloc, metrics, opening
 from weakloc.pipeline import coloc_options, inputs
 
 CLASS_MAP = {"apple": "Granny Smith", "banana": "banana", "orange": "orange", "kangaroo": "wallaby, brush kangaroo"}
@@ -40,10 +40,7 @@ def _split(data, split, model, names, batch=32):
     feats, top1, cams = [], [], []
     for s in range(0, len(exs), batch):
         rows = labels[s : s + batch]
-        extra = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
-        for i, r in enumerate(rows):
-            extra[i, : len(r)] = r
-        out = model(np.stack([e.pixels for e in exs[s : s + batch]]), extra)
+        out = model(np.stack([e.pixels for e in exs[s : s + batch]]), annotate.padded_ids(rows))
         feats.append(out.features.astype(np.float16))
         top1.append(out.top_classes[:, 0])
         k = out.top_classes.shape[1]

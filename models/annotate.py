@@ -104,6 +104,16 @@ class ImageMeta:
     gt_texts: list[str] = dataclasses.field(default_factory=list)
 
 
+def padded_ids(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Lists of class ids of different lengths -> int32 (len(rows), longest), -1 padded at the end: the `extra`
+    argument of a CAM method's call."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), -1, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def extra_classes(metas: Sequence[ImageMeta], opts: BoxOptions) -> np.ndarray:
     """int32 (B, M) model class ids to request CAMs for, -1 padded; M = 0 unless labels are used. With a class
     map, the label ids are dataset labels and every model class mapped from them is requested."""
@@ -114,11 +124,7 @@ def extra_classes(metas: Sequence[ImageMeta], opts: BoxOptions) -> np.ndarray:
         ids = [list(dict.fromkeys(c for j in m.label_ids if j >= 0 for c in members[j])) for m in metas]
     else:
         ids = [[c for c in dict.fromkeys(m.label_ids) if c >= 0] for m in metas]
-    width = max((len(x) for x in ids), default=0)
-    out = np.full((len(metas), width), -1, np.int32)
-    for i, x in enumerate(ids):
-        out[i, : len(x)] = x
-    return out
+    return padded_ids(ids)
 
 
 def annotate_batch(

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from weakloc.models import boxes as boxlib
-from weakloc.models import cam, choose, coloc, defaults, detection, metrics, regressor
+from weakloc.models import annotate, cam, choose, coloc, defaults, detection, metrics, regressor
 from weakloc.models.thresholds import Method, Thresholds
 
 from . import coloc_options, engine, ground_truth, inputs, options, progress
@@ -111,10 +111,7 @@ def class_maps(model: cam.CamMethod, examples, *, batch_size: int = 64, class_ma
     if class_map is None:
         members = classes[:, None]
     else:  # each label's model classes, -1 padded
-        width = max(len(class_map.members[c]) for c in classes)
-        members = np.full((len(classes), width), -1, np.int32)
-        for i, c in enumerate(classes.tolist()):
-            members[i, : len(class_map.members[c])] = class_map.members[c]
+        members = annotate.padded_ids([class_map.members[c] for c in classes.tolist()])
     for s in range(0, len(pixels), batch_size):
         mem = members[s : s + batch_size]
         out = model(np.stack(pixels[s : s + batch_size]), extra=mem)
@@ -155,10 +152,7 @@ def coloc_pool(model: cam.CamMethod, examples, unlabelled=(), *, batch_size: int
     feats, maps = [], []
     for s in range(0, len(pixels), batch_size):
         rows = keys[s : s + batch_size]
-        extra = np.full((len(rows), max(len(r) for r in rows)), -1, np.int32)
-        for i, r in enumerate(rows):
-            extra[i, : len(r)] = r
-        out = model(np.stack(pixels[s : s + batch_size]), extra)
+        out = model(np.stack(pixels[s : s + batch_size]), annotate.padded_ids(rows))
         k = out.top_classes.shape[1]
         feats.extend(out.features.astype(np.float16))
         maps.extend(out.low_res[i, k : k + len(r)] for i, r in enumerate(rows))
