@@ -101,11 +101,15 @@ def resolve_layer(keras_model, spec: ModelSpec, layer: Optional[str]) -> Optiona
 
 
 def with_layer(args: argparse.Namespace, opened: OpenedModel, spec: ModelSpec) -> ModelSpec:
-    """`spec` with the layer `--coloc_layer` names (auto resolved and logged); refused with other methods."""
+    """`spec` with the layer `--coloc_layer` names (auto resolved and logged).
+
+    Raises:
+      opening.ModelFileError: another method than coloc|fused (ModelSpec refuses it, before any layer is looked for).
+      OptionsError: the layer cannot be read (`resolve_layer`).
+    """
     if not getattr(args, "coloc_layer", None):
         return spec
-    if args.method not in MAPS:
-        raise OptionsError(f"--coloc_layer goes with --method coloc|fused, not --method {args.method}")
+    spec = dataclasses.replace(spec, coloc_layer=args.coloc_layer)
     layer = resolve_layer(opened.keras_model, spec, args.coloc_layer)
     if args.coloc_layer == "auto":
         logger.info("--coloc_layer auto: co-localizing on %s", layer)
