@@ -216,17 +216,24 @@ def test_load_refuses_other_features_format_and_classes(tmp_path, rng):
         read_stats(str(man))
 
 
+def _two_images(rng, feature_grid, size):
+    """Two images, each with the CAMs (3 x 4) of classes 1 and 0 in another order, features on `feature_grid`
+    and class 1's component: (CamOutputs, CAMs, component, class 1's projection by the reference formula)."""
+    from weakloc.models.cam import CamOutputs
+
+    feats = rng.uniform(0, 2, size=(2, *feature_grid, 5)).astype(np.float32)
+    low = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
+    comp = coloc.principal_component(_unsigned(feats))
+    out = CamOutputs(None, None, None, np.array([[1, 0], [0, 1]], np.int32), low, size, feats)
+    return out, low, comp, np.einsum("bhwk,k->bhw", feats - comp.mean, comp.direction)
+
+
 def test_colocalized_replaces_known_classes_and_keeps_cams_of_others(rng):
     from weakloc.models.cam import CamOutputs
 
-    feats = rng.uniform(0, 2, size=(2, 3, 4, 5)).astype(np.float32)
-    low = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
-    classes = np.array([[1, 0], [0, 1]], np.int32)
-    comp = coloc.principal_component(_unsigned(feats))
-    out = CamOutputs(None, None, None, classes, low, (6, 8), feats)
+    out, low, comp, expected = _two_images(rng, (3, 4), (6, 8))
     got, missing = coloc.colocalized(out, {1: comp}, "coloc")
     assert missing == 2 and got.features is None
-    expected = np.einsum("bhwk,k->bhw", feats - comp.mean, comp.direction)
     np.testing.assert_allclose(got.low_res[0, 0], expected[0], atol=1e-5)
     np.testing.assert_allclose(got.low_res[1, 1], expected[1], atol=1e-5)
     np.testing.assert_array_equal(got.low_res[0, 1], low[0, 1])
@@ -234,22 +241,17 @@ def test_colocalized_replaces_known_classes_and_keeps_cams_of_others(rng):
     fused, _ = coloc.colocalized(out, {1: comp}, "fused", "mean")
     np.testing.assert_allclose(fused.low_res[0, 0], coloc.fuse(low[0, 0], expected[0]), atol=1e-6)
     with pytest.raises(ValueError, match="features=True"):
-        coloc.colocalized(CamOutputs(None, None, None, classes, low, (6, 8)), {1: comp})
+        coloc.colocalized(CamOutputs(None, None, None, out.cam_classes, low, (6, 8)), {1: comp})
 
 
 def test_colocalized_on_a_finer_layer_puts_every_map_on_its_grid(rng):
     """Features of a layer twice as fine as the CAMs (--coloc_layer): projections at the features' grid, the
     CAMs of classes without a component resized onto it (bilinear, as cam.upsample), fused maps alike."""
-    from weakloc.models.cam import CamOutputs, upsample
+    from weakloc.models.cam import upsample
 
-    feats = rng.uniform(0, 2, size=(2, 6, 8, 5)).astype(np.float32)
-    low = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
-    classes = np.array([[1, 0], [0, 1]], np.int32)
-    comp = coloc.principal_component(_unsigned(feats))
-    out = CamOutputs(None, None, None, classes, low, (12, 16), feats)
+    out, low, comp, expected = _two_images(rng, (6, 8), (12, 16))
     got, missing = coloc.colocalized(out, {1: comp}, "coloc")
     assert got.low_res.shape == (2, 2, 6, 8) and missing == 2
-    expected = np.einsum("bhwk,k->bhw", feats - comp.mean, comp.direction)
     np.testing.assert_allclose(got.low_res[0, 0], expected[0], atol=1e-5)
     np.testing.assert_allclose(got.low_res[0, 1], upsample(low[0, 1:2], (6, 8))[0], atol=1e-6)
     fused, _ = coloc.colocalized(out, {1: comp}, "fused", "product")
