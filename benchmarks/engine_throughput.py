@@ -32,13 +32,35 @@ from tests.benchmarks.throughput import (  # noqa: E402
 VARIANTS = {  # name: label flags
     "tensorflow": ["--engine", "tensorflow"],
     "openvino_default": ["--engine", "openvino"],  # --precision auto: f32 (bf16 misses the agreement targets)
+    "openvino_latency": ["--engine", "openvino"],  # f32 under the LATENCY hint (the default before 2026-12-04)
     "openvino_bf16": ["--engine", "openvino", "--precision", "bf16"],
     "litert": ["--engine", "litert"],  # f32 only
 }
-LIMITS = ("tensorflow", "openvino_f32", "openvino_bf16", "litert_f32")
+LIMITS = ("tensorflow", "openvino_f32", "openvino_f32-latency", "openvino_bf16", "litert_f32")
 # Which limit each end-to-end variant is held against.
-OWN_LIMIT = {"tensorflow": "tensorflow", "openvino_default": "openvino_f32", "openvino_bf16": "openvino_bf16",
-             "litert": "litert_f32"}
+OWN_LIMIT = {"tensorflow": "tensorflow", "openvino_default": "openvino_f32", "openvino_latency": "openvino_f32-latency",
+             "openvino_bf16": "openvino_bf16", "litert": "litert_f32"}
+# The environment of a variant or limit run beside the default (models/engines/openvino.py's hint).
+ENV = {"openvino_latency": {"WEAKLOC_OPENVINO_HINT": "latency"},
+       "openvino_f32-latency": {"WEAKLOC_OPENVINO_HINT": "latency"}}
+
+
+class _env:
+    """os.environ with `name`'s ENV entries set, for the children started inside."""
+
+    def __init__(self, name):
+        self.more = ENV.get(name, {})
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.more}
+        os.environ.update(self.more)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _method(model_path, prep):
@@ -56,7 +78,7 @@ def _forward_of(engine_name, model_path, prep, cache_dir):
     from weakloc.models.engines import cache
     from weakloc.pipeline.engine import method_options
 
-    name, precision = engine_name.split("_")
+    name, precision = engine_name.split("-")[0].split("_")
     engine = engines.get(name)
     spec = opening.open_model(model_path).spec
     path, _ = cache.cached_convert(engine, cache.cache_key(engine, cache.model_digest(spec), method_options(spec, 1)),
@@ -198,14 +220,18 @@ def main(argv=None):
         return {"startup": start, "startup_reps": reps}
     rounds = []
     for r in range(args.rounds):
-        limits = {name: _call("_limit_main", [name, model_path, prep, pixels_path, args.batch_size, cache_dir],
-                              os.path.join(d, f"limit-{name}.log"))["img_s"] for name in LIMITS}
+        limits = {}
+        for name in LIMITS:
+            with _env(name):
+                limits[name] = _call("_limit_main", [name, model_path, prep, pixels_path, args.batch_size, cache_dir],
+                                     os.path.join(d, f"limit-{name}.log"))["img_s"]
         row = {"limits_img_s": limits, "variants": {}, "load_average_before": os.getloadavg()}
         for name, flags in VARIANTS.items():
-            t_all, summary = run_weakloc(big, model_path, os.path.join(d, f"out-{name}"), args.batch_size,
-                                         ["--runner=FnApiRunner", *flags])
-            t_few, _ = run_weakloc(small, model_path, os.path.join(d, f"out-{name}-small"), args.batch_size,
-                                   ["--runner=FnApiRunner", *flags])
+            with _env(name):
+                t_all, summary = run_weakloc(big, model_path, os.path.join(d, f"out-{name}"), args.batch_size,
+                                             ["--runner=FnApiRunner", *flags])
+                t_few, _ = run_weakloc(small, model_path, os.path.join(d, f"out-{name}-small"), args.batch_size,
+                                       ["--runner=FnApiRunner", *flags])
             marginal, fixed = marginal_rate(n, n_small, t_all, t_few)
             steady = (summary.get("throughput") or {}).get("steady_images_per_s")
             row["variants"][name] = {"marginal_img_s": marginal, "steady_img_s": steady, "startup_s": fixed,

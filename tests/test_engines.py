@@ -68,6 +68,40 @@ def test_openvino_gives_tensorflows_scores_cams_and_boxes_at_any_batch_size(tmp_
 
 
 @needs_openvino
+def test_openvino_throughput_queue_returns_the_latency_path_outputs_in_image_order(tmp_path, monkeypatch):
+    """The THROUGHPUT hint's async queue cuts a batch into sub-batches run on several requests at once and puts
+    the outputs back in image order: every output equals the one-request LATENCY path's, for a batch that is not
+    a multiple of the sub-batch and for one shorter than it."""
+    from weakloc.models.engines import openvino as ov_engine
+
+    tf_cam = cam.CamModel(tiny_gap_model(seed=5), input_size=(32, 32), scale=1 / 255, offset=0.0, top_k=2)
+    path = str(tmp_path / "graph.ovir.tar")
+    OV.convert(cache.fused_function(tf_cam), path)
+    data = open(path, "rb").read()
+    monkeypatch.setenv("WEAKLOC_OPENVINO_HINT", "latency")
+    latency = OV.load(data, "f32")
+    monkeypatch.setenv("WEAKLOC_OPENVINO_HINT", "throughput")
+    queued = OV.load(data, "f32")
+    assert (latency.mode, queued.mode) == ("latency", "throughput")
+    queued.requests = max(queued.requests, 2)  # a one-core host's optimum is 1; the queue must still be right
+    images = np.random.default_rng(9).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    extra = np.random.default_rng(10).integers(-1, 3, (11, 2)).astype(np.int32)
+    for n in (11, 3):
+        want, got = latency(images[:n], extra[:n]), queued(images[:n], extra[:n])
+        assert len(got) == len(want) == 5
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, atol=1e-6 * max(1.0, float(np.abs(w).max())))
+    # The same image gives the same CAM wherever it falls in a batch: reversed order, reversed outputs.
+    back, maps = queued(images[::-1].copy(), extra[::-1].copy())[4], latency(images, extra)[4]
+    np.testing.assert_allclose(back[::-1], maps, atol=1e-6 * np.abs(maps).max())
+    monkeypatch.setenv("WEAKLOC_OPENVINO_HINT", "fastest")
+    with pytest.raises(engines.EngineError, match="WEAKLOC_OPENVINO_HINT must be one of"):
+        OV.load(data, "f32")
+    assert ov_engine.DEFAULT_HINT in ov_engine.HINTS
+
+
+@needs_openvino
 @pytest.mark.parametrize("layer", [None, "c1"])
 def test_openvino_returns_the_feature_map_co_localization_reads(tmp_path, layer):
     """A co-localization method's graph (the head's features, or --coloc_layer's) converts with its feature map
