@@ -35,10 +35,15 @@ weakloc evaluate --annotations "$W/labels_refined" | tee "$W/evaluation_refined.
 
 # The shared ImageNet MobileNetV2, fine-tuned from its file: head on the frozen backbone, then the last stage, both
 # on the frozen layers' outputs cached once (add --no_feature_cache to finetune's flags to time the old way).
-# box() calibrates a model on the calibration photos, labels the test photos and evaluates them.
-box() {  # box MODEL RUN [calibrate/label flags...]
-  local model=$1 run=$2; shift 2
-  weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/$model.keras" "$@" \
+# box() calibrates a model on the calibration photos, labels the test photos and evaluates them; flags after a
+# "--" go to calibrate alone (e.g. --unlabelled).
+box() {  # box MODEL RUN [calibrate and label flags...] [-- calibrate-only flags...]
+  local model=$1 run=$2 only=(); shift 2
+  local both=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do both+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && only=("$@")
+  set -- "${both[@]}"
+  weakloc calibrate --input "$W/data/calib-*.tfrecord" --model "$W/model/$model.keras" "$@" "${only[@]}" \
     --output "$W/model/$run.thresholds.json" --min_per_class 5 --overwrite
   weakloc label --input "$W/data/test-*.tfrecord" --model "$W/model/$model.keras" --output "$W/labels_$run" \
     --thresholds "$W/model/$run.thresholds.json" "$@" --classes both --overwrite --runner=FnApiRunner
@@ -58,7 +63,11 @@ finetune ft_b13 --feature_layer block_13_expand_relu
 box ft_b13 ft_b13
 # calibrate also searches the instance peak split (peak_distance 0 / 0.1 / 0.15); on these photos it keeps it off.
 box ft_b13 ft_b13_inst --boxes instances
-box ft_b13 ft_b13_tta_inst --flip_tta --boxes instances  # the best photo row (BENCHMARKS.md, 2026-12-03)
+box ft_b13 ft_b13_tta_inst --flip_tta --boxes instances
+# Co-localization statistics pooled over the 505 training photos too (their image-level labels; no box is read):
+# calibrate picks fused_mean for ft_b13, the best photo row (BENCHMARKS.md, 2026-12-04), fused_fine_mean for ft.
+box ft ft_unl -- --unlabelled "$W/data/train-*.tfrecord"
+box ft_b13 ft_b13_unl -- --unlabelled "$W/data/train-*.tfrecord"
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320

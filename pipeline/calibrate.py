@@ -48,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--flip_tta", action="store_true", help="calibrate mirrored-average CAMs (as label --flip_tta)")
     ap.add_argument("--boxes", choices=("largest", "union", "instances"), default="largest",
                     help="calibrate the box rule label will use (label --boxes); instances: also choose the "
-                         "instance rule (relative area, peak, NMS IoU) with the threshold, by instance F1")
+                         "instance rule (relative area, peak, NMS IoU) with the threshold, by instance F1, on the "
+                         "CAMs the flags say, or on the maps of each --candidates row (e.g. cam,fused_mean), "
+                         "keeping the best")
     ap.add_argument("--min_box_area", type=float, default=0.01, help="--boxes union: as label --min_box_area")
     ap.add_argument("--fit_box_stretch", action="store_true",
                     help="also choose a (width, height) stretch of the boxes on these images (label applies it)")
@@ -304,7 +306,7 @@ def run(argv=None) -> dict:
     record = {"model": args.model, "inputs": list(args.input), "min_box_area": args.min_box_area,
               "class_map": cmap.to_json(prep.class_names) if cmap is not None else None}
     if args.boxes == "instances":
-        thresholds, text = _calibrate_instances(args, maps_of, box_names, record)
+        thresholds, text = _calibrate_instances(args, maps_of, box_names, record, pools, prep.class_names)
     else:
         try:
             finer = coloc_options.resolve_layer(opened.keras_model, opened.spec, "auto")
@@ -430,20 +432,49 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes, regre
     return thresholds, text
 
 
-def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, str]:
+def _instance_kinds(args) -> list:
+    """The kinds of map --boxes instances tries: those of the --candidates rows (their maps only; the instance
+    rule replaces their box rule and correction), else the CAMs of --cam_contrast / --flip_tta."""
+    if not args.candidates:
+        return [choose.MapKind(contrast=args.cam_contrast, flip_tta=args.flip_tta)]
+    if args.cam_contrast or args.flip_tta:
+        raise OptionsError("--boxes instances --candidates: the rows name their maps (e.g. flip, contrast_flip); "
+                           "drop --cam_contrast and --flip_tta")
+    try:
+        named = [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
+    except KeyError as exc:
+        raise OptionsError(f"--candidates: {exc.args[0]}") from None
+    return list(dict.fromkeys(c.maps for c in named))
+
+
+def _calibrate_instances(args, maps_of, box_names, record, pools, model_classes) -> tuple[Thresholds, str]:
     """--boxes instances: the threshold and the instance rule (relative area, peak, NMS IoU) chosen together, by
-    instance F1, on CAMs of the kind the flags say (no method choice: instance boxes are their own rule)."""
-    maps, top1, used = maps_of(choose.MapKind(contrast=args.cam_contrast, flip_tta=args.flip_tta))
-    cal = detection.calibrate_instances(maps.normed, maps.truths, maps.classes, valid=maps.valid,
-                                        min_per_class=args.min_per_class)
+    instance F1, on each kind of map `_instance_kinds` names; the kind with the best F1 wins (the first on ties).
+    A co-localization winner's statistics are written beside the output for label to reuse."""
+    kinds = _instance_kinds(args)
+    tried = []
+    for kind in progress.counted(kinds, len(kinds), "calibrate: kinds of map computed"):
+        maps, top1, used = maps_of(kind)
+        cal = detection.calibrate_instances(maps.normed, maps.truths, maps.classes, valid=maps.valid,
+                                            min_per_class=args.min_per_class)
+        tried.append((kind, maps, top1, used, cal))
+    kind, maps, top1, used, cal = max(tried, key=lambda t: t[4].overall.max_box_acc_v2)
     sweep, r = cal.overall, cal.instances
+    stats_rel, coloc_layer = None, None
+    if kind.coloc != "none":
+        pool, made_by = pools[kind]
+        folder = stats_folder(args.output)
+        coloc.write_stats(folder, pool, model_classes, made_by)
+        stats_rel, coloc_layer = os.path.basename(folder), made_by["coloc_layer"]
     thresholds = dataclasses.replace(cal.thresholds(box_names, shrink=args.shrink),
-                                     cam_contrast=bool(args.cam_contrast),
+                                     cam_contrast=bool(kind.contrast),
                                      per_class_shrink=args.shrink if cal.per_class else None,
-                                     method=Method(name="instances", flip_tta=args.flip_tta, boxes="instances",
-                                                   min_box_area=args.min_box_area))
+                                     method=Method(name="instances", flip_tta=kind.flip_tta, boxes="instances",
+                                                   min_box_area=args.min_box_area, coloc=kind.coloc,
+                                                   coloc_stats=stats_rel, coloc_layer=coloc_layer))
     thresholds = dataclasses.replace(thresholds, calibration={
-        **record, "images": used, "pairs": len(maps.classes), "flip_tta": args.flip_tta, "boxes": "instances",
+        **record, "images": used, "pairs": len(maps.classes), "flip_tta": kind.flip_tta, "boxes": "instances",
+        "maps": _kind_name(kind), "maps_tried": {_kind_name(t[0]): t[4].overall.max_box_acc_v2 for t in tried},
         "top1": float(top1.mean()), "max_instance_f1": sweep.max_box_acc_v2, "levels": list(sweep.levels),
         "curve": [[float(t), *map(float, a)] for t, a in zip(sweep.taus, sweep.accuracy)],
         "per_class": {box_names[c]: {"pairs": cal.counts[c],
@@ -454,14 +485,26 @@ def _calibrate_instances(args, maps_of, box_names, record) -> tuple[Thresholds, 
     per = _per_class_text({c: cal.class_threshold(c, args.shrink) for c in cal.per_class},
                           {c: (cal.per_class[c].best_threshold, cal.counts[c]) for c in cal.per_class}, box_names,
                           sweep.best_threshold, args)
+    table = ""
+    if len(tried) > 1:
+        table = "maps                  max instance F1\n" + "".join(
+            f"  {_kind_name(t[0]):20s} {t[4].overall.max_box_acc_v2:6.1f}"
+            + ("  <- chosen" if t[0] == kind else "") + "\n" for t in tried) + "\n"
     # The curve is instance F1 at the chosen rule, its best-per-level mean in place of MaxBoxAccV2.
-    text = (_curve_text(sweep, "F1") + f"\n\nimages: {used} ({len(maps.classes)} image-class pairs), top-1 on them "
-            f"{top1.mean():.1%}\ndefault threshold: {sweep.best_threshold:.2f}   max instance F1: "
-            f"{sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\ninstance rule: components >= "
-            f"{r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, NMS IoU {r.nms_iou:g}, "
+    text = (table + _curve_text(sweep, "F1") + f"\n\nimages: {used} ({len(maps.classes)} image-class pairs), "
+            f"top-1 on them {top1.mean():.1%}\nmaps: {_kind_name(kind)}\ndefault threshold: "
+            f"{sweep.best_threshold:.2f}   max instance F1: {sweep.max_box_acc_v2:.1f}\nper-class thresholds: {per}\n"
+            f"instance rule: components >= {r.min_rel_area:g} of the largest's area with peak >= {r.min_peak:g}, "
+            f"NMS IoU {r.nms_iou:g}, "
             + (f"split at peaks {r.peak_distance:g} of the map side apart\n" if r.peak_distance
-               else "no peak split\n"))
+               else "no peak split\n")
+            + (f"co-localization statistics: {stats_folder(args.output)}\n" if stats_rel else ""))
     return thresholds, text
+
+
+def _kind_name(kind: choose.MapKind) -> str:
+    """The name of a kind of map: the first candidate row with those maps (cam, flip, fused_fine_mean, ...)."""
+    return next(c.name for c in choose.CANDIDATES if c.maps == kind)
 
 
 def _per_class_text(per_class: dict, fitted: dict, box_names, default: float, args) -> str:

@@ -295,6 +295,55 @@ def test_label_with_the_file_naming_a_method_gives_the_boxes_calibrate_scored(na
             np.testing.assert_allclose([got[0][k] for k in ("xmin", "ymin", "xmax", "ymax")], want, atol=1e-4)
 
 
+@pytest.mark.parametrize("names", ["fused_mean", "cam,coloc_fine"])
+def test_instance_boxes_on_the_candidates_maps_are_the_ones_label_gives(names, tiny_model_path, boxed_shard,
+                                                                        tmp_path):
+    """calibrate --boxes instances --candidates: the instance rule fitted on each row's maps, the best instance
+    F1 kept; label follows the file (co-localization statistics included) and gives exactly `boxes_from_cams` of
+    the winning maps with the written threshold and rule."""
+    from weakloc.models import detection
+
+    thr = tmp_path / "thr.json"
+    doc = calibrate.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(thr),
+                         "--boxes", "instances", "--candidates", names, "--min_per_class", "100"])
+    tried = doc["calibration"]["maps_tried"]
+    assert list(tried) == names.split(",")
+    # Each row's F1 is what the instance calibration gives on its maps, redone here; the first best wins.
+    for name, f1 in tried.items():
+        _, _, maps, _, _ = calibrate_maps(tiny_model_path, boxed_shard, choose.candidate(name).maps)
+        assert detection.calibrate_instances(maps.normed, maps.truths, maps.classes, valid=maps.valid,
+                                             min_per_class=100).overall.max_box_acc_v2 == pytest.approx(f1)
+    winner = max(tried, key=tried.get)
+    assert doc["calibration"]["maps"] == winner and doc["method"]["boxes"] == "instances"
+    kind = choose.candidate(winner).maps
+    assert doc["method"]["coloc"] == kind.coloc and (doc["method"]["coloc_stats"] is not None) == (kind.coloc != "none")
+    examples, prep, maps, _, layer = calibrate_maps(tiny_model_path, boxed_shard, kind)
+    assert doc["method"]["coloc_layer"] == (layer if kind.coloc != "none" else None)
+    rule = boxlib.InstanceRule.from_json(doc["instances"])
+    want = boxlib.boxes_from_cams(maps.normed, doc["default"], valid=maps.valid, mode="instances", instances=rule)
+    assert len(want.map_index) >= 20
+    out = tmp_path / "labels"
+    summary = label.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(out),
+                         "--thresholds", str(thr), "--classes", "labels", f"--runner={RUNNER}"])
+    assert summary["options"]["boxes"] == "instances"
+    rows = {r["image_id"]: r for r in results.read_table(str(out)).to_pylist()}
+    for i, ex in enumerate(examples):
+        mine = want.map_index == i
+        got = [b for b in rows[ex.image_id]["boxes"] if b["class_id"] == maps.classes[i]]
+        assert len(got) == mine.sum()
+        xyxy = boxlib.scale_boxes(want.xyxy[mine], prep.input_size, (ex.height, ex.width))
+        np.testing.assert_allclose([[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in got], xyxy, atol=1e-4)
+
+
+def test_instance_candidates_refuse_the_map_flags(tiny_model_path, boxed_shard, tmp_path):
+    with pytest.raises(calibrate.OptionsError, match="drop --cam_contrast and --flip_tta"):
+        calibrate.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(tmp_path / "t.json"),
+                       "--boxes", "instances", "--candidates", "cam", "--flip_tta"])
+    with pytest.raises(calibrate.OptionsError, match="no candidate 'nope'"):
+        calibrate.run(["--input", boxed_shard, "--model", tiny_model_path, "--output", str(tmp_path / "t.json"),
+                       "--boxes", "instances", "--candidates", "cam,nope"])
+
+
 def test_without_boxed_images_label_boxes_plain_cams(tiny_model_path, boxed_shard, tmp_path, capsys):
     # Too few boxed images to cross-validate anything: calibrate keeps plain CAM and says why.
     few = tmp_path / "few.tfrecord"
