@@ -65,9 +65,13 @@ box ft_b13 ft_b13
 box ft_b13 ft_b13_inst --boxes instances
 box ft_b13 ft_b13_tta_inst --flip_tta --boxes instances
 # Co-localization statistics pooled over the 505 training photos too (their image-level labels; no box is read):
-# calibrate picks fused_mean for ft_b13, the best photo row (BENCHMARKS.md, 2026-12-04), fused_fine_mean for ft.
+# calibrate picks fused_mean for ft_b13, fused_fine_mean for ft.
 box ft ft_unl -- --unlabelled "$W/data/train-*.tfrecord"
 box ft_b13 ft_b13_unl -- --unlabelled "$W/data/train-*.tfrecord"
+# One box per object on the best maps by instance F1 among CAM and co-localization rows (the best photo row,
+# BENCHMARKS.md 2026-12-04: calibrate chose coloc).
+INSTANCE_MAPS=cam,flip,coloc,fused_mean,fused_product,coloc_fine,fused_fine_mean
+box ft_b13 ft_b13_inst_unl --boxes instances -- --candidates "$INSTANCE_MAPS" --unlabelled "$W/data/train-*.tfrecord"
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320
