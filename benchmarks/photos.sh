@@ -72,6 +72,7 @@ box ft_b13 ft_b13_unl -- --unlabelled "$W/data/train-*.tfrecord"
 # BENCHMARKS.md 2026-12-04: calibrate chose coloc).
 INSTANCE_MAPS=cam,flip,coloc,fused_mean,fused_product,coloc_fine,fused_fine_mean
 box ft_b13 ft_b13_inst_unl --boxes instances -- --candidates "$INSTANCE_MAPS" --unlabelled "$W/data/train-*.tfrecord"
+box ft ft_inst_unl --boxes instances -- --candidates "$INSTANCE_MAPS" --unlabelled "$W/data/train-*.tfrecord"
 finetune ft_s1t --last_stride 1
 box ft_s1t ft_s1t
 python "$B/finer_maps.py" rebuild --model "$W/model/ft.keras" --output "$W/model/ft_320.keras" --input_size 320,320
