@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 
@@ -45,22 +46,9 @@ ENV = {"openvino_latency": {"WEAKLOC_OPENVINO_HINT": "latency"},
        "openvino_f32-latency": {"WEAKLOC_OPENVINO_HINT": "latency"}}
 
 
-class _env:
+def _env(name):
     """os.environ with `name`'s ENV entries set, for the children started inside."""
-
-    def __init__(self, name):
-        self.more = ENV.get(name, {})
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.more}
-        os.environ.update(self.more)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mock.patch.dict(os.environ, ENV.get(name, {}))
 
 
 def _method(model_path, prep):

@@ -222,15 +222,20 @@ def _candidates(args, num_classes: int, finer_layer: str | None = None) -> list:
             return [base]
         return [base, choose.Candidate("flags_refine", kind, post="refine", per_class=False)]
     if args.candidates:
-        try:
-            return [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
-        except KeyError as exc:
-            raise OptionsError(f"--candidates: {exc.args[0]}") from None
+        return _named_candidates(args)
     # Contrast needs two classes to contrast; Grad-CAM makes neither contrast nor flip-averaged maps, nor the
     # GAP head's feature maps that co-localization and the regressor read.
     return [c for c in choose.CANDIDATES if (num_classes >= 2 or not c.maps.contrast)
             and (args.method == "cam" or (c.maps == choose.PLAIN and c.post != "regress"))
             and (finer_layer is not None or not c.maps.coloc_layer)]
+
+
+def _named_candidates(args) -> list:
+    """The rows --candidates names, in its order."""
+    try:
+        return [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
+    except KeyError as exc:
+        raise OptionsError(f"--candidates: {exc.args[0]}") from None
 
 
 def run(argv=None) -> dict:
@@ -335,6 +340,17 @@ def stats_folder(output: str) -> str:
     return os.path.splitext(os.path.abspath(output))[0] + ".coloc"
 
 
+def _write_coloc_stats(args, pools, kind: choose.MapKind, model_classes) -> tuple:
+    """A co-localization winner's statistics written to `stats_folder` for label to reuse: (the folder relative
+    to the thresholds file, the layer they read); (None, None) for a CAM winner."""
+    if kind.coloc == "none":
+        return None, None
+    pool, made_by = pools[kind]
+    folder = stats_folder(args.output)
+    coloc.write_stats(folder, pool, model_classes, made_by)
+    return os.path.basename(folder), made_by["coloc_layer"]
+
+
 def render(result: dict) -> str:
     """What calibrate prints: the candidates, the chosen threshold curve and where the file went."""
     return result[REPORT]
@@ -371,12 +387,7 @@ def _choose_method(args, maps_of, box_names, record, pools, model_classes, regre
     sweep = metrics.sweep_thresholds(maps.normed, maps.truths, valid=maps.valid, mode=winner.candidate.boxes,
                                      min_area=args.min_box_area)
     counts = {int(c): int((maps.classes == c).sum()) for c in np.unique(maps.classes)}
-    stats_rel, coloc_layer = None, None
-    if winner.candidate.maps.coloc != "none":
-        pool, made_by = pools[winner.candidate.maps]
-        folder = stats_folder(args.output)
-        coloc.write_stats(folder, pool, model_classes, made_by)
-        stats_rel, coloc_layer = os.path.basename(folder), made_by["coloc_layer"]
+    stats_rel, coloc_layer = _write_coloc_stats(args, pools, winner.candidate.maps, model_classes)
     regress_rel = None
     if winner.regressor is not None:
         path = regressor_file(args.output)
@@ -440,11 +451,7 @@ def _instance_kinds(args) -> list:
     if args.cam_contrast or args.flip_tta:
         raise OptionsError("--boxes instances --candidates: the rows name their maps (e.g. flip, contrast_flip); "
                            "drop --cam_contrast and --flip_tta")
-    try:
-        named = [choose.candidate(n.strip()) for n in args.candidates.split(",") if n.strip()]
-    except KeyError as exc:
-        raise OptionsError(f"--candidates: {exc.args[0]}") from None
-    return list(dict.fromkeys(c.maps for c in named))
+    return list(dict.fromkeys(c.maps for c in _named_candidates(args)))
 
 
 def _calibrate_instances(args, maps_of, box_names, record, pools, model_classes) -> tuple[Thresholds, str]:
@@ -460,12 +467,7 @@ def _calibrate_instances(args, maps_of, box_names, record, pools, model_classes)
         tried.append((kind, maps, top1, used, cal))
     kind, maps, top1, used, cal = max(tried, key=lambda t: t[4].overall.max_box_acc_v2)
     sweep, r = cal.overall, cal.instances
-    stats_rel, coloc_layer = None, None
-    if kind.coloc != "none":
-        pool, made_by = pools[kind]
-        folder = stats_folder(args.output)
-        coloc.write_stats(folder, pool, model_classes, made_by)
-        stats_rel, coloc_layer = os.path.basename(folder), made_by["coloc_layer"]
+    stats_rel, coloc_layer = _write_coloc_stats(args, pools, kind, model_classes)
     thresholds = dataclasses.replace(cal.thresholds(box_names, shrink=args.shrink),
                                      cam_contrast=bool(kind.contrast),
                                      per_class_shrink=args.shrink if cal.per_class else None,
