@@ -38,8 +38,7 @@ weakloc evaluate --annotations "$W/labels_refined" | tee "$W/evaluation_refined.
 # box() calibrates a model on the calibration photos, labels the test photos and evaluates them; flags after a
 # "--" go to calibrate alone (e.g. --unlabelled).
 box() {  # box MODEL RUN [calibrate and label flags...] [-- calibrate-only flags...]
-  local model=$1 run=$2 only=(); shift 2
-  local both=()
+  local model=$1 run=$2 both=() only=(); shift 2
   while [ $# -gt 0 ] && [ "$1" != -- ]; do both+=("$1"); shift; done
   [ $# -gt 0 ] && shift && only=("$@")
   set -- "${both[@]}"
